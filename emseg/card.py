@@ -1,0 +1,86 @@
+"""The model card: everything needed to rebuild and use a model, stored as JSON beside its weights.
+
+A card names the architecture and encoder, the class names (index 0 first), how input images are
+normalised, the pixel size (nm/px) the model was trained at (None when unknown), the tile size and
+overlap to infer with, the emseg version that wrote it, and what the model was trained on.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from datetime import datetime, timezone
+from typing import Any
+
+from . import __version__
+
+FORMAT_VERSION = 1  # bump on an incompatible change of the card or the weight layout
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """How a raw page becomes network input.
+
+    ``percentile``: map the ``low``/``high`` percentiles of each page to 0 and 1 (robust to 8/16-bit
+    data, drifting brightness and hot pixels); then ``(x - mean) / std``.
+    """
+
+    method: str = "percentile"
+    low: float = 1.0
+    high: float = 99.0
+    mean: float = 0.5
+    std: float = 0.25
+
+    def __post_init__(self):
+        if self.method not in ("percentile", "none"):
+            raise ValueError(f"unknown normalisation method {self.method!r}; use 'percentile' or 'none'")
+        if self.method == "percentile" and not 0 <= self.low < self.high <= 100:
+            raise ValueError(f"normalisation percentiles must satisfy 0 <= low < high <= 100, got {self.low}, {self.high}")
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """Self-description of a model file (see the module docstring)."""
+
+    encoder: str
+    classes: tuple[str, ...]
+    architecture: str = "unet"
+    in_channels: int = 1
+    decoder_channels: tuple[int, ...] | None = None
+    normalization: Normalization = field(default_factory=Normalization)
+    pixel_size_nm: float | None = None
+    tile_size: int = 512
+    overlap: int = 64
+    name: str = "emseg model"
+    description: str = ""
+    training: dict[str, Any] = field(default_factory=dict)
+    emseg_version: str = __version__
+    format_version: int = FORMAT_VERSION
+    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelCard":
+        """Build a card from parsed JSON; raises ValueError/KeyError/TypeError on a malformed one."""
+        data = dict(data)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown card fields {unknown}")
+        data["classes"] = tuple(data["classes"])
+        if data.get("decoder_channels") is not None:
+            data["decoder_channels"] = tuple(data["decoder_channels"])
+        data["normalization"] = Normalization(**data.get("normalization", {}))
+        return cls(**data)
+
+    def updated(self, **changes: Any) -> "ModelCard":
+        """A copy with some fields changed (and the writing version and time refreshed)."""
+        changes.setdefault("emseg_version", __version__)
+        changes.setdefault("created", datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        return replace(self, **changes)

@@ -1,0 +1,53 @@
+"""Page preprocessing shared by inference and training: normalisation and pixel-size rescaling.
+
+Pages are 2D arrays ``(H, W)`` of any real dtype; normalised pages are float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .card import Normalization
+
+_PERCENTILE_SAMPLES = 1_000_000  # enough for stable percentiles; keeps 8k x 8k pages cheap
+
+
+def normalize_page(page: np.ndarray, norm: Normalization) -> np.ndarray:
+    """Map a raw page to network input as the card says (float32, same shape)."""
+    page = np.asarray(page)
+    x = page.astype(np.float32, copy=False)
+    if norm.method == "none":
+        return ((x - norm.mean) / norm.std).astype(np.float32, copy=False)
+    step = max(1, int(math.sqrt(page.size / _PERCENTILE_SAMPLES)))
+    lo, hi = np.percentile(x[::step, ::step], [norm.low, norm.high])
+    if hi <= lo:
+        hi = lo + 1.0
+    x = np.clip((x - lo) / (hi - lo), -0.5, 1.5)
+    return ((x - norm.mean) / norm.std).astype(np.float32, copy=False)
+
+
+def rescale_factor(image_nm: float | None, model_nm: float | None, tolerance: float = 0.02) -> float:
+    """How much to zoom an image so its pixels match the model's (1.0 when unknown or already close)."""
+    if not image_nm or not model_nm:
+        return 1.0
+    factor = image_nm / model_nm
+    return 1.0 if abs(factor - 1.0) <= tolerance else factor
+
+
+def resize(array: np.ndarray | torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of ``(C, H, W)`` (or ``(H, W)``) to ``shape``; anti-aliased when shrinking."""
+    t = torch.as_tensor(array)
+    squeeze = t.ndim == 2
+    t = t[None, None] if squeeze else t[None]
+    shrinking = shape[0] < t.shape[-2] or shape[1] < t.shape[-1]
+    out = F.interpolate(t.float(), size=shape, mode="bilinear", align_corners=False, antialias=shrinking)[0]
+    return out[0] if squeeze else out
+
+
+def scaled_shape(shape: tuple[int, int], factor: float) -> tuple[int, int]:
+    """``shape`` zoomed by ``factor``, at least 1 pixel per side."""
+    return max(1, round(shape[0] * factor)), max(1, round(shape[1] * factor))

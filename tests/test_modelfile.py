@@ -1,0 +1,90 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from emseg.card import FORMAT_VERSION, ModelCard, Normalization
+from emseg.errors import ModelFileError
+from emseg.modelfile import CARD_KEY, FOLDER_CARD, load_card, load_model, save_model
+
+
+def _same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "model_folder"])
+def test_round_trip_rebuilds_from_the_card_alone(tmp_path, tiny_model, name):
+    card = tiny_model.card.updated(pixel_size_nm=4.5, training={"images": 3})
+    path = tiny_model.save(tmp_path / name, card)
+    loaded = load_model(path)
+    assert loaded.card == card
+    assert loaded.card.normalization == Normalization()
+    assert _same_weights(loaded.net, tiny_model.net)
+    x = torch.randn(1, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.net(x), tiny_model.net.eval()(x))
+    assert not list(tmp_path.rglob(".*partial*")), "temporary files left behind"
+
+
+def test_single_file_holds_the_card_in_its_header(tmp_path, tiny_model):
+    path = tiny_model.save(tmp_path / "m.safetensors")
+    assert load_card(path).encoder == "vgg11_bn_micro"
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ModelFileError, match="not found"):
+        load_model(tmp_path / "nope.safetensors")
+
+
+def test_not_a_model(tmp_path):
+    bad = tmp_path / "notes.safetensors"
+    bad.write_text("hello, I am not a model")
+    with pytest.raises(ModelFileError, match=r"notes\.safetensors.*not an emseg model file"):
+        load_model(bad)
+
+
+def test_pickles_are_refused_without_being_opened(tmp_path):
+    pickle_file = tmp_path / "model.pth"
+    pickle_file.write_bytes(b"\x80\x04this would be unpickled by torch.load")
+    with pytest.raises(ModelFileError, match="never unpickles"):
+        load_model(pickle_file)
+
+
+def test_weights_without_card(tmp_path):
+    path = tmp_path / "bare.safetensors"
+    save_file({"w": torch.zeros(2)}, str(path))
+    with pytest.raises(ModelFileError, match="without an emseg model card"):
+        load_model(path)
+
+
+def test_card_that_does_not_match_the_weights(tmp_path, tiny_model):
+    wrong = tiny_model.card.updated(classes=("a", "b"))  # 2 classes, weights have 3
+    path = save_model(tiny_model.net, wrong, tmp_path / "wrong.safetensors")
+    with pytest.raises(ModelFileError, match=r"wrong\.safetensors: the weights do not match the card"):
+        load_model(path)
+
+
+def test_card_from_a_newer_emseg(tmp_path, tiny_model):
+    folder = tiny_model.save(tmp_path / "m")
+    data = json.loads((folder / FOLDER_CARD).read_text())
+    data["format_version"] = FORMAT_VERSION + 1
+    data["emseg_version"] = "9.0"
+    (folder / FOLDER_CARD).write_text(json.dumps(data))
+    with pytest.raises(ModelFileError, match=r"newer emseg \(9\.0.*Upgrade"):
+        load_model(folder)
+
+
+def test_malformed_card(tmp_path, tiny_model):
+    path = tmp_path / "m.safetensors"
+    state = {k: v.contiguous() for k, v in tiny_model.net.state_dict().items()}
+    save_file(state, str(path), metadata={CARD_KEY: json.dumps({"format_version": 1, "encoder": "vgg11_bn_micro"})})
+    with pytest.raises(ModelFileError, match="malformed"):
+        load_model(path)
+
+
+def test_card_rejects_bad_normalisation():
+    with pytest.raises(ValueError):
+        ModelCard(encoder="vgg11", classes=("a", "b"), normalization=Normalization(low=90, high=10))

@@ -1,0 +1,56 @@
+import pytest
+import torch
+from segmentation_models_pytorch.encoders.densenet import DenseNetEncoder
+from segmentation_models_pytorch.encoders.vgg import VGGEncoder
+
+from emseg.models import DEFAULT_ENCODER, ENCODERS, build_unet, encoder_names, get_spec
+
+REQUIRED = ["vgg11", "vgg13", "vgg16", "vgg19", "vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn",
+            "densenet121", "densenet169", "densenet201", "densenet161"]
+
+
+def test_registry_holds_both_families_and_compact_members():
+    names = encoder_names()
+    assert set(REQUIRED) <= set(names)
+    compact = [n for n in names if n not in REQUIRED]
+    assert {ENCODERS[n].family for n in compact} == {"vgg", "densenet"}
+    assert DEFAULT_ENCODER in names
+
+
+def test_unknown_encoder_lists_the_valid_names():
+    with pytest.raises(ValueError) as info:
+        get_spec("resnet50")
+    message = str(info.value)
+    assert "resnet50" in message
+    for name in REQUIRED:
+        assert name in message
+
+
+@pytest.mark.parametrize("encoder", ["vgg11_bn_micro", "vgg11_bn_slim", "densenet_slim"])
+@pytest.mark.parametrize("shape", [(64, 64), (96, 160)])
+def test_compact_unets_map_grey_input_to_class_logits(encoder, shape):
+    net = build_unet(encoder, 3).eval()
+    with torch.no_grad():
+        out = net(torch.randn(2, 1, *shape))
+    assert out.shape == (2, 3, *shape)
+
+
+def test_compact_members_are_much_smaller_than_their_family():
+    def params(name):
+        with torch.device("meta"):
+            return sum(p.numel() for p in build_unet(name, 2).parameters())
+    assert params("vgg11_bn_slim") < params("vgg11_bn") / 8
+    assert params("densenet_slim") < params("densenet121") / 8
+
+
+def test_full_size_encoders_build_on_meta():
+    for name in REQUIRED:
+        with torch.device("meta"):
+            net = build_unet(name, 2)
+        assert isinstance(net.encoder, (VGGEncoder, DenseNetEncoder))
+        assert name.startswith("densenet") or net.decoder.center.__class__.__name__ == "UnetCenterBlock"
+
+
+def test_at_least_two_classes():
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        build_unet("vgg11_bn_micro", 1)
