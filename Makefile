@@ -1,0 +1,35 @@
+# emseg: the two quick-start commands and their parts.
+#   make demo   set up .venv and segment the bundled sample stack with the bundled model -> out/demo/
+#   make test   set up .venv (with the napari and dev extras) and run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch and torchvision must come as a matching pair (smp needs torchvision).
+TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
+export NO_ALBUMENTATIONS_UPDATE := 1
+
+.PHONY: demo test setup setup-dev clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.torch: | $(BIN)/python
+	$(BIN)/python -m pip install --quiet $(TORCH_PIN)
+	touch $@
+
+setup: $(VENV)/.torch
+	$(BIN)/python -m pip install --quiet -e .
+
+setup-dev: $(VENV)/.torch
+	$(BIN)/python -m pip install --quiet -e ".[dev,napari]"
+
+demo: setup
+	$(BIN)/emseg predict default data_samples/sample_stack.tif -o out/demo
+	@echo "Masks and the overlay preview are in out/demo/"
+
+test: setup-dev
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf out .pytest_cache

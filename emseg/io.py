@@ -1,0 +1,428 @@
+"""Image I/O: open EM images and stacks lazily, page by page; write results atomically.
+
+Contract:
+
+* :func:`open_image` / :func:`array_source` return an :class:`ImageSource` of shape
+  ``(pages, height, width)``; a 2D image has 1 page and ``is_stack`` False.
+  :meth:`ImageSource.page` returns one 2D ``(height, width)`` array in the file's own
+  dtype (integer, bool or floating point; never complex, never RGB) and reads only
+  that page. Floating-point pages are checked for NaN/inf.
+* ``pixel_size_nm`` is the physical pixel size in nanometres per pixel (x axis), or
+  None when unknown. Values above 10 µm/px (10000 nm) are treated as unknown: they come
+  from screen-resolution defaults such as 72 dpi, not from a microscope.
+* Bad input raises :class:`emseg.errors.InputError` whose message starts with the file
+  (or array name), says what is wrong and what to do.
+* TIFF (incl. BigTIFF, OME-TIFF, ImageJ) is read with tifffile from ``series[0]``;
+  PNG/JPEG/BMP with Pillow; DM3/DM4/EMD/SER/MRC/HSPY with hyperspy (``lazy=True``).
+* Writers (:class:`TiffStackWriter`, :func:`atomic_output`, :func:`write_overlay_png`)
+  live in :mod:`emseg.io_write` and are re-exported here.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import math
+import os
+import re
+import threading
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from emseg.errors import InputError
+from emseg.io_tiff import (
+    _TRUNCATION_HINTS, MAX_PIXEL_SIZE_NM, _catch_tifffile_warnings, _check_tiff_extent,
+    _physical, _unit_to_nm, pixel_size_from_tiff,
+)
+from emseg.io_write import PALETTE, TiffStackWriter, atomic_output, write_overlay_png
+
+__all__ = ["SUPPORTED_SUFFIXES", "ImageSource", "open_image", "array_source", "expand_inputs",
+           "pixel_size_from_tiff", "TiffStackWriter", "atomic_output", "write_overlay_png",
+           "PALETTE", "MAX_PIXEL_SIZE_NM"]
+
+log = logging.getLogger(__name__)
+
+TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8")
+PILLOW_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+#: suffix -> hyperspy file_format (None: let hyperspy infer it from the suffix)
+HYPERSPY_FORMATS = {".dm3": None, ".dm4": None, ".emd": None, ".ser": None,
+                    ".mrc": "MRC", ".ali": "MRC", ".rec": "MRC", ".hspy": None}
+SUPPORTED_SUFFIXES: tuple[str, ...] = TIFF_SUFFIXES + PILLOW_SUFFIXES + tuple(HYPERSPY_FORMATS)
+
+def _check_override(value: float | None, name: str) -> float | None:
+    if value is None:
+        return None
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = float("nan")
+    if not (math.isfinite(v) and v > 0):
+        raise InputError(f"{name}: pixel size must be a positive number of nm per pixel, "
+                         f"got {value!r}")
+    return v
+
+
+class ImageSource:
+    """A lazily read greyscale image or stack, page by page.
+
+    Built by :func:`open_image` or :func:`array_source`; reads are serialised with a
+    lock, so pages may be requested from several threads.
+    """
+
+    def __init__(self, *, path: Path | None, name: str, shape: tuple[int, int, int],
+                 dtype: np.dtype, pixel_size_nm: float | None, is_stack: bool,
+                 read: Callable[[int], Any], close: Callable[[], None] | None = None) -> None:
+        self.path = path
+        self.name = name
+        self.shape = tuple(int(n) for n in shape)
+        self.dtype = np.dtype(dtype)
+        self.pixel_size_nm = pixel_size_nm
+        self.is_stack = is_stack
+        self._read = read
+        self._close = close
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        return (f"ImageSource({self.name!r}, shape={self.shape}, dtype={self.dtype}, "
+                f"pixel_size_nm={self.pixel_size_nm}, is_stack={self.is_stack})")
+
+    def page(self, i: int) -> np.ndarray:
+        """Read page ``i`` (negative counts from the end) as a 2D array in the original dtype.
+
+        The array may be a view of the source data (array sources): do not modify it.
+        Raises InputError if the page cannot be read or holds NaN/inf values.
+        """
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"{self.name}: page {i} out of range for {n} page(s)")
+        i %= n
+        try:
+            with self._lock:
+                data = self._read(i)
+            data = np.asarray(data.compute() if hasattr(data, "compute") else data)
+            data = data.reshape(self.shape[1:])
+        except InputError:
+            raise
+        except Exception as err:  # noqa: BLE001 - any decoder error means a bad file
+            raise InputError(f"{self.name}: page {i + 1} of {n} cannot be read: {err}. "
+                             "Is the file complete?") from err
+        if data.dtype.kind == "f" and not np.isfinite(data).all():
+            bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+            raise InputError(f"{self.name}: page {i + 1} of {n} has {bad} NaN or infinite "
+                             "value(s); replace them (e.g. with the image mean) and save again")
+        return data
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for i in range(len(self)):
+            yield self.page(i)
+
+    def close(self) -> None:
+        """Release the file; further page() calls fail."""
+        if self._close is not None:
+            self._close()
+            self._close = None
+
+    def __enter__(self) -> ImageSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _grey_from_rgb(rgb: np.ndarray, name: str) -> np.ndarray:
+    """Return channel 0 of a (h, w, 3|4) image whose colour channels are equal, else raise."""
+    if rgb.ndim == 3 and rgb.shape[-1] in (3, 4):
+        opaque = rgb.shape[-1] == 3 or np.all(rgb[..., 3] == rgb[..., 3].flat[0])
+        if opaque and np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2]):
+            log.info("%s: RGB image with equal channels, read as greyscale", name)
+            return np.ascontiguousarray(rgb[..., 0])
+    raise InputError(f"{name}: is an RGB image; emseg segments single-channel greyscale EM "
+                     "images: convert it to greyscale first")
+
+
+def _validate(shape: Sequence[int], dtype: np.dtype, name: str) -> tuple[int, int, int]:
+    """Check dtype and shape of an image whose last two axes are (height, width).
+
+    Returns:
+        ``(pages, height, width)`` after dropping leading singleton axes.
+    """
+    if dtype.names is not None:  # structured dtype: hyperspy's rgb8/rgb16
+        raise InputError(f"{name}: is an RGB image; emseg segments single-channel greyscale EM "
+                         "images: convert it to greyscale first")
+    if dtype.kind == "c":
+        raise InputError(f"{name}: has complex values ({dtype}); emseg takes real-valued images: "
+                         "save the amplitude or phase as a real image first")
+    if dtype.kind not in "biuf":
+        raise InputError(f"{name}: has data type {dtype}, not numeric; emseg takes integer or "
+                         "floating-point greyscale images")
+    if len(shape) < 2 or min(shape) == 0:
+        raise InputError(f"{name}: is empty or not an image (shape {tuple(shape)}); "
+                         "emseg takes a 2D image or a 3D stack (pages, height, width)")
+    lead = [int(n) for n in shape[:-2] if n != 1]
+    if len(lead) > 1:
+        full = (*lead, *shape[-2:])
+        raise InputError(f"{name}: has shape {full}, {len(full)} dimensions; emseg takes a 2D "
+                         "image or a 3D stack (pages, height, width): split or reduce it first")
+    return (lead[0] if lead else 1, int(shape[-2]), int(shape[-1]))
+
+
+def array_source(array: Any, *, pixel_size_nm: float | None = None,
+                 name: str = "array") -> ImageSource:
+    """Wrap a 2D ``(h, w)`` or 3D ``(pages, h, w)`` numpy/dask/array-like as an ImageSource.
+
+    Leading singleton axes are dropped; a 3D array whose last axis has 3 or 4 entries is
+    taken as RGB (accepted only when its channels are equal). Dask pages are computed
+    one at a time.
+    """
+    if not hasattr(array, "shape") or not hasattr(array, "dtype"):
+        array = np.asarray(array)
+    dtype = np.dtype(array.dtype)
+    if array.ndim == 3 and array.shape[-1] in (3, 4) and array.shape[0] > 4:
+        array = _grey_from_rgb(np.asarray(array), name)
+    pages, h, w = _validate(array.shape, dtype, name)
+    is_stack = array.ndim >= 3
+    data = array.reshape((pages, h, w)) if array.ndim != 3 else array
+    return ImageSource(path=None, name=name, shape=(pages, h, w), dtype=dtype,
+                       pixel_size_nm=_check_override(pixel_size_nm, name), is_stack=is_stack,
+                       read=lambda i: data[i])
+
+
+def open_image(path: str | os.PathLike, *, pixel_size_nm: float | None = None) -> ImageSource:
+    """Open an image or stack for page-by-page reading, dispatching on the file suffix.
+
+    Args:
+        path: TIFF/OME-TIFF/BigTIFF, PNG/JPEG/BMP, or DM3/DM4/EMD/SER/MRC/HSPY file.
+        pixel_size_nm: overrides the pixel size stored in the file (nm/px).
+
+    Returns:
+        An open ImageSource; close it (or use ``with``) when done.
+    """
+    path = Path(path).expanduser()
+    name = str(path)
+    override = _check_override(pixel_size_nm, name)
+    if not path.exists():
+        raise InputError(f"{name}: file not found; check the path and spelling")
+    if path.is_dir():
+        raise InputError(f"{name}: is a folder, not an image file; pass the files inside it")
+    suffix = path.suffix.lower()
+    if suffix in TIFF_SUFFIXES:
+        src = _open_tiff(path)
+    elif suffix in PILLOW_SUFFIXES:
+        src = _open_pillow(path)
+    elif suffix in HYPERSPY_FORMATS:
+        src = _open_hyperspy(path, HYPERSPY_FORMATS[suffix])
+    else:
+        raise InputError(f"{name}: unsupported file type {path.suffix!r}; emseg reads "
+                         f"{', '.join(SUPPORTED_SUFFIXES)}: convert the image to TIFF")
+    if override is not None:
+        src.pixel_size_nm = override
+    log.debug("opened %r", src)
+    return src
+
+
+def _open_tiff(path: Path) -> ImageSource:
+    """Open series 0 of a TIFF, kept open; one page is decoded per page() call."""
+    import tifffile
+
+    name = str(path)
+
+    def fail(reason: object) -> InputError:
+        return InputError(f"{name}: cannot be read as TIFF: {reason}. Is the file complete?")
+
+    tif = None
+    try:
+        with _catch_tifffile_warnings() as warned:
+            tif = tifffile.TiffFile(path)
+            series = tif.series[0]
+            axes, shape = series.get_axes(False), series.get_shape(False)
+    except Exception as err:  # noqa: BLE001
+        if tif is not None:
+            tif.close()
+        raise fail(err) from err
+    try:
+        bad = [w for w in warned if any(h.lower() in w.lower() for h in _TRUNCATION_HINTS)]
+        if bad:
+            raise fail(bad[0])
+        if len(tif.series) > 1:
+            log.info("%s: holds %d image series; using the first", name, len(tif.series))
+        src = _tiff_source(path, tif, series, axes, shape)
+        _check_tiff_extent(path, series, fail)
+        return src
+    except BaseException:
+        tif.close()
+        raise
+
+
+def _tiff_source(path, tif, series, axes: str, shape: tuple[int, ...]) -> ImageSource:
+    """Build the ImageSource of a TIFF series from its unsqueezed axes and shape."""
+    name = str(path)
+    samples = shape[axes.index("S")] if "S" in axes else 1
+    if "S" in axes:
+        i = axes.index("S")
+        axes, shape = axes[:i] + axes[i + 1:], shape[:i] + shape[i + 1:]
+    if not axes.endswith("YX"):
+        raise InputError(f"{name}: TIFF axes {axes!r} do not end with height and width (YX); "
+                         "save it as a plain greyscale TIFF")
+    dims = _validate(shape, np.dtype(series.dtype), name)
+    px = pixel_size_from_tiff(tif)
+    if samples > 1:
+        if dims[0] != 1 or samples not in (3, 4):
+            raise InputError(f"{name}: is an RGB image; emseg segments single-channel greyscale "
+                             "EM images: convert it to greyscale first")
+        data = series.asarray().reshape(dims[1:] + (samples,) if series.axes.endswith("S")
+                                        else (samples,) + dims[1:])
+        grey = _grey_from_rgb(data if series.axes.endswith("S") else np.moveaxis(data, 0, -1), name)
+        tif.close()
+        return ImageSource(path=path, name=name, shape=dims, dtype=grey.dtype, pixel_size_nm=px,
+                           is_stack=False, read=lambda i: grey)
+    is_stack = dims[0] > 1 or (series.kind == "shaped" and len(shape) > 2)
+    return ImageSource(path=path, name=name, shape=dims, dtype=series.dtype, pixel_size_nm=px,
+                       is_stack=is_stack, read=lambda i: tif.asarray(key=i, series=0),
+                       close=tif.close)
+
+
+def _open_pillow(path: Path) -> ImageSource:
+    """Read a PNG/JPEG/BMP fully (one page) with Pillow."""
+    from PIL import Image
+
+    name = str(path)
+    limit = Image.MAX_IMAGE_PIXELS
+    try:
+        Image.MAX_IMAGE_PIXELS = None  # EM montages exceed Pillow's decompression-bomb limit
+        with Image.open(path) as im:
+            im.load()
+            dpi = im.info.get("dpi")
+            if im.mode == "P":
+                im = im.convert("RGBA")
+            elif im.mode == "1":
+                im = im.convert("L")
+            elif im.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+                im = im.convert("RGB")
+            elif im.mode in ("LA", "La", "PA"):
+                im = im.getchannel(0)
+            data = np.asarray(im)
+    except Exception as err:  # noqa: BLE001
+        raise InputError(f"{name}: cannot be read as {path.suffix.lstrip('.').upper()}: "
+                         f"{err}. Is the file complete?") from err
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    if data.ndim == 3:
+        data = _grey_from_rgb(data, name)
+    dims = _validate(data.shape, data.dtype, name)
+    px = None
+    if dpi and dpi[0]:
+        px = _physical(25.4e6 / float(dpi[0]), name)
+    return ImageSource(path=path, name=name, shape=dims, dtype=data.dtype, pixel_size_nm=px,
+                       is_stack=False, read=lambda i: data)
+
+
+def _open_hyperspy(path: Path, file_format: str | None) -> ImageSource:
+    """Open the first 2D/3D image signal of a microscope file with hyperspy, lazily."""
+    name = str(path)
+    fmt = file_format or path.suffix.lstrip(".").upper()
+    try:
+        import hyperspy.api as hs
+
+        loaded = hs.load(str(path), lazy=True, file_format=file_format)
+    except Exception as err:  # noqa: BLE001
+        raise InputError(f"{name}: cannot be read as {fmt}: {err}. Is the file complete?") from err
+    signals = loaded if isinstance(loaded, list) else [loaded]
+
+    def close() -> None:
+        if path.suffix.lower() in (".emd", ".hspy"):  # h5py-backed dask arrays hold the file
+            for s in signals:
+                try:
+                    s.close_file()
+                except Exception:  # noqa: BLE001 - already closed or not h5py
+                    pass
+
+    images = [s for s in signals if s.axes_manager.signal_dimension == 2]
+    fits = [s for s in images if sum(n > 1 for n in s.data.shape[:-2]) <= 1]
+    if not fits:
+        close()
+        if images:
+            _validate(images[0].data.shape, np.dtype(images[0].data.dtype), name)
+        found = ", ".join(f"{type(s).__name__} {tuple(s.data.shape)}" for s in signals)
+        raise InputError(f"{name}: holds no 2D image or image stack (found {found}); "
+                         "emseg takes a 2D image or a 3D stack (pages, height, width)")
+    sig = fits[0]
+    if len(signals) > 1:
+        log.info("%s: holds %d signals; using %r", name, len(signals), sig.metadata.General.title)
+    data = sig.data
+    try:
+        dims = _validate(data.shape, np.dtype(data.dtype), name)
+    except InputError:
+        close()
+        raise
+    data = data.reshape(dims)
+    px = None
+    x_ax, y_ax = sig.axes_manager.signal_axes[:2]
+    unit_nm = _unit_to_nm(getattr(x_ax, "units", None))
+    if unit_nm is not None and getattr(x_ax, "is_uniform", True):
+        px = _physical(float(x_ax.scale) * unit_nm, name)
+        if px and not math.isclose(x_ax.scale, y_ax.scale, rel_tol=1e-3):
+            log.warning("%s: pixels are not square (%g x %g %s); using the x size",
+                        name, x_ax.scale, y_ax.scale, x_ax.units)
+    else:
+        log.info("%s: no length calibration (units %r); pixel size unknown", name,
+                 getattr(x_ax, "units", None))
+    is_stack = len(data.shape) == 3 and sig.axes_manager.navigation_dimension >= 1
+    return ImageSource(path=path, name=name, shape=dims, dtype=data.dtype, pixel_size_nm=px,
+                       is_stack=is_stack, read=lambda i: data[i], close=close)
+
+
+def _natural_key(text: str) -> list:
+    """Sort key that orders 'img2' before 'img10'."""
+    return [int(t) if i % 2 else t.lower() for i, t in enumerate(re.split(r"(\d+)", text))]
+
+
+def _supported(p: Path) -> bool:
+    return p.is_file() and not p.name.startswith(".") and p.suffix.lower() in SUPPORTED_SUFFIXES
+
+
+def expand_inputs(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], list[InputError]]:
+    """Expand files, glob patterns and folders (not recursive) into image files.
+
+    Hidden files (names starting with '.', e.g. macOS '._x.tif' or our '.partial' files)
+    are skipped in folders and globs. Explicitly named files are kept whatever their suffix
+    (open_image reports unsupported ones).
+
+    Returns:
+        The files found (deduplicated, in input order; folder and glob matches sorted
+        naturally) and one InputError per input item that gave no file.
+    """
+    files: list[Path] = []
+    errors: list[InputError] = []
+    seen: set[str] = set()
+    supported = ", ".join(SUPPORTED_SUFFIXES)
+    for item in inputs:
+        text = os.path.expanduser(os.fspath(item))
+        p = Path(text)
+        if p.is_dir():
+            found = sorted((c for c in p.iterdir() if _supported(c)), key=lambda c: _natural_key(c.name))
+            if not found:
+                errors.append(InputError(f"{text}: folder has no supported images "
+                                         f"(supported: {supported})"))
+        elif p.exists():
+            found = [p]
+        elif re.search(r"[*?\[]", text):
+            matches = [Path(m) for m in glob.glob(text, recursive=True)]
+            found = sorted((m for m in matches if _supported(m)), key=lambda m: _natural_key(str(m)))
+            if not found:
+                why = (f"matches no supported image (supported: {supported})" if matches
+                       else "matches no file; check the pattern and the folder")
+                errors.append(InputError(f"{text}: {why}"))
+        else:
+            found = []
+            errors.append(InputError(f"{text}: file or folder not found; check the path and spelling"))
+        for f in found:
+            key = os.path.normcase(str(f.resolve()))
+            if key not in seen:
+                seen.add(key)
+                files.append(f)
+    return files, errors

@@ -1,0 +1,351 @@
+"""Output side of the image I/O layer: atomic TIFF stacks and overlay previews.
+
+Import these names from :mod:`emseg.io`; they live here only to keep modules short.
+
+Contract:
+
+* Every writer is atomic: data goes to a hidden temporary file in the destination
+  folder (``.NAME.partial-PID-N.SUFFIX``) and is renamed onto the final path with
+  :func:`os.replace` only when complete; on error the temporary file is deleted and an
+  existing file at the final path is left untouched.
+* :class:`TiffStackWriter` writes ONE TIFF series of shape ``(h, w)``, ``(pages, h, w)``
+  or ``(pages, C, h, w)`` that :func:`tifffile.imread` returns with that full shape.
+  The pixel size (nm/px) is stored twice: as TIFF XResolution/YResolution in pixels per
+  centimetre (ResolutionUnit CENTIMETER, read by Fiji) and as ``"pixel_size_nm"`` in
+  tifffile's JSON ("shaped") ImageDescription, next to any extra ``metadata``.
+* :func:`write_overlay_png` writes an 8-bit RGB PNG whose longer side is ``<= max_size``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import os
+import queue
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+#: Okabe-Ito colours (colour-blind friendly, black left out): label k gets entry (k-1) % 7.
+PALETTE = np.array(
+    [(230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66),
+     (0, 114, 178), (213, 94, 0), (204, 121, 167)], dtype=np.float32) / 255.0
+
+_BIGTIFF_BYTES = 3_500_000_000  # above this uncompressed size, write BigTIFF
+_MAX_RATIONAL = 2**32 - 1       # TIFF RATIONAL numerators are uint32
+_counter = itertools.count()
+_END = object()
+_ABORT = object()
+
+
+class _Aborted(Exception):
+    """Raised inside the page generator to stop tifffile when the writer is aborted."""
+
+
+def _temp_path(path: Path) -> Path:
+    """Hidden temporary path next to ``path`` that never looks like a finished output."""
+    return path.with_name(f".{path.stem}.partial-{os.getpid()}-{next(_counter)}{path.suffix}")
+
+
+@contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path in the folder of ``path``; rename it to ``path`` on success.
+
+    On an exception inside the ``with`` block the temporary file is deleted and
+    ``path`` is not touched. The temporary path keeps the suffix of ``path`` so that
+    writers that pick a format by suffix (PIL, matplotlib, tifffile) still work.
+    """
+    path = Path(path)
+    tmp = _temp_path(path)
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if not tmp.exists():
+        raise FileNotFoundError(f"{path}: nothing was written to the temporary file {tmp.name}")
+    os.replace(tmp, path)
+
+
+class TiffStackWriter:
+    """Writes a TIFF page by page, atomically: to a temporary file in the same folder, renamed on close().
+
+    Pages go through a bounded queue (2 pages) to a background thread that runs one
+    ``tifffile.TiffWriter.write(iterator, shape=..., dtype=...)`` call, so compression
+    overlaps with the caller's computation and the file holds a single series.
+
+    Args:
+        path: final output path.
+        shape: ``(h, w)`` for one 2D image, ``(pages, h, w)`` for a stack, or
+            ``(pages, C, h, w)`` (e.g. class probabilities); ``write_page`` then takes
+            ``(h, w)``, ``(h, w)`` or ``(C, h, w)`` arrays respectively.
+        dtype: pixel type; integer pages are cast when their values fit, any real
+            pages to a float dtype; float pages are never cast to integers.
+        pixel_size_nm: physical pixel size in nm/px, or None when unknown.
+        compression: tifffile compression name (``"zlib"`` default) or None.
+        bigtiff: None chooses BigTIFF when the uncompressed size exceeds ~3.5 GB.
+        metadata: extra JSON-serialisable entries for the ImageDescription.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, shape: tuple[int, ...], dtype: Any,
+                 pixel_size_nm: float | None = None, compression: str | None = "zlib",
+                 bigtiff: bool | None = None, metadata: dict | None = None) -> None:
+        import tifffile
+
+        self.path = Path(path)
+        self.shape = tuple(int(n) for n in shape)
+        self.dtype = np.dtype(dtype)
+        if not 2 <= len(self.shape) <= 4 or min(self.shape) < 1:
+            raise ValueError(f"{self.path}: cannot write shape {self.shape}; expected (h, w), "
+                             "(pages, h, w) or (pages, C, h, w) with all sizes >= 1")
+        self.n_pages = 1 if len(self.shape) == 2 else self.shape[0]
+        self._page_shape = self.shape if len(self.shape) == 2 else self.shape[1:]
+        meta = dict(metadata or {})
+        kwargs: dict[str, Any] = {}
+        if pixel_size_nm is not None:
+            pixel_size_nm = float(pixel_size_nm)
+            if not (math.isfinite(pixel_size_nm) and pixel_size_nm > 0):
+                raise ValueError(f"{self.path}: pixel_size_nm must be a positive number, "
+                                 f"got {pixel_size_nm}")
+            meta["pixel_size_nm"] = pixel_size_nm
+            per_cm = 1e7 / pixel_size_nm
+            if per_cm <= _MAX_RATIONAL:
+                kwargs.update(resolution=(per_cm, per_cm), resolutionunit="CENTIMETER")
+            else:  # below ~0.0023 nm/px the TIFF tag overflows; the JSON entry still holds it
+                log.info("%s: pixel size %.3g nm too small for TIFF resolution tags; "
+                         "stored in the description only", self.path, pixel_size_nm)
+        try:
+            json.dumps(meta)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{self.path}: metadata must be JSON-serialisable: {err}") from None
+        if compression in (None, "none", "None"):
+            compression = None
+        if bigtiff is None:
+            bigtiff = math.prod(self.shape) * self.dtype.itemsize > _BIGTIFF_BYTES
+        self._write_kwargs = dict(shape=self.shape, dtype=self.dtype, photometric="minisblack",
+                                  compression=compression, metadata=meta, **kwargs)
+        self._tmp = _temp_path(self.path)
+        self._tw = tifffile.TiffWriter(self._tmp, bigtiff=bigtiff)  # fails here on a bad folder
+        self._queue: queue.Queue = queue.Queue(maxsize=2)
+        self._error: BaseException | None = None
+        self._written = 0
+        self._state = "open"  # -> "closed" | "aborted"
+        self._thread = threading.Thread(target=self._run, name=f"tiff-writer:{self.path.name}",
+                                        daemon=True)
+        self._thread.start()
+
+    # background side
+    def _planes(self) -> Iterator[np.ndarray]:
+        while True:
+            item = self._queue.get()
+            if item is _END:
+                return
+            if item is _ABORT:
+                raise _Aborted()
+            if item.ndim == 3:  # (C, h, w): tifffile pages are 2D planes
+                yield from item
+            else:
+                yield item
+
+    def _run(self) -> None:
+        try:
+            self._tw.write(self._planes(), **self._write_kwargs)
+        except BaseException as err:  # noqa: BLE001 - handed to the caller's thread
+            self._error = err
+        finally:
+            try:
+                self._tw.close()
+            except BaseException as err:  # noqa: BLE001
+                self._error = self._error or err
+
+    # caller side
+    def _put(self, item: object) -> None:
+        while True:
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                if not self._thread.is_alive():
+                    return  # the consumer is gone; its error (if any) is reported next
+
+    def _raise_error(self) -> None:
+        err = self._error
+        if err is not None and not isinstance(err, _Aborted):
+            self.abort()
+            raise OSError(f"{self.path}: writing the TIFF failed: {err}") from err
+
+    def write_page(self, page: np.ndarray) -> None:
+        """Queue the next page (in order); raises if the background writer failed.
+
+        ``page`` has the page shape (``shape[1:]``, or ``shape`` for a 2D image), or one
+        more leading axis to write several consecutive pages at once.
+        """
+        if self._state != "open":
+            raise RuntimeError(f"{self.path}: write_page() after the writer was {self._state}")
+        self._raise_error()
+        page = np.asarray(page)
+        if page.shape == self._page_shape:
+            block = page[None]
+        elif page.shape[1:] == self._page_shape:
+            block = page  # several consecutive pages at once
+        else:
+            raise ValueError(f"{self.path}: page {self._written} has shape {page.shape}, "
+                             f"expected {self._page_shape}")
+        if self._written + len(block) > self.n_pages:
+            raise ValueError(f"{self.path}: more than the {self.n_pages} pages declared in shape")
+        self._check_cast(page)
+        for one in block:
+            # always copy: the caller may reuse its buffer while the thread still compresses
+            self._put(np.array(one, dtype=self.dtype, order="C", copy=True))
+            self._written += 1
+        self._raise_error()
+
+    def _check_cast(self, page: np.ndarray) -> None:
+        """Allow safe casts, integer narrowing when values fit, and int/float -> float."""
+        src, dst = page.dtype, self.dtype
+        if np.can_cast(src, dst, casting="safe") or (dst.kind == "f" and src.kind in "biuf"):
+            return
+        if dst.kind in "iu" and src.kind in "biu":
+            info = np.iinfo(dst)
+            if page.size == 0 or (page.min() >= info.min and page.max() <= info.max):
+                return
+            raise ValueError(f"{self.path}: page values {page.min()}..{page.max()} do not fit {dst}")
+        raise ValueError(f"{self.path}: page dtype {src} cannot be stored as {dst}")
+
+    def close(self) -> Path:
+        """Wait for the writer, check the page count, and rename the temporary file onto the path."""
+        if self._state == "closed":
+            return self.path
+        if self._state == "aborted":
+            raise RuntimeError(f"{self.path}: close() after abort(); nothing was saved")
+        self._raise_error()
+        if self._written != self.n_pages:
+            self.abort()
+            raise ValueError(f"{self.path}: {self._written} of {self.n_pages} pages were written; "
+                             "the output was not saved")
+        self._put(_END)
+        self._thread.join()
+        self._raise_error()
+        os.replace(self._tmp, self.path)
+        self._state = "closed"
+        log.debug("wrote %s %s %s", self.path, self.shape, self.dtype)
+        return self.path
+
+    def abort(self) -> None:
+        """Stop writing and delete the temporary file; the final path is never touched."""
+        if self._state != "open":
+            return
+        self._state = "aborted"
+        if self._thread.is_alive():
+            self._put(_ABORT)
+            self._thread.join()
+        self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> TiffStackWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def _downsample_image(image: np.ndarray, f: int) -> np.ndarray:
+    """Block-mean downsampling by an integer factor (edges padded by replication)."""
+    img = image.astype(np.float32, copy=False)
+    if f == 1:
+        return img
+    h, w = img.shape
+    img = np.pad(img, ((0, -h % f), (0, -w % f)), mode="edge")
+    return img.reshape(img.shape[0] // f, f, img.shape[1] // f, f).mean(axis=(1, 3))
+
+
+def _downsample_labels(labels: np.ndarray, f: int) -> np.ndarray:
+    """Downsample labels so thin structures survive: a block takes its most frequent
+    non-zero label if that covers at least 1/f of the block (a 1-pixel line), else 0."""
+    if f == 1:
+        return labels
+    lab = np.pad(np.maximum(labels, 0), ((0, -labels.shape[0] % f), (0, -labels.shape[1] % f)))
+    top = int(lab.max())
+    present = np.flatnonzero(np.bincount(lab.ravel())[1:]) + 1 if top <= 4096 else None
+    if present is None or len(present) > 64:  # instance labels: counting would be too slow
+        return lab[f // 2::f, f // 2::f]
+    blocks = lab.reshape(lab.shape[0] // f, f, lab.shape[1] // f, f)
+    best = np.zeros((blocks.shape[0], blocks.shape[2]), labels.dtype)
+    best_count = np.full(best.shape, f - 1, np.int64)  # need >= f pixels
+    for k in present:
+        count = (blocks == k).sum(axis=(1, 3))
+        better = count > best_count
+        best[better], best_count[better] = k, count[better]
+    return best
+
+
+def write_overlay_png(path: str | os.PathLike, image: np.ndarray, labels: np.ndarray, *,
+                      class_names: Sequence[str] | None = None, max_size: int = 1024,
+                      alpha: float = 0.4) -> Path:
+    """Write a small RGB preview PNG: greyscale image with coloured labels (0 transparent).
+
+    Args:
+        path: output PNG path (written atomically).
+        image: 2D greyscale image; contrast is stretched between its 1st and 99th percentile.
+        labels: 2D integer labels of the same shape; label k > 0 gets ``PALETTE[(k-1) % 7]``.
+        class_names: names indexed by label (entry 0, background, is not shown); when
+            given, a legend of labels 1.. is drawn in the upper right corner.
+        max_size: the longer side of the PNG is at most this many pixels.
+        alpha: opacity of the label colours.
+
+    Returns:
+        The written path.
+    """
+    from PIL import Image
+
+    path = Path(path)
+    image, labels = np.asarray(image), np.asarray(labels)
+    if image.ndim != 2 or labels.shape != image.shape:
+        raise ValueError(f"{path}: overlay needs a 2D image and labels of the same shape, "
+                         f"got {image.shape} and {labels.shape}")
+    f = max(1, math.ceil(max(image.shape) / max(1, int(max_size))))
+    small = _downsample_image(image, f)
+    lab = _downsample_labels(labels.astype(np.int64, copy=False), f)
+    lo, hi = np.percentile(small, [1, 99])
+    grey = np.clip((small - lo) / (hi - lo), 0, 1) if hi > lo else np.full(small.shape, 0.5, np.float32)
+    rgb = np.repeat(grey[..., None], 3, axis=-1)
+    mask = lab > 0
+    rgb[mask] = (1 - alpha) * rgb[mask] + alpha * PALETTE[(lab[mask] - 1) % len(PALETTE)]
+    rgb8 = np.round(rgb * 255).astype(np.uint8)
+    if class_names is not None and len(class_names) > 1:
+        rgb8 = _add_legend(rgb8, list(class_names))
+    with atomic_output(path) as tmp:
+        Image.fromarray(rgb8, mode="RGB").save(tmp, format="PNG")
+    return path
+
+
+def _add_legend(rgb8: np.ndarray, class_names: list[str]) -> np.ndarray:
+    """Draw a legend of class_names[1:] onto an RGB image with matplotlib (Agg, no pyplot)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    h, w = rgb8.shape[:2]
+    dpi = 100
+    fig = Figure(figsize=(w / dpi, h / dpi), dpi=dpi)
+    canvas = FigureCanvasAgg(fig)
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.set_axis_off()
+    ax.imshow(rgb8, interpolation="nearest")
+    handles = [Patch(facecolor=PALETTE[(k - 1) % len(PALETTE)], edgecolor="black", label=name)
+               for k, name in enumerate(class_names) if k > 0]
+    fontsize = float(np.clip(max(h, w) / 60, 6, 14))
+    ax.legend(handles=handles, loc="upper right", fontsize=fontsize, framealpha=0.85,
+              borderaxespad=0.3, handlelength=1.2)
+    canvas.draw()
+    out = np.asarray(canvas.buffer_rgba())[..., :3]
+    return np.ascontiguousarray(out)

@@ -1,0 +1,133 @@
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from emseg.card import ModelCard
+from emseg.inference import Predictor, resolve_device
+from emseg.modelfile import Model
+
+from conftest import REPO
+
+# Measured with the bundled default model on sample page 0 (see docs/inference.md).
+TILED_MEAN, TILED_MAX = 0.01, 0.2
+
+
+class SignNet(nn.Module):
+    """Class 1 where the normalised input is above its mean; records the tile shapes it sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(tuple(x.shape))
+        return torch.cat([-x, x], dim=1) * 10
+
+
+def sign_model(pixel_size_nm=None, tile=64, overlap=16):
+    card = ModelCard(encoder="vgg11_bn_micro", classes=("background", "bright"), tile_size=tile,
+                     overlap=overlap, pixel_size_nm=pixel_size_nm)
+    return Model(SignNet(), card)
+
+
+def test_2d_and_3d_inputs_give_labels_of_the_same_shape(tiny_model, rng):
+    page = rng.random((70, 90), dtype=np.float32)
+    labels = tiny_model.predict(page)
+    assert labels.shape == (70, 90) and labels.dtype == np.uint8
+    stack = rng.integers(0, 65535, (3, 50, 40), dtype=np.uint16)
+    labels, probs = tiny_model.predict(stack, return_probabilities=True)
+    assert labels.shape == (3, 50, 40)
+    assert probs.shape == (3, 3, 50, 40) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(axis=1), 1, atol=1e-5)
+    np.testing.assert_array_equal(labels, probs.argmax(axis=1))
+
+
+def test_dask_input(tiny_model, rng):
+    da = pytest.importorskip("dask.array")
+    stack = rng.random((2, 64, 64), dtype=np.float32)
+    np.testing.assert_array_equal(tiny_model.predict(da.from_array(stack, chunks=(1, 64, 64))),
+                                  tiny_model.predict(stack))
+
+
+def test_tiled_output_matches_a_whole_image_pass():
+    """The seamless-tiling claim on the trained default model and the sample stack, borders included."""
+    import tifffile
+    from emseg.modelfile import default_model_path, load_model
+    if not default_model_path().exists():
+        pytest.skip("the bundled default model is not built yet (data_samples/train_default.py)")
+    model = load_model(default_model_path())
+    page = tifffile.imread(REPO / "data_samples" / "sample_stack.tif", key=0)
+    _, tiled = model.predict(page, tile=128, overlap=32, return_probabilities=True)
+    _, whole = model.predict(page, tile=576, overlap=0, return_probabilities=True)
+    diff = np.abs(tiled - whole)
+    assert diff.mean() < TILED_MEAN and diff.max() < TILED_MAX
+    grid_lines = np.zeros(page.shape, bool)
+    grid_lines[::96] = grid_lines[:, ::96] = True  # tile borders are 96 px apart at tile 128, overlap 32
+    assert diff[:, grid_lines].max() < TILED_MAX
+
+
+def test_tta_is_equivariant_to_rotations_and_flips(tiny_model, rng):
+    page = rng.random((64, 64), dtype=np.float32)
+    predictor = tiny_model.predictor(tile=64, overlap=0, tta=True)
+    base = predictor.predict_page(page)
+    for k in (1, 2, 3):
+        rotated = predictor.predict_page(np.rot90(page, k).copy())
+        np.testing.assert_allclose(rotated, np.rot90(base, k, axes=(1, 2)), atol=1e-5)
+    flipped = predictor.predict_page(page[:, ::-1].copy())
+    np.testing.assert_allclose(flipped, base[:, :, ::-1], atol=1e-5)
+    plain = tiny_model.predictor(tile=64, overlap=0).predict_page(page)
+    assert not np.allclose(plain, base, atol=1e-4), "TTA should change a random network's output"
+
+
+def test_image_is_rescaled_to_the_models_pixel_size_and_back(rng):
+    model = sign_model(pixel_size_nm=4.0, tile=256, overlap=0)
+    page = np.zeros((60, 80), np.float32)
+    page[:, 40:] = 1.0
+    labels = model.predict(page, pixel_size_nm=8.0)  # twice the model's pixel size: zoom 2x
+    assert labels.shape == (60, 80)
+    assert model.net.seen[-1][2:] == (128, 160)  # 120x160 rounded up to 32
+    assert (labels[:, :38] == 0).all() and (labels[:, 42:] == 1).all()
+    model.net.seen.clear()
+    model.predict(page, pixel_size_nm=4.02)  # within 2 %: no resampling
+    assert model.net.seen[-1][2:] == (64, 96)
+
+
+def test_unknown_pixel_size_means_no_rescaling(rng):
+    model = sign_model(pixel_size_nm=4.0, tile=256, overlap=0)
+    model.predict(np.zeros((60, 80), np.float32))
+    assert model.net.seen[-1][2:] == (64, 96)
+
+
+def test_batches_hold_several_tiles(rng):
+    model = sign_model(tile=64, overlap=32)
+    model.predict(rng.random((200, 200), dtype=np.float32), batch_size=5)
+    assert max(shape[0] for shape in model.net.seen) == 5
+
+
+def test_invalid_options_are_explained(tiny_model):
+    with pytest.raises(ValueError, match="multiple of 32"):
+        tiny_model.predictor(tile=100)
+    with pytest.raises(ValueError, match="overlap"):
+        tiny_model.predictor(tile=64, overlap=64)
+    with pytest.raises(ValueError, match="batch size"):
+        tiny_model.predictor(batch_size=0)
+
+
+def test_auto_device_without_gpu_is_the_cpu():
+    if torch.cuda.is_available():
+        assert resolve_device("auto").type == "cuda"
+    else:
+        assert resolve_device("auto").type in ("cpu", "mps")
+        with pytest.raises(ValueError, match="no CUDA"):
+            resolve_device("cuda")
+
+
+@pytest.mark.gpu
+def test_cuda_prediction_matches_cpu(tiny_model, rng):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU; none is visible to torch")
+    page = rng.random((128, 128), dtype=np.float32)
+    _, cpu = tiny_model.predict(page, device="cpu", return_probabilities=True)
+    _, gpu = tiny_model.predict(page, device="cuda", return_probabilities=True)
+    assert np.abs(cpu - gpu).max() < 0.02  # mixed precision on CUDA
