@@ -21,8 +21,9 @@ FORMAT_VERSION = 1  # bump on an incompatible change of the card or the weight l
 class Normalization:
     """How a raw page becomes network input.
 
-    ``percentile``: map the ``low``/``high`` percentiles of each page to 0 and 1 (robust to 8/16-bit
-    data, drifting brightness and hot pixels); then ``(x - mean) / std``.
+    ``percentile``: map the ``low``/``high`` percentiles of each page to 0 and 1 and clip to [0, 1]
+    (robust to 8/16-bit data, drifting brightness and hot pixels); then ``(x - mean) / std``.
+    ``none``: only ``(x - mean) / std`` on the raw values.
     """
 
     method: str = "percentile"

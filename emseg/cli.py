@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", type=int, default=2, help="output classes (default 2)")
     p.add_argument("--depth", type=int, default=3, help="nesting depth of the table (default 3)")
     p.set_defaults(func=cmd_summary)
+
+    from . import cli_train
+    cli_train.add_parsers(sub)
     return parser
 
 

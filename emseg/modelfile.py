@@ -111,9 +111,9 @@ class Model:
             return labels_arr
         return labels_arr, (np.stack(probs) if source.is_stack else probs[0])
 
-    def save(self, path: str | os.PathLike, card: ModelCard | None = None) -> Path:
+    def save(self, path: str | os.PathLike, card: ModelCard | None = None, *, half: bool = False) -> Path:
         """Write this model (optionally with an updated card) and return the path written."""
-        return save_model(self.net, card or self.card, path)
+        return save_model(self.net, card or self.card, path, half=half)
 
 
 def _build(card: ModelCard) -> torch.nn.Module:
@@ -123,10 +123,15 @@ def _build(card: ModelCard) -> torch.nn.Module:
                       decoder_channels=card.decoder_channels)
 
 
-def save_model(net: torch.nn.Module, card: ModelCard, path: str | os.PathLike) -> Path:
-    """Write weights and card atomically: a ``.safetensors`` path gives one file, any other path a folder."""
+def save_model(net: torch.nn.Module, card: ModelCard, path: str | os.PathLike, *, half: bool = False) -> Path:
+    """Write weights and card atomically: a ``.safetensors`` path gives one file, any other path a folder.
+
+    ``half`` stores floating-point weights as float16 (half the size; loading restores float32).
+    """
     path = Path(path)
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    if half:
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     if path.suffix == ".safetensors":
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")

@@ -26,7 +26,7 @@ def normalize_page(page: np.ndarray, norm: Normalization) -> np.ndarray:
     lo, hi = np.percentile(x[::step, ::step], [norm.low, norm.high])
     if hi <= lo:
         hi = lo + 1.0
-    x = np.clip((x - lo) / (hi - lo), -0.5, 1.5)
+    x = np.clip((x - lo) / (hi - lo), 0.0, 1.0)
     return ((x - norm.mean) / norm.std).astype(np.float32, copy=False)
 
 

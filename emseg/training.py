@@ -1,0 +1,358 @@
+"""Training and fine-tuning a U-Net on a few annotated pages.
+
+:func:`train` samples random crops (biased towards annotated pixels), augments them, and
+optimises Dice + cross-entropy with AdamW under a warm-up + cosine schedule, ignoring
+unannotated pixels. Every ``val_every`` steps it measures per-class IoU/Dice on held-out pixels,
+keeps the best weights, writes a resumable checkpoint, and stops early after ``patience``
+validations without improvement. Progress is reported through a plain callback; a
+``threading.Event`` stops the run, keeping the best model so far.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .augment import AugmentConfig, build_transform
+from .card import ModelCard, Normalization
+from .checkpoint import checkpoint_classes, load_checkpoint, save_checkpoint
+from .dataset import Annotated, CropSampler, arrays_to_items, check_classes, split_regions
+from .errors import InputError
+from .inference import resolve_device
+from .metrics import IGNORE, confusion, scores
+from .modelfile import Model
+from .models import DEFAULT_ENCODER, build_unet
+from .tiling import sliding_window
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run (saved with the run and summarised in the model card)."""
+
+    encoder: str = DEFAULT_ENCODER
+    classes: tuple[str, ...] | None = None
+    sparse: bool = False
+    tile_size: int = 256
+    batch_size: int = 8
+    steps: int = 2000
+    val_every: int = 100
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup: float = 0.05
+    patience: int = 10
+    val_fraction: float = 0.2
+    dice_weight: float = 1.0
+    seed: int = 0
+    device: str = "auto"
+    freeze_encoder: bool = False
+    freeze_bn: bool | None = None
+    pixel_size_nm: float | None = None
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    name: str = "emseg model"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["augment"] = self.augment.to_dict()
+        return d
+
+
+@dataclass
+class TrainEvent:
+    """What the progress callback receives after every step."""
+
+    step: int
+    total_steps: int
+    loss: float
+    lr: float
+    metrics: dict | None = None
+    preview: np.ndarray | None = None
+    best: bool = False
+
+
+@dataclass
+class TrainResult:
+    model: Model
+    model_path: Path | None
+    history: list[dict]
+    best_metric: float | None
+    stopped: bool
+
+
+def annotations_from_arrays(image, labels, *, sparse: bool = True, pixel_size_nm: float | None = None,
+                            name: str = "layer", norm: Normalization | None = None) -> list[Annotated]:
+    """Annotated pages from in-memory arrays (the napari plugin's layers); see :mod:`emseg.dataset`."""
+    return arrays_to_items(image, labels, sparse=sparse, norm=norm or Normalization(),
+                           pixel_size_nm=pixel_size_nm, name=name)
+
+
+# ---------------------------------------------------------------- pieces
+
+def _lr_lambda(total: int, warmup: float) -> Callable[[int], float]:
+    warm = max(1, int(total * warmup))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = (step - warm) / max(1, total - warm)
+        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+class _Loss(nn.Module):
+    """Cross-entropy + Dice (smp), both ignoring unannotated pixels."""
+
+    def __init__(self, dice_weight: float):
+        super().__init__()
+        from segmentation_models_pytorch.losses import DiceLoss
+        self.ce = nn.CrossEntropyLoss(ignore_index=IGNORE)
+        self.dice = DiceLoss(mode="multiclass", ignore_index=IGNORE, from_logits=True)
+        self.dice_weight = dice_weight
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        loss = self.ce(logits, target)
+        if self.dice_weight:
+            loss = loss + self.dice_weight * self.dice(logits, target)
+        return loss
+
+
+def _set_train_mode(net: nn.Module, freeze_bn: bool) -> None:
+    net.train()
+    if freeze_bn:
+        for m in net.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
+def _prepare_network(config: TrainConfig, classes: tuple[str, ...], base: Model | None) -> tuple[nn.Module, ModelCard]:
+    """A fresh network, or a copy of the base model's with its head re-made if the classes changed."""
+    if base is None:
+        net = build_unet(config.encoder, len(classes))
+        card = ModelCard(encoder=config.encoder, classes=classes, tile_size=max(512, config.tile_size),
+                         pixel_size_nm=config.pixel_size_nm, name=config.name)
+        return net, card
+    net = copy.deepcopy(base.net).cpu()
+    card = base.card.updated(name=config.name)
+    if len(classes) != base.card.num_classes:
+        fresh = build_unet(base.card.encoder, len(classes), decoder_channels=base.card.decoder_channels)
+        net.segmentation_head = fresh.segmentation_head
+        log.info("classes changed from %s to %s: the output head starts afresh", base.classes, classes)
+    card = card.updated(classes=classes, name=config.name)
+    return net, card
+
+
+def _validate(net: nn.Module, items: Sequence[Annotated], card: ModelCard, device: torch.device,
+              tile: int, amp) -> dict:
+    matrix = np.zeros((card.num_classes, card.num_classes), np.int64)
+    norm = card.normalization
+    net.eval()
+    with torch.inference_mode(), amp():
+        for item in items:
+            x = ((item.image - norm.mean) / norm.std)[None].astype(np.float32)
+            probs = sliding_window(x, lambda b: net(b).float(), tile=tile, overlap=tile // 4,
+                                   batch_size=4, device=device)
+            matrix += confusion(item.target, probs.argmax(0), card.num_classes)
+    return scores(matrix, card.classes)
+
+
+def _preview(net: nn.Module, card: ModelCard, image: np.ndarray, device, tile: int) -> np.ndarray:
+    model = Model(net, card)
+    from .inference import Predictor
+    predictor = Predictor(model, tile=tile, overlap=tile // 4, device=device)
+    return predictor.predict_page(np.asarray(image)).argmax(0).astype(np.uint8)
+
+
+# ---------------------------------------------------------------- the loop
+
+def train(data: Sequence[Annotated], config: TrainConfig, out_dir: str | Path | None = None, *,
+          base: Model | None = None, val_data: Sequence[Annotated] | None = None,
+          preview_image: np.ndarray | None = None, progress: Callable[[TrainEvent], None] | None = None,
+          stop: threading.Event | None = None, resume: bool = False) -> TrainResult:
+    """Train a new model (or fine-tune ``base``) on annotated pages; see the module docstring.
+
+    Args:
+        data: training pages (images normalised with the card's normalisation, see emseg.dataset).
+        config: the run's settings.
+        out_dir: where the model, checkpoint, log and plots go (None: keep everything in memory).
+        base: a model to fine-tune; its normalisation and pixel size are kept; it is never modified.
+        val_data: held-out pages; without them, ``config.val_fraction`` of every page is held out.
+        preview_image: a raw 2D page predicted at every validation (``TrainEvent.preview``).
+        progress: called after every step with a :class:`TrainEvent`.
+        stop: set it to end the run after the current step; the best model so far is returned.
+        resume: continue from ``out_dir/checkpoint`` if it exists.
+    """
+    if not data:
+        raise InputError("no annotated training pages; give images with masks")
+    out = Path(out_dir) if out_dir is not None else None
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+
+    resuming = resume and out is not None and (out / "checkpoint" / "state.json").exists()
+    classes = tuple(config.classes) if config.classes else (base.classes if base else None)
+    if classes is None and resuming:
+        classes = checkpoint_classes(out / "checkpoint")
+    if classes is None:
+        top = max(int(it.target[it.target != IGNORE].max(initial=0)) for it in data)
+        classes = ("background",) + tuple(f"class_{i}" for i in range(1, max(top, 1) + 1))
+    check_classes(data, classes)
+    if val_data is None:
+        train_items, val_items = split_regions(data, config.val_fraction)
+    else:
+        train_items, val_items = list(data), list(val_data)
+    if not val_items:
+        log.warning("no annotated pixel is held out for validation; the last weights are kept instead of the best")
+
+    net, card = _prepare_network(config, classes, base)
+    net = net.to(device)
+    if config.freeze_encoder:
+        for p in net.encoder.parameters():
+            p.requires_grad_(False)
+    freeze_bn = config.freeze_bn if config.freeze_bn is not None else config.batch_size <= 2
+    params = [p for p in net.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config.steps, config.warmup))
+    loss_fn = _Loss(config.dice_weight).to(device)
+    use_amp = device.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+
+    def amp():
+        return torch.autocast(device.type, dtype=amp_dtype) if use_amp else torch.autocast("cpu", enabled=False)
+
+    state = {"step": 0, "history": [], "best_metric": None, "bad_validations": 0}
+    best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    if resuming:
+        state = load_checkpoint(out / "checkpoint", net, optimizer, scheduler, config)
+        best_state = state.pop("best_weights")
+        rng = np.random.default_rng([config.seed, state["step"]])
+        log.info("resumed from %s at step %d", out / "checkpoint", state["step"])
+
+    sampler = CropSampler(train_items, config.tile_size, rng=rng,
+                          transform=build_transform(config.augment, seed=int(rng.integers(2**31))),
+                          bias=0.9 if config.sparse else 0.5)
+    norm = card.normalization
+    stopped = False
+    running = []
+    start = time.perf_counter()
+    while state["step"] < config.steps:
+        if stop is not None and stop.is_set():
+            stopped = True
+            break
+        _set_train_mode(net, freeze_bn)
+        images, targets = sampler.batch(config.batch_size)
+        images = ((images - norm.mean) / norm.std).to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        with amp():
+            loss = loss_fn(net(images).float(), targets)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        state["step"] += 1
+        loss_value = loss.item()
+        running.append(loss_value)
+        event = TrainEvent(state["step"], config.steps, loss_value, scheduler.get_last_lr()[0])
+        if state["step"] % config.val_every == 0 or state["step"] == config.steps:
+            event = _end_of_epoch(state, event, running, net, card, val_items, device, config, amp,
+                                  best_state, preview_image, out, optimizer, scheduler, start)
+            running = []
+            if state["bad_validations"] >= config.patience:
+                log.info("stopping early: no improvement in %d validations", config.patience)
+                if progress:
+                    progress(event)
+                break
+        if progress:
+            progress(event)
+
+    if val_items and state["best_metric"] is not None:
+        net.load_state_dict(best_state)
+    net.eval()
+    final_metrics = state["history"][-1].get("val") if state["history"] else None
+    best_val = max((h for h in state["history"] if h.get("val")), default=None,
+                   key=lambda h: h["val"]["mean_iou"] or 0)
+    card = card.updated(training=_training_summary(config, data, val_items, state, best_val, base, start))
+    model = Model(net.cpu(), card)
+    model_path = None
+    if out is not None:
+        model_path = model.save(out / "model.safetensors")
+        _write_reports(out, state["history"], model, val_items)
+    log.debug("final validation %s", final_metrics)
+    return TrainResult(model, model_path, state["history"], state["best_metric"], stopped)
+
+
+def _end_of_epoch(state, event, running, net, card, val_items, device, config, amp, best_state,
+                  preview_image, out, optimizer, scheduler, start) -> TrainEvent:
+    """Validate, keep the best weights, checkpoint, log; returns the event with metrics attached."""
+    record = {"step": state["step"], "loss": float(np.mean(running)) if running else None,
+              "lr": event.lr, "seconds": round(time.perf_counter() - start, 1)}
+    if val_items:
+        metrics = _validate(net, val_items, card, device, config.tile_size, amp)
+        record["val"] = metrics
+        metric = metrics["mean_iou"] if metrics["mean_iou"] is not None else -1.0
+        if state["best_metric"] is None or metric > state["best_metric"]:
+            state["best_metric"] = metric
+            state["bad_validations"] = 0
+            best_state.update({k: v.detach().clone() for k, v in net.state_dict().items()})
+            event.best = True
+        else:
+            state["bad_validations"] += 1
+        event.metrics = metrics
+    else:
+        best_state.update({k: v.detach().clone() for k, v in net.state_dict().items()})
+    state["history"].append(record)
+    if preview_image is not None:
+        event.preview = _preview(net, card, preview_image, device, config.tile_size)
+    if out is not None:
+        save_checkpoint(out / "checkpoint", net, optimizer, scheduler, config, state, best_state, card.classes)
+        (out / "log.json").write_text(json.dumps(state["history"], indent=1))
+    _log_epoch(record)
+    return event
+
+
+def _log_epoch(record: dict) -> None:
+    val = record.get("val")
+    if val:
+        ious = ", ".join(f"{k} {v:.3f}" for k, v in val["iou"].items() if v is not None)
+        log.info("step %d: loss %.4f, val mean IoU %s (%s), pixel error %.4f", record["step"], record["loss"] or 0,
+                 f"{val['mean_iou']:.4f}" if val["mean_iou"] is not None else "-", ious, val["pixel_error"] or 0)
+    else:
+        log.info("step %d: loss %.4f", record["step"], record["loss"] or 0)
+
+
+def _training_summary(config, data, val_items, state, best_val, base, start) -> dict:
+    summary = {
+        "config": config.to_dict(),
+        "pages": len(data),
+        "annotated_pixels": int(sum(it.annotated for it in data)),
+        "sources": sorted({it.name.split("[")[0] for it in data})[:20],
+        "validation_pages": len(val_items),
+        "steps": state["step"],
+        "seconds": round(time.perf_counter() - start, 1),
+        "validation": best_val["val"] if best_val else None,
+    }
+    if base is not None:
+        summary["fine_tuned_from"] = {"name": base.card.name, "path": str(base.path) if base.path else None,
+                                      "training": base.card.training.get("sources")}
+    return summary
+
+
+def _write_reports(out: Path, history: list[dict], model: Model, val_items: Sequence[Annotated]) -> None:
+    from .reports import plot_curves, plot_validation
+    if history:
+        plot_curves(history, out / "curves.png")
+    if val_items:
+        plot_validation(model, val_items, out / "validation.png")

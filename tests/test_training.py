@@ -1,0 +1,276 @@
+"""Training data conventions, the training loop, fine-tuning, evaluation — tiny models, few steps."""
+
+import json
+import threading
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from emseg.card import ModelCard, Normalization
+from emseg.cli import main
+from emseg.dataset import (Annotated, CropSampler, load_pairs, mask_to_target, pair_inputs,
+                           split_regions)
+from emseg.errors import InputError
+from emseg.metrics import IGNORE
+from emseg.modelfile import Model, load_model
+from emseg.synthetic import make_em_stack
+from emseg.training import TrainConfig, _Loss, annotations_from_arrays, train
+
+CLASSES = ("background", "membrane", "mitochondrion")
+
+
+@pytest.fixture(scope="module")
+def em():
+    return make_em_stack(pages=2, height=96, width=128, seed=3)
+
+
+def tiny_config(**changes):
+    base = dict(encoder="vgg11_bn_micro", classes=CLASSES, tile_size=64, batch_size=2, steps=4,
+                val_every=2, device="cpu")
+    base.update(changes)
+    return TrainConfig(**base)
+
+
+def items_from(em, sparse=False):
+    image, mask = em
+    labels = mask + 1 if sparse else mask
+    return annotations_from_arrays(image, labels, sparse=sparse)
+
+
+# ---------------------------------------------------------------- mask conventions
+
+def test_dense_binary_and_sparse_masks():
+    dense = np.array([[0, 1], [2, 1]], np.uint8)
+    np.testing.assert_array_equal(mask_to_target(dense, sparse=False, name="m"), dense)
+    binary = np.array([[0, 255], [255, 0]], np.uint8)
+    np.testing.assert_array_equal(mask_to_target(binary, sparse=False, name="m"), binary // 255)
+    scribbles = np.array([[0, 1], [3, 0]], np.uint16)
+    np.testing.assert_array_equal(mask_to_target(scribbles, sparse=True, name="m"),
+                                  [[IGNORE, 0], [2, IGNORE]])
+
+
+@pytest.mark.parametrize("mask, sparse, words", [
+    (np.array([[0, 1], [300, 0]], np.uint16), False, "neither class indices nor a binary"),
+    (np.array([[0.5, 1.0]], np.float32), False, "non-integer"),
+    (np.array([[-1, 1]], np.int16), False, "negative"),
+    (np.array([[0, 4]], np.uint8), True, "has class value(s) [4]"),
+])
+def test_unexpected_mask_values_name_the_file(mask, sparse, words):
+    with pytest.raises(InputError, match="masks/x.tif") as info:
+        mask_to_target(mask, sparse=sparse, name="masks/x.tif", num_classes=3)
+    assert words in str(info.value)
+
+
+def test_pairs_from_folders_stacks_and_lists(tmp_path):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "msk").mkdir()
+    for name in ("b", "a"):
+        tifffile.imwrite(tmp_path / "img" / f"{name}.tif", np.zeros((8, 8), np.uint8))
+        tifffile.imwrite(tmp_path / "msk" / f"{name}_mask.tif", np.zeros((8, 8), np.uint8))
+    pairs = pair_inputs([tmp_path / "img"], [tmp_path / "msk"])
+    assert [(i.name, m.name) for i, m in pairs] == [("a.tif", "a_mask.tif"), ("b.tif", "b_mask.tif")]
+    pairs = pair_inputs([tmp_path / "img" / "a.tif", tmp_path / "img" / "b.tif"],
+                        [tmp_path / "msk" / "a_mask.tif", tmp_path / "msk" / "b_mask.tif"])
+    assert len(pairs) == 2
+    with pytest.raises(InputError, match="2 image file"):
+        pair_inputs([tmp_path / "img"], [tmp_path / "msk" / "a_mask.tif"])
+    (tmp_path / "msk" / "b_mask.tif").unlink()
+    with pytest.raises(InputError, match="no mask for image"):
+        pair_inputs([tmp_path / "img"], [tmp_path / "msk"])
+
+
+def test_shape_mismatch_names_both_files(tmp_path):
+    tifffile.imwrite(tmp_path / "i.tif", np.zeros((2, 8, 8), np.uint8), photometric="minisblack")
+    tifffile.imwrite(tmp_path / "m.tif", np.zeros((3, 8, 8), np.uint8), photometric="minisblack")
+    with pytest.raises(InputError, match=r"m\.tif.*differs from image .*i\.tif"):
+        load_pairs([(tmp_path / "i.tif", tmp_path / "m.tif")], sparse=False, norm=Normalization())
+
+
+def test_layers_without_annotation_are_refused(em):
+    with pytest.raises(InputError, match="no pixel is annotated"):
+        annotations_from_arrays(em[0], np.zeros_like(em[1]), sparse=True)
+
+
+def test_classes_without_pixels_are_warned_about(em, caplog):
+    image, mask = em
+    items = annotations_from_arrays(image, np.where(mask == 2, 0, mask), sparse=False)
+    train(items, tiny_config(steps=1, val_every=1))
+    assert "'mitochondrion' has no annotated pixel" in caplog.text
+
+
+# ---------------------------------------------------------------- sampling and splits
+
+def test_validation_strip_never_shares_pixels_with_training():
+    image = np.arange(40 * 50, dtype=np.float32).reshape(40, 50)
+    item = Annotated(image, np.zeros((40, 50), np.uint8), "x")
+    (tr,), (va,) = split_regions([item], 0.2)
+    assert tr.image.shape == (40, 40) and va.image.shape == (40, 10)
+    assert not set(tr.image.ravel()) & set(va.image.ravel())
+
+
+def test_crops_find_sparse_scribbles():
+    target = np.full((512, 512), IGNORE, np.uint8)
+    target[300:303, 100:140] = 1  # one short scribble
+    item = Annotated(np.zeros((512, 512), np.float32), target, "x")
+    sampler = CropSampler([item], 64, rng=np.random.default_rng(0), bias=0.9)
+    hits = sum((sampler.crop()[1] != IGNORE).any() for _ in range(100))
+    assert hits >= 80  # uniform crops would hit it about 2 % of the time
+
+
+def test_loss_ignores_unannotated_pixels():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 3, 8, 8)
+    target = torch.full((1, 8, 8), IGNORE, dtype=torch.long)
+    target[0, :4] = 1
+    loss = _Loss(1.0)
+    changed = logits.clone()
+    changed[0, :, 4:] = torch.randn(3, 4, 8) * 10  # only where nothing is annotated
+    assert loss(logits, target).item() == pytest.approx(loss(changed, target).item(), rel=1e-6)
+
+
+# ---------------------------------------------------------------- the loop
+
+def test_train_writes_model_logs_and_pictures(tmp_path, em):
+    result = train(items_from(em), tiny_config(), tmp_path / "run")
+    run = tmp_path / "run"
+    for name in ("model.safetensors", "log.json", "curves.png", "validation.png", "checkpoint/state.json"):
+        assert (run / name).exists(), name
+    history = json.loads((run / "log.json").read_text())
+    assert [h["step"] for h in history] == [2, 4]
+    assert set(history[-1]["val"]["iou"]) == set(CLASSES)
+    card = load_model(run / "model.safetensors").card
+    assert card.classes == CLASSES and card.training["steps"] == 4
+    assert card.training["validation"]["mean_iou"] == pytest.approx(result.best_metric)
+
+
+def test_sparse_training_runs_on_scribbles(em):
+    image, mask = em
+    scribbles = np.zeros_like(mask)
+    scribbles[:, ::12] = mask[:, ::12] + 1  # every 12th row annotated
+    items = annotations_from_arrays(image, scribbles, sparse=True)
+    result = train(items, tiny_config(sparse=True))
+    assert result.history[-1]["val"]["pixels"] < image[:, :, -26:].size / 6
+
+
+def test_same_seed_same_weights(em):
+    a = train(items_from(em), tiny_config(steps=2)).model.net.state_dict()
+    b = train(items_from(em), tiny_config(steps=2)).model.net.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_continues_from_the_checkpoint(tmp_path, em):
+    train(items_from(em), tiny_config(steps=2), tmp_path / "run")
+    result = train(items_from(em), tiny_config(steps=4), tmp_path / "run", resume=True)
+    assert [h["step"] for h in result.history] == [2, 4]
+
+
+def test_stop_keeps_a_model(em):
+    stop = threading.Event()
+    seen = []
+
+    def progress(event):
+        seen.append(event.step)
+        if event.step == 2:
+            stop.set()
+    result = train(items_from(em), tiny_config(steps=50), stop=stop, progress=progress)
+    assert result.stopped and max(seen) == 2
+    assert isinstance(result.model, Model)
+
+
+def test_preview_is_predicted_at_validation(em):
+    events = []
+    train(items_from(em), tiny_config(), preview_image=em[0][0], progress=events.append)
+    previews = [e.preview for e in events if e.preview is not None]
+    assert len(previews) == 2 and previews[0].shape == em[0][0].shape
+
+
+# ---------------------------------------------------------------- fine-tuning
+
+@pytest.fixture
+def base_file(tmp_path, tiny_model):
+    return tiny_model.save(tmp_path / "base.safetensors", tiny_model.card.updated(pixel_size_nm=6.0))
+
+
+def test_finetune_never_touches_the_base_and_keeps_its_card(tmp_path, em, base_file):
+    before = base_file.read_bytes()
+    base = load_model(base_file)
+    result = train(items_from(em), tiny_config(classes=None, freeze_encoder=True), base=base)
+    assert base_file.read_bytes() == before
+    assert result.model.card.pixel_size_nm == 6.0
+    new, old = result.model.net.state_dict(), base.net.state_dict()
+    enc = [k for k in new if k.startswith("encoder.") and "weight" in k]
+    assert all(torch.equal(new[k], old[k]) for k in enc if "running" not in k)
+    assert not torch.equal(new["segmentation_head.0.weight"], old["segmentation_head.0.weight"])
+
+
+def test_small_batches_freeze_batch_norm_statistics(em, base_file):
+    base = load_model(base_file)
+    result = train(items_from(em), tiny_config(classes=None, batch_size=2), base=base)
+    new, old = result.model.net.state_dict(), base.net.state_dict()
+    stats = [k for k in new if k.endswith("running_mean")]
+    assert stats and all(torch.equal(new[k], old[k]) for k in stats)
+
+
+def test_adding_a_class_remakes_the_head(em, base_file):
+    base = load_model(base_file)
+    image, mask = em
+    result = train(annotations_from_arrays(image, mask, sparse=False),
+                   tiny_config(classes=CLASSES + ("vesicle",)), base=base)
+    assert result.model.card.classes == CLASSES + ("vesicle",)
+    assert result.model.net.segmentation_head[0].out_channels == 4
+
+
+# ---------------------------------------------------------------- CLI: train, finetune, evaluate, preview
+
+@pytest.fixture
+def stacks(tmp_path, em):
+    image, mask = em
+    tifffile.imwrite(tmp_path / "img.tif", image, photometric="minisblack",
+                     resolution=(1e7 / 6, 1e7 / 6), resolutionunit="CENTIMETER")
+    tifffile.imwrite(tmp_path / "msk.tif", mask, photometric="minisblack")
+    return tmp_path / "img.tif", tmp_path / "msk.tif"
+
+
+def test_cli_train_finetune_evaluate(tmp_path, stacks):
+    img, msk = stacks
+    common = ["--images", str(img), "--masks", str(msk), "--tile-size", "64", "--batch-size", "2",
+              "--steps", "2", "--val-every", "2", "--device", "cpu"]
+    assert main(["-q", "train", *common, "--encoder", "vgg11_bn_micro", "--classes", ",".join(CLASSES),
+                 "--augment", "elastic=0", "-o", str(tmp_path / "run")]) == 0
+    model_file = tmp_path / "run" / "model.safetensors"
+    card = load_model(model_file).card
+    assert card.pixel_size_nm == pytest.approx(6.0)  # from the training files
+    assert card.training["config"]["augment"]["elastic"] == 0
+    before = model_file.read_bytes()
+    assert main(["-q", "finetune", str(model_file), *common, "-o", str(tmp_path / "ft")]) == 0
+    assert model_file.read_bytes() == before
+    assert (tmp_path / "ft" / "model.safetensors").exists()
+    assert main(["-q", "evaluate", str(tmp_path / "ft" / "model.safetensors"), "--images", str(img),
+                 "--masks", str(msk), "-o", str(tmp_path / "eval")]) == 0
+    results = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert results["summary"]["pages"] == 2
+    assert 0 <= results["summary"]["adapted_rand_error"] <= 1
+    assert "iou_membrane" in (tmp_path / "eval" / "metrics.csv").read_text().splitlines()[0]
+
+
+def test_cli_yaml_config_and_bad_keys(tmp_path, stacks):
+    img, msk = stacks
+    (tmp_path / "cfg.yaml").write_text("steps: 1\nval_every: 1\nbatch_size: 2\ntile_size: 64\n"
+                                       "encoder: vgg11_bn_micro\naugment:\n  noise: 0\n")
+    assert main(["-q", "train", "--images", str(img), "--masks", str(msk), "--config", str(tmp_path / "cfg.yaml"),
+                 "-o", str(tmp_path / "run")]) == 0
+    card = load_model(tmp_path / "run" / "model.safetensors").card
+    assert card.training["steps"] == 1 and card.training["config"]["augment"]["noise"] == 0
+    (tmp_path / "bad.yaml").write_text("stepz: 3\n")
+    assert main(["train", "--images", str(img), "--masks", str(msk), "--config", str(tmp_path / "bad.yaml"),
+                 "-o", str(tmp_path / "run2")]) == 1
+
+
+def test_cli_augment_preview(tmp_path, stacks):
+    img, msk = stacks
+    out = tmp_path / "preview.png"
+    assert main(["-q", "augment-preview", "--images", str(img), "--masks", str(msk), "-o", str(out),
+                 "-n", "4", "--tile-size", "64", "--classes", ",".join(CLASSES)]) == 0
+    assert out.stat().st_size > 1000
