@@ -28,8 +28,11 @@ demo: setup
 	$(BIN)/emseg predict default data_samples/sample_stack.tif -o out/demo
 	@echo "Masks and the overlay preview are in out/demo/"
 
+# GUI tests need a display: use a virtual X server when xvfb-run is installed (.ci/run installs it).
+XVFB := $(shell command -v xvfb-run >/dev/null 2>&1 && echo "xvfb-run -a -s '-screen 0 1600x1000x24'")
+
 test: setup-dev
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(if $(XVFB),QT_QPA_PLATFORM=xcb $(XVFB),QT_QPA_PLATFORM=offscreen) $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:
 	rm -rf out .pytest_cache

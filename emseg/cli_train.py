@@ -36,6 +36,8 @@ def _add_training(p: argparse.ArgumentParser, *, steps: int, lr: float) -> None:
     g.add_argument("--tile-size", type=int, help="training crop side in pixels, multiple of 32 (default 256)")
     g.add_argument("--batch-size", type=int, help="crops per step (default 8)")
     g.add_argument("--steps", type=int, help=f"optimiser steps (default {steps})")
+    g.add_argument("--time-limit", type=float, dest="time_limit_minutes", metavar="MIN",
+                   help="fit the run (and its learning-rate schedule) into this many minutes")
     g.add_argument("--val-every", type=int, help="validate and checkpoint every N steps (default 100)")
     g.add_argument("--lr", type=float, help=f"peak learning rate of AdamW (default {lr:g})")
     g.add_argument("--patience", type=int, help="stop after N validations without improvement (default 10)")
@@ -153,7 +155,7 @@ def train_config(args) -> "TrainConfig":
             values["freeze_bn"] = args.freeze_bn == "yes"
         values["freeze_encoder"] = args.freeze_encoder or values.get("freeze_encoder", False)
     for name in ("encoder", "tile_size", "batch_size", "steps", "val_every", "lr", "patience", "val_fraction",
-                 "seed", "device", "name"):
+                 "seed", "device", "name", "time_limit_minutes"):
         value = getattr(args, name, None)
         if value is not None:
             values[name] = value
@@ -175,6 +177,8 @@ def _progress_bar(total: int, quiet: bool):
     state = {"metric": None}
 
     def update(event) -> None:
+        if bar.total != event.total_steps:  # a time limit shortened the run
+            bar.total = event.total_steps
         bar.update(event.step - bar.n)
         if event.metrics is not None and event.metrics.get("mean_iou") is not None:
             state["metric"] = event.metrics["mean_iou"]

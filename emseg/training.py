@@ -61,6 +61,7 @@ class TrainConfig:
     freeze_bn: bool | None = None
     pixel_size_nm: float | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    time_limit_minutes: float | None = None
     name: str = "emseg model"
 
     def to_dict(self) -> dict:
@@ -100,15 +101,19 @@ def annotations_from_arrays(image, labels, *, sparse: bool = True, pixel_size_nm
 
 # ---------------------------------------------------------------- pieces
 
-def _lr_lambda(total: int, warmup: float) -> Callable[[int], float]:
-    warm = max(1, int(total * warmup))
+class _Schedule:
+    """Linear warm-up then cosine decay to 1 % over ``total`` steps (``total`` may shrink once
+    a time limit shows how many steps fit)."""
 
-    def factor(step: int) -> float:
+    def __init__(self, total: int, warmup: float):
+        self.total, self.warmup = total, warmup
+
+    def __call__(self, step: int) -> float:
+        warm = max(1, int(self.total * self.warmup))
         if step < warm:
             return (step + 1) / warm
-        progress = (step - warm) / max(1, total - warm)
+        progress = (step - warm) / max(1, self.total - warm)
         return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return factor
 
 
 class _Loss(nn.Module):
@@ -223,7 +228,8 @@ def train(data: Sequence[Annotated], config: TrainConfig, out_dir: str | Path | 
     freeze_bn = config.freeze_bn if config.freeze_bn is not None else config.batch_size <= 2
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config.steps, config.warmup))
+    schedule = _Schedule(config.steps, config.warmup)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     loss_fn = _Loss(config.dice_weight).to(device)
     use_amp = device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
@@ -247,7 +253,8 @@ def train(data: Sequence[Annotated], config: TrainConfig, out_dir: str | Path | 
     stopped = False
     running = []
     start = time.perf_counter()
-    while state["step"] < config.steps:
+    timed_from = None
+    while state["step"] < schedule.total:
         if stop is not None and stop.is_set():
             stopped = True
             break
@@ -265,8 +272,12 @@ def train(data: Sequence[Annotated], config: TrainConfig, out_dir: str | Path | 
         state["step"] += 1
         loss_value = loss.item()
         running.append(loss_value)
-        event = TrainEvent(state["step"], config.steps, loss_value, scheduler.get_last_lr()[0])
-        if state["step"] % config.val_every == 0 or state["step"] == config.steps:
+        if config.time_limit_minutes and timed_from is None and state["step"] >= 5:
+            timed_from = (time.perf_counter(), state["step"])
+        elif timed_from is not None and schedule.total == config.steps and state["step"] >= timed_from[1] + 20:
+            _fit_schedule_to_time(schedule, config, state["step"], timed_from, start)
+        event = TrainEvent(state["step"], schedule.total, loss_value, scheduler.get_last_lr()[0])
+        if state["step"] % config.val_every == 0 or state["step"] == schedule.total:
             event = _end_of_epoch(state, event, running, net, card, val_items, device, config, amp,
                                   best_state, preview_image, out, optimizer, scheduler, start)
             running = []
@@ -292,6 +303,19 @@ def train(data: Sequence[Annotated], config: TrainConfig, out_dir: str | Path | 
         _write_reports(out, state["history"], model, val_items)
     log.debug("final validation %s", final_metrics)
     return TrainResult(model, model_path, state["history"], state["best_metric"], stopped)
+
+
+def _fit_schedule_to_time(schedule: _Schedule, config: TrainConfig, step: int, timed_from, start) -> None:
+    """Shorten the run (and its LR schedule) to the steps that fit in the time limit."""
+    per_step = (time.perf_counter() - timed_from[0]) / (step - timed_from[1])
+    validations = config.steps / config.val_every
+    budget = config.time_limit_minutes * 60 - (time.perf_counter() - start)
+    # leave room for validations, measured as about 3 steps each
+    fits = step + int(budget / per_step - 3 * validations)
+    if fits < config.steps:
+        schedule.total = max(step + 1, fits)
+        log.info("time limit %.0f min: about %.2f s per step, so %d steps instead of %d",
+                 config.time_limit_minutes, per_step, schedule.total, config.steps)
 
 
 def _end_of_epoch(state, event, running, net, card, val_items, device, config, amp, best_state,
