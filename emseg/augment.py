@@ -11,7 +11,8 @@ Contract
   reflected (``cv2.BORDER_REFLECT_101``) for both, so no fill value is invented and the
   mask keeps only labels it already had. Intensity transforms (brightness, contrast,
   gamma, blur, noise) touch the image only. The output image is ``float32`` clipped to
-  ``[0, 1]``, with the input's shape.
+  ``[0, 1]``, with the input's shape (D4's 90-degree rotations swap height and width of
+  non-square inputs: train on square patches).
 * :class:`AugmentConfig` holds one switch and five strength multipliers (0 switches a
   transform off, 1 is the default strength, 2 twice as strong); :data:`PRESETS` names
   ready-made configs ("em", "light", "none").
@@ -316,6 +317,9 @@ def _overlay(mask: np.ndarray, colours: Mapping[int, tuple[float, float, float]]
     return rgba
 
 
+PANEL_IN, GAP_IN, TITLE_IN, LEGEND_IN = 3.0, 0.1, 0.3, 0.5  # preview layout, inches
+
+
 def _save_grid(samples: list[tuple[np.ndarray, np.ndarray, str]], labels: list[int],
                class_names: Sequence[str] | None, path: Path) -> Path:
     """Draw the samples in a grid with a class legend and write the PNG atomically."""
@@ -325,18 +329,22 @@ def _save_grid(samples: list[tuple[np.ndarray, np.ndarray, str]], labels: list[i
     colours = _label_colours(labels)
     cols = min(4, len(samples))
     rows = -(-len(samples) // cols)
-    fig = Figure(figsize=(3 * cols, 3 * rows + 0.6), dpi=100)
+    width = cols * PANEL_IN + (cols + 1) * GAP_IN
+    height = rows * (PANEL_IN + TITLE_IN) + LEGEND_IN
+    fig = Figure(figsize=(width, height), dpi=100)
     for k, (image, mask, where) in enumerate(samples):
-        ax = fig.add_subplot(rows, cols, k + 1)
+        row, col = divmod(k, cols)
+        left = GAP_IN + col * (PANEL_IN + GAP_IN)
+        bottom = LEGEND_IN + (rows - 1 - row) * (PANEL_IN + TITLE_IN)
+        ax = fig.add_axes((left / width, bottom / height, PANEL_IN / width, PANEL_IN / height))
         ax.imshow(np.squeeze(image), cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
         ax.imshow(_overlay(mask, colours), interpolation="nearest")
         ax.set_title(where, fontsize=8)
         ax.set_axis_off()
-    names = [_class_name(label, class_names) for label in labels]
-    handles = [Patch(facecolor=colours[label], label=name) for label, name in zip(labels, names)]
+    handles = [Patch(facecolor=colours[label], label=_class_name(label, class_names))
+               for label in labels]
     if handles:
         fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), frameon=False)
-    fig.tight_layout(rect=(0, 0.6 / (3 * rows + 0.6), 1, 1))
     return _atomic_savefig(fig, path)
 
 

@@ -14,8 +14,10 @@ Contract
 * Physical sizes are set in nanometres and converted with ``pixel_size_nm`` (so cells keep
   their size in nm at another pixel size); pages are sections about 50 nm apart.
 * Deterministic: only ``numpy.random.default_rng(seed)`` is used, with a fixed number of
-  draws in a fixed order (no draw count depends on computed values), so a seed gives the
-  same bytes on any machine.
+  draws in a fixed order (no draw count depends on computed values), and geometry uses
+  only correctly rounded float operations, so a seed gives the same bytes on any machine
+  (at worst a rare grey level may round differently where a platform's transcendental
+  functions differ in the last bit; the masks do not depend on those).
 * Memory: about 60 bytes per voxel while generating (whole-stack smooth random fields).
 
 How it is built: cells are an additively weighted Voronoi tessellation of drifting seeds,
@@ -53,7 +55,7 @@ SMALL_CELL_WEIGHT_NM = 25.0  # weight jitter of small cells (size variety)
 SEED_DRIFT_NM = 4.0  # std of seed drift per page
 WARP_NM, WARP_SCALE_NM = 50.0, 200.0  # coarse boundary warp: amplitude, correlation length
 FINE_WARP_NM, FINE_WARP_SCALE_NM = 7.0, 25.0  # fine boundary roughness
-MEMBRANE_HALF_WIDTH_NM = (7.0, 16.0)  # membrane width 12-30 nm (2-5 px at 6 nm/px)
+MEMBRANE_HALF_WIDTH_NM = (6.5, 15.0)  # half-width: membranes 13-30 nm wide (2-5 px at 6 nm)
 MITO_SEMI_MAJOR_NM = (140.0, 380.0)
 MITO_SEMI_MINOR_NM = (65.0, 120.0)
 MITO_DENSITY_PER_UM2 = 1.6  # mitochondria per square micrometre of section
@@ -170,12 +172,15 @@ def _smooth_field(rng: np.random.Generator, shape: tuple[int, int, int], sigma_p
 
 def _upsample(a: np.ndarray, step: int, n: int, axis: int) -> np.ndarray:
     """Linear interpolation of a (samples every step px along axis) onto n pixels."""
-    a = np.moveaxis(a, axis, -1)
-    low, rise = a[..., :-1], np.diff(a, axis=-1)
-    out = np.empty(a.shape[:-1] + (low.shape[-1] * step,), np.float32)
+    def along(s: slice) -> tuple[slice, ...]:
+        return (slice(None),) * axis + (s,)
+
+    m = -(-n // step)  # coarse intervals needed
+    low, rise = a[along(slice(0, m))], np.diff(a[along(slice(0, m + 1))], axis=axis)
+    out = np.empty(a.shape[:axis] + (m * step,) + a.shape[axis + 1:], np.float32)
     for r in range(step):
-        out[..., r::step] = low + np.float32(r / step) * rise
-    return np.moveaxis(out[..., :n], -1, axis)
+        out[along(slice(r, None, step))] = low + np.float32(r / step) * rise
+    return out[along(slice(0, n))]
 
 
 def _seed_track(rng: np.random.Generator, shape: tuple[int, int, int], spacing: float,
@@ -294,7 +299,6 @@ def _draw_vesicles(rng: np.random.Generator, shape: tuple[int, int, int], px: fl
 def _draw_fields(rng: np.random.Generator, shape: tuple[int, int, int],
                  px: float) -> dict[str, np.ndarray]:
     """All per-voxel random fields (smooth warps, widths, textures), drawn in a fixed order."""
-    pages, h, w = shape
     f = {
         "warp_y": _smooth_field(rng, shape, WARP_SCALE_NM * px, 6.0) * (WARP_NM * px),
         "warp_x": _smooth_field(rng, shape, WARP_SCALE_NM * px, 6.0) * (WARP_NM * px),
@@ -398,7 +402,8 @@ def _render_page(p: int, labels: np.ndarray, tracks: _Tracks, brightness: np.nda
 
 
 def _mitos_page(p: int, mitos: _Mitos, tracks: _Tracks, labels: np.ndarray,
-                membrane: np.ndarray, fields: dict, px: float) -> tuple[np.ndarray, np.ndarray]:
+                membrane: np.ndarray, fields: dict[str, np.ndarray],
+                px: float) -> tuple[np.ndarray, np.ndarray]:
     """Mitochondrion mask and grey levels on page p (tube cross-sections clipped to the host).
 
     Each ellipse moves rigidly with the tissue around its centre (coarse warp taken at the
@@ -433,8 +438,8 @@ def _mitos_page(p: int, mitos: _Mitos, tracks: _Tracks, labels: np.ndarray,
     return mask, tone
 
 
-def _ellipse_frame(box: tuple[slice, slice], fields: dict, p: int, cy: float, cx: float,
-                   theta: float) -> tuple[np.ndarray, np.ndarray]:
+def _ellipse_frame(box: tuple[slice, slice], fields: dict[str, np.ndarray], p: int, cy: float,
+                   cx: float, theta: float) -> tuple[np.ndarray, np.ndarray]:
     """Coordinates (u along the long axis, v across) of the pixels of box, with fine roughness."""
     yy, xx = np.mgrid[box]
     dy = yy + fields["fine_y"][p][box] - cy
