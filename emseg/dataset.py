@@ -14,7 +14,9 @@ Mask conventions:
 from __future__ import annotations
 
 import logging
+import queue
 import re
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -251,3 +253,38 @@ class CropSampler:
         images = torch.from_numpy(np.stack([c[0] for c in crops]))[:, None]
         targets = torch.from_numpy(np.stack([c[1] for c in crops]).astype(np.int64))
         return images, targets
+
+
+class Prefetcher:
+    """Makes batches of a :class:`CropSampler` in a background thread, so augmentation (OpenCV,
+    which releases the GIL) overlaps with the training step. Batches come in the sampler's order."""
+
+    def __init__(self, sampler: CropSampler, batch_size: int, depth: int = 2):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(sampler, batch_size), daemon=True,
+                                        name="emseg-crops")
+        self._thread.start()
+
+    def _run(self, sampler: CropSampler, batch_size: int) -> None:
+        try:
+            while not self._stop.is_set():
+                item = sampler.batch(batch_size)
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as exc:  # hand the error to the consumer
+            self._queue.put(exc)
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)

@@ -27,7 +27,7 @@ from torch import nn
 from .augment import AugmentConfig, build_transform
 from .card import ModelCard, Normalization
 from .checkpoint import checkpoint_classes, load_checkpoint, save_checkpoint
-from .dataset import Annotated, CropSampler, arrays_to_items, check_classes, split_regions
+from .dataset import Annotated, CropSampler, Prefetcher, arrays_to_items, check_classes, split_regions
 from .errors import InputError
 from .inference import resolve_device
 from .metrics import IGNORE, confusion, scores
@@ -243,52 +243,57 @@ def train(data: Sequence[Annotated], config: TrainConfig, out_dir: str | Path | 
     if resuming:
         state = load_checkpoint(out / "checkpoint", net, optimizer, scheduler, config)
         best_state = state.pop("best_weights")
+        schedule.total = config.steps  # LambdaLR restores the callable's attributes; the new run decides
         rng = np.random.default_rng([config.seed, state["step"]])
         log.info("resumed from %s at step %d", out / "checkpoint", state["step"])
 
     sampler = CropSampler(train_items, config.tile_size, rng=rng,
                           transform=build_transform(config.augment, seed=int(rng.integers(2**31))),
                           bias=0.9 if config.sparse else 0.5)
+    batches = Prefetcher(sampler, config.batch_size)
     norm = card.normalization
     stopped = False
     running = []
     start = time.perf_counter()
     timed_from = None
-    while state["step"] < schedule.total:
-        if stop is not None and stop.is_set():
-            stopped = True
-            break
-        _set_train_mode(net, freeze_bn)
-        images, targets = sampler.batch(config.batch_size)
-        images = ((images - norm.mean) / norm.std).to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        with amp():
-            loss = loss_fn(net(images).float(), targets)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        state["step"] += 1
-        loss_value = loss.item()
-        running.append(loss_value)
-        if config.time_limit_minutes and timed_from is None and state["step"] >= 5:
-            timed_from = (time.perf_counter(), state["step"])
-        elif timed_from is not None and schedule.total == config.steps and state["step"] >= timed_from[1] + 20:
-            _fit_schedule_to_time(schedule, config, state["step"], timed_from, start)
-        event = TrainEvent(state["step"], schedule.total, loss_value, scheduler.get_last_lr()[0])
-        if state["step"] % config.val_every == 0 or state["step"] == schedule.total:
-            event = _end_of_epoch(state, event, running, net, card, val_items, device, config, amp,
-                                  best_state, preview_image, out, optimizer, scheduler, start)
-            running = []
-            if state["bad_validations"] >= config.patience:
-                log.info("stopping early: no improvement in %d validations", config.patience)
-                if progress:
-                    progress(event)
+    try:
+        while state["step"] < schedule.total:
+            if stop is not None and stop.is_set():
+                stopped = True
                 break
-        if progress:
-            progress(event)
+            _set_train_mode(net, freeze_bn)
+            images, targets = batches.next()
+            images = ((images - norm.mean) / norm.std).to(device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
+            with amp():
+                loss = loss_fn(net(images).float(), targets)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            state["step"] += 1
+            loss_value = loss.item()
+            running.append(loss_value)
+            if config.time_limit_minutes and timed_from is None and state["step"] >= 5:
+                timed_from = (time.perf_counter(), state["step"])
+            elif timed_from is not None and schedule.total == config.steps and state["step"] >= timed_from[1] + 20:
+                _fit_schedule_to_time(schedule, config, state["step"], timed_from, start)
+            event = TrainEvent(state["step"], schedule.total, loss_value, scheduler.get_last_lr()[0])
+            if state["step"] % config.val_every == 0 or state["step"] == schedule.total:
+                event = _end_of_epoch(state, event, running, net, card, val_items, device, config, amp,
+                                      best_state, preview_image, out, optimizer, scheduler, start)
+                running = []
+                if state["bad_validations"] >= config.patience:
+                    log.info("stopping early: no improvement in %d validations", config.patience)
+                    if progress:
+                        progress(event)
+                    break
+            if progress:
+                progress(event)
 
+    finally:
+        batches.close()
     if val_items and state["best_metric"] is not None:
         net.load_state_dict(best_state)
     net.eval()
