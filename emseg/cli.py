@@ -54,6 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true", help="redo inputs whose mask already exists")
     g.add_argument("--pixel-size", type=float, default=None, metavar="NM",
                    help="input pixel size in nm/px, overriding the files' own (or supplying a missing one)")
+    g = p.add_argument_group("objects and measurements")
+    g.add_argument("--instances", action="store_true",
+                   help="also write NAME_instances.tif: one label per connected object")
+    g.add_argument("--measure", action="store_true",
+                   help="also measure every object (NAME_objects.csv, NAME_measure.png, summary.csv); "
+                        "sizes in nm when the pixel size is known")
+    g.add_argument("--split", action="store_true", help="split touching objects (distance transform + watershed)")
+    g.add_argument("--min-size", type=int, default=0, metavar="PX", help="drop objects smaller than this (pixels)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("models", help="list the encoders with parameters and GFLOPs per megapixel")
@@ -66,8 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depth", type=int, default=3, help="nesting depth of the table (default 3)")
     p.set_defaults(func=cmd_summary)
 
-    from . import cli_train
+    from . import cli_train, export, measure
     cli_train.add_parsers(sub)
+    measure.add_parser(sub)
+    export.add_parser(sub)
     return parser
 
 
@@ -124,6 +134,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
              ", ".join(model.classes), predictor.device, predictor.tile, predictor.overlap,
              ", TTA" if args.tta else "")
     failed = len(errors)
+    tables = []
     for path in paths:
         progress = _TqdmProgress(path.name, disable=args.quiet)
         try:
@@ -139,9 +150,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if result.status == "written":
             log.info("%s -> %s (%d page%s, %.1f s, %.2f MP/s)", path, result.outputs.mask, result.pages,
                      "" if result.pages == 1 else "s", result.seconds, result.megapixels / max(result.seconds, 1e-9))
+        if args.instances or args.measure:
+            tables.append(_measure_output(args, path, result.outputs.mask, model.classes))
+    if args.measure and tables:
+        from .measure import summarize, write_csv
+        log.info("object summary: %s", write_csv(args.output / "summary.csv", summarize(tables)))
     if failed:
         log.error("%d input%s failed; see the messages above", failed, "" if failed == 1 else "s")
     return 1 if failed else 0
+
+
+def _measure_output(args: argparse.Namespace, image: Path, mask: Path, classes):
+    """Instances (and measurements) of one written mask, next to it."""
+    from .measure import measure_file
+    return measure_file(mask, args.output, image_path=image, class_names=classes, pixel_size_nm=args.pixel_size,
+                        instance_options={"split": args.split, "min_size_px": args.min_size},
+                        plot=args.measure, write_labels=True)
 
 
 def cmd_models(args: argparse.Namespace) -> int:

@@ -150,3 +150,25 @@ def test_summary_prints_block_shapes(capsys):
 def test_unknown_encoder_in_summary(capsys):
     assert main(["summary", "resnet50"]) == 2
     assert "vgg16_bn" in capsys.readouterr().err
+
+
+def test_predict_with_instances_and_measurements(tmp_path, model_file):
+    write_stack(tmp_path / "a.tif", pages=2)
+    assert main(["-q", "predict", str(model_file), str(tmp_path / "a.tif"), "-o", str(tmp_path / "out"),
+                 "--tile", "64", "--measure", "--min-size", "3"]) == 0
+    out = tmp_path / "out"
+    for name in ("a_instances.tif", "a_objects.csv", "a_measure.png", "summary.csv"):
+        assert (out / name).exists(), name
+    header = (out / "a_objects.csv").read_text().splitlines()[0]
+    assert "area_nm2" in header and "touches_border" in header  # 5 nm/px from the input file
+    instances = tifffile.imread(out / "a_instances.tif")
+    assert instances.shape == (2, 80, 60)
+
+
+def test_every_subcommand_has_help(capsys):
+    for command in ("predict", "train", "finetune", "evaluate", "augment-preview", "models", "summary",
+                    "measure", "export"):
+        with pytest.raises(SystemExit) as info:
+            main([command, "--help"])
+        assert info.value.code == 0
+        assert "usage: emseg " + command in capsys.readouterr().out
