@@ -51,7 +51,7 @@ class ModelCard:
     normalization: Normalization = field(default_factory=Normalization)
     pixel_size_nm: float | None = None
     tile_size: int = 512
-    overlap: int = 64
+    overlap: int = 128
     name: str = "emseg model"
     description: str = ""
     training: dict[str, Any] = field(default_factory=dict)

@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--measure", action="store_true",
                    help="also measure every object (NAME_objects.csv, NAME_measure.png, summary.csv); "
                         "sizes in nm when the pixel size is known")
+    g.add_argument("--objects", metavar="A,B", help="only these classes (by name); default: every class but 0")
     g.add_argument("--split", action="store_true", help="split touching objects (distance transform + watershed)")
     g.add_argument("--min-size", type=int, default=0, metavar="PX", help="drop objects smaller than this (pixels)")
     p.set_defaults(func=cmd_predict)
@@ -165,7 +166,8 @@ def _measure_output(args: argparse.Namespace, image: Path, mask: Path, classes):
     from .measure import measure_file
     return measure_file(mask, args.output, image_path=image, class_names=classes, pixel_size_nm=args.pixel_size,
                         instance_options={"split": args.split, "min_size_px": args.min_size},
-                        plot=args.measure, write_labels=True)
+                        plot=args.measure, write_labels=True,
+                        object_classes=[c.strip() for c in args.objects.split(",")] if args.objects else None)
 
 
 def cmd_models(args: argparse.Namespace) -> int:

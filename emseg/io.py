@@ -12,6 +12,7 @@ Contract:
   from screen-resolution defaults such as 72 dpi, not from a microscope.
 * Bad input raises :class:`emseg.errors.InputError` whose message starts with the file
   (or array name), says what is wrong and what to do.
+* Zarr / OME-Zarr stores (folders) are read lazily by :mod:`emseg.io_zarr`.
 * TIFF (incl. BigTIFF, OME-TIFF, ImageJ) is read with tifffile from ``series[0]``;
   PNG/JPEG/BMP with Pillow; DM3/DM4/EMD/SER/MRC/HSPY with hyperspy (``lazy=True``).
 * Writers (:class:`TiffStackWriter`, :func:`atomic_output`, :func:`write_overlay_png`)
@@ -207,6 +208,13 @@ def open_image(path: str | os.PathLike, *, pixel_size_nm: float | None = None) -
     override = _check_override(pixel_size_nm, name)
     if not path.exists():
         raise InputError(f"{name}: file not found; check the path and spelling")
+    if _is_zarr(path):  # zarr / OME-Zarr store (a folder): emseg.io_zarr
+        from emseg.io_zarr import open_zarr
+        src = open_zarr(path)
+        if override is not None:
+            src.pixel_size_nm = override
+        log.debug("opened %r", src)
+        return src
     if path.is_dir():
         raise InputError(f"{name}: is a folder, not an image file; pass the files inside it")
     suffix = path.suffix.lower()
@@ -381,8 +389,16 @@ def _natural_key(text: str) -> list:
     return [int(t) if i % 2 else t.lower() for i, t in enumerate(re.split(r"(\d+)", text))]
 
 
+def _is_zarr(p: Path) -> bool:
+    """A zarr store folder (``.zarr`` suffix or zarr metadata inside); see :mod:`emseg.io_zarr`."""
+    from emseg.io_zarr import is_zarr
+    return is_zarr(p)
+
+
 def _supported(p: Path) -> bool:
-    return p.is_file() and not p.name.startswith(".") and p.suffix.lower() in SUPPORTED_SUFFIXES
+    if p.name.startswith("."):
+        return False
+    return (p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES) or _is_zarr(p)
 
 
 def expand_inputs(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], list[InputError]]:
@@ -403,7 +419,9 @@ def expand_inputs(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], list
     for item in inputs:
         text = os.path.expanduser(os.fspath(item))
         p = Path(text)
-        if p.is_dir():
+        if _is_zarr(p):  # a zarr store is one input, not a folder of inputs
+            found = [p]
+        elif p.is_dir():
             found = sorted((c for c in p.iterdir() if _supported(c)), key=lambda c: _natural_key(c.name))
             if not found:
                 errors.append(InputError(f"{text}: folder has no supported images "

@@ -283,7 +283,7 @@ def plot_measurements(path: str | os.PathLike, table: ObjectTable, instances: In
 def measure_file(mask_path: Path, outdir: Path, *, image_path: Path | None = None,
                  class_names: Sequence[str] | None = None, pixel_size_nm: float | None = None,
                  instance_options: dict | None = None, exclude_border: bool = True, plot: bool = True,
-                 write_labels: bool = True) -> ObjectTable:
+                 write_labels: bool = True, object_classes: Sequence[str] | None = None) -> ObjectTable:
     """Find and measure the objects of one mask file; write ``NAME_objects.csv`` (and PNG, instance TIFF).
 
     Args:
@@ -295,6 +295,7 @@ def measure_file(mask_path: Path, outdir: Path, *, image_path: Path | None = Non
         instance_options: keyword arguments of :func:`emseg.objects.find_instances`.
         exclude_border: leave border-touching objects out of the plot's histogram.
         plot, write_labels: also write ``NAME_measure.png`` and ``NAME_instances.tif``.
+        object_classes: names of the classes to find objects of (default: every class but 0).
 
     Returns:
         The measurements.
@@ -311,7 +312,15 @@ def measure_file(mask_path: Path, outdir: Path, *, image_path: Path | None = Non
                              f"{mask.shape}; pass the image the mask was predicted from")
         px = px or image_px
     names = class_names_from_tiff(mask_path) or (tuple(class_names) if class_names else None)
-    instances = find_instances(mask, **(instance_options or {}))
+    options = dict(instance_options or {})
+    if object_classes:
+        known = list(names or [])
+        unknown = [c for c in object_classes if c not in known]
+        if unknown:
+            raise InputError(f"{mask_path}: no class named {', '.join(unknown)}; its classes are "
+                             f"{', '.join(known) or 'unnamed (give --classes)'}")
+        options["class_ids"] = [known.index(c) for c in object_classes]
+    instances = find_instances(mask, **options)
     stem = mask_stem(mask_path)
     table = measure_objects(instances, image=image, pixel_size_nm=px, class_names=names, name=stem)
     outdir.mkdir(parents=True, exist_ok=True)
@@ -337,6 +346,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--classes", metavar="A,B,C", help="class names from class 0 when the masks do not store them")
     p.add_argument("--pixel-size", type=float, metavar="NM", help="pixel size in nm/px, overriding the files'")
     g = p.add_argument_group("objects")
+    g.add_argument("--objects", metavar="A,B", help="only these classes (by name); default: every class but 0")
     g.add_argument("--split", action="store_true", help="split touching objects (distance transform + watershed)")
     g.add_argument("--split-depth", type=float, default=2.0, metavar="PX",
                    help="neck depth in px needed to split two objects (default 2; larger splits less)")
@@ -350,6 +360,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--no-instances", action="store_true", help="do not write NAME_instances.tif")
     p.set_defaults(func=run_cli)
     return p
+
+
+def _names(text: str | None) -> list[str] | None:
+    return [c.strip() for c in text.split(",") if c.strip()] if text else None
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -373,7 +387,8 @@ def run_cli(args: argparse.Namespace) -> int:
         try:
             table = measure_file(mask, args.output, image_path=image, class_names=names, pixel_size_nm=args.pixel_size,
                                  instance_options=options, exclude_border=not args.include_border,
-                                 plot=not args.no_plot, write_labels=not args.no_instances)
+                                 plot=not args.no_plot, write_labels=not args.no_instances,
+                                 object_classes=_names(args.objects))
         except EmsegError as exc:
             failed += 1
             log.error("%s", exc)

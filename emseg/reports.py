@@ -57,7 +57,7 @@ def plot_validation(model, items: Sequence, path: Path, max_items: int = 4, max_
     items = list(items)[:max_items]
     plt, (fig, axes) = _figure(len(items), 3, figsize=(9, 3 * len(items)), squeeze=False)
     norm = model.card.normalization
-    predictor = model.predictor(tile=256, overlap=64, device="cpu")
+    predictor = model.predictor(tile=256, overlap=128, device="cpu")
     for row, item in zip(axes, items):
         image = item.image[:max_side, :max_side]
         target = item.target[:max_side, :max_side]

@@ -6,11 +6,13 @@ from torch import nn
 from emseg.card import ModelCard
 from emseg.inference import Predictor, resolve_device
 from emseg.modelfile import Model
+from emseg.tiling import TileGrid
 
 from conftest import REPO
 
-# Measured with the bundled default model on sample page 0 (see docs/inference.md).
-TILED_MEAN, TILED_MAX = 0.01, 0.2
+# Measured with the bundled default model on sample pages 0, 3, 7 (see docs/inference.md):
+# mean |diff| 0.0004-0.0006, 99.9th percentile 0.04-0.09, labels agree on 99.91-99.96 % of pixels.
+TILED_MEAN, TILED_P999, TILED_AGREE = 0.002, 0.15, 0.998
 
 
 class SignNet(nn.Module):
@@ -50,21 +52,39 @@ def test_dask_input(tiny_model, rng):
                                   tiny_model.predict(stack))
 
 
-def test_tiled_output_matches_a_whole_image_pass():
-    """The seamless-tiling claim on the trained default model and the sample stack, borders included."""
+def _tile_edges(shape, tile, overlap, width=8):
+    """Pixels within ``width`` of the edge of any tile (in page coordinates)."""
+    grid = TileGrid(*shape, tile, overlap)
+    (top, _), (left, _) = grid.padding
+    th, tw = grid.tile_shape
+    edges = np.zeros(shape, bool)
+    for y, x in grid.origins:
+        for yy in (y - top, y - top + th):
+            edges[max(0, yy - width):max(0, yy + width), max(0, x - left):max(0, x - left + tw)] = True
+        for xx in (x - left, x - left + tw):
+            edges[max(0, y - top):max(0, y - top + th), max(0, xx - width):max(0, xx + width)] = True
+    return edges
+
+
+@pytest.mark.parametrize("page_index", [0, 3])
+def test_tiled_output_matches_a_whole_image_pass(page_index):
+    """The seamless-tiling claim on the trained default model and the sample stack, tile borders included."""
     import tifffile
     from emseg.modelfile import default_model_path, load_model
     if not default_model_path().exists():
         pytest.skip("the bundled default model is not built yet (data_samples/train_default.py)")
     model = load_model(default_model_path())
-    page = tifffile.imread(REPO / "data_samples" / "sample_stack.tif", key=0)
-    _, tiled = model.predict(page, tile=128, overlap=32, return_probabilities=True)
-    _, whole = model.predict(page, tile=576, overlap=0, return_probabilities=True)
+    page = tifffile.imread(REPO / "data_samples" / "sample_stack.tif", key=page_index)
+    _, tiled = model.predict(page, tile=384, overlap=128, return_probabilities=True)
+    _, whole = model.predict(page, tile=768, overlap=128, return_probabilities=True)  # one tile
     diff = np.abs(tiled - whole)
-    assert diff.mean() < TILED_MEAN and diff.max() < TILED_MAX
-    grid_lines = np.zeros(page.shape, bool)
-    grid_lines[::96] = grid_lines[:, ::96] = True  # tile borders are 96 px apart at tile 128, overlap 32
-    assert diff[:, grid_lines].max() < TILED_MAX
+    edges = _tile_edges(page.shape, 384, 128)
+    assert edges.mean() > 0.05  # the border pixels are a real sample
+    for region in (np.ones(page.shape, bool), edges):
+        d = diff[:, region]
+        assert d.mean() < TILED_MEAN
+        assert np.percentile(d, 99.9) < TILED_P999
+        assert (tiled.argmax(0)[region] == whole.argmax(0)[region]).mean() > TILED_AGREE
 
 
 def test_tta_is_equivariant_to_rotations_and_flips(tiny_model, rng):

@@ -1,0 +1,363 @@
+"""The napari plugin driven through a real viewer and its widgets (headless, under Xvfb).
+
+Run: ``QT_QPA_PLATFORM=xcb xvfb-run -a python -m pytest tests/test_plugin_gui.py``. Skipped (not
+failed) without napari, pytest-qt, or an X/Wayland display; napari's vispy canvas needs OpenGL,
+which Qt's ``offscreen`` platform does not give.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import numpy as np
+import pytest
+
+from conftest import shared_data
+
+pytest.importorskip("napari", reason='needs the napari extra: pip install "emseg[napari]"')
+pytest.importorskip("pytestqt", reason="needs pytest-qt (the dev extra)")
+if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")) \
+        or os.environ.get("QT_QPA_PLATFORM") == "offscreen":
+    pytest.skip("needs a display with OpenGL for napari's canvas: run under `xvfb-run -a` with "
+                "QT_QPA_PLATFORM=xcb", allow_module_level=True)
+
+pytestmark = [pytest.mark.gui, pytest.mark.filterwarnings("ignore::DeprecationWarning:pydantic.*")]
+
+CLASSES = ("background", "membrane", "mitochondrion")
+JOB_TIMEOUT_MS = 300_000
+
+
+# -- fixtures ----------------------------------------------------------------------------------
+
+@pytest.fixture(autouse=True)
+def isolated_models(tmp_path, monkeypatch):
+    """Fine-tuned models go to a temporary folder; the session's model list starts empty."""
+    from emseg_napari import _utils
+    monkeypatch.setenv("EMSEG_MODEL_DIR", str(tmp_path / "models"))
+    monkeypatch.setattr(_utils.MODELS, "_added", [])
+    monkeypatch.setattr(_utils.MODELS, "_listeners", [])
+    monkeypatch.setattr("emseg.modelfile.default_model_path", lambda: tmp_path / "no_default.safetensors")
+    return tmp_path / "models"
+
+
+@pytest.fixture
+def tiny_path(tiny_model, tmp_path):
+    return tiny_model.save(tmp_path / "tiny.safetensors")
+
+
+@pytest.fixture
+def viewer(make_napari_viewer):
+    return make_napari_viewer()
+
+
+@pytest.fixture
+def sample(viewer):
+    """A small crop of the synthetic sample (2 pages, 6 nm/px) with its ground truth."""
+    from emseg_napari._sample import make_sample_data
+    layers = []
+    for data, kwargs, kind in make_sample_data():
+        layers.append(getattr(viewer, f"add_{kind}")(data[:2, :96, :128].copy(), **kwargs))
+    return layers
+
+
+def wait(qtbot, widget, timeout=JOB_TIMEOUT_MS):
+    qtbot.waitUntil(lambda: not widget.running, timeout=timeout)
+
+
+def dock(viewer, name):
+    _dock, widget = viewer.window.add_plugin_dock_widget("emseg", name)
+    return widget
+
+
+def digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# -- reader, writer, sample ----------------------------------------------------------------------
+
+def test_sample_opens_with_scale(viewer):
+    viewer.open_sample("emseg", "synthetic_tem")
+    image, truth = viewer.layers
+    assert image.data.shape == truth.data.shape == (8, 512, 512)
+    assert tuple(image.scale) == pytest.approx((6.0, 6.0, 6.0))
+    assert str(image.units[-1]) == "nanometer"
+    assert list(truth.features["class"]) == list(CLASSES)
+
+
+def test_labels_round_trip_with_scale(viewer, tmp_path):
+    import napari
+    from emseg_napari._utils import labels_layer_kwargs
+    labels = np.zeros((3, 40, 50), np.uint8)
+    labels[1, 5:20, 10:30] = 2
+    layer = viewer.add_labels(labels, name="mask", **labels_layer_kwargs(CLASSES, 2.5, 3))
+    [path] = napari.save_layers(str(tmp_path / "mask.tif"), [layer], plugin="emseg")
+    [back] = viewer.open(path, plugin="emseg")
+    assert back.__class__.__name__ == "Labels"
+    np.testing.assert_array_equal(back.data, labels)
+    assert tuple(back.scale) == pytest.approx((2.5, 2.5, 2.5))
+    assert list(back.features["class"]) == list(CLASSES)
+
+
+def test_dm3_opens_with_its_scale_and_segments(viewer, tiny_model, tmp_path, qtbot):
+    path = shared_data("em_formats", "Se_implanted_MoS2_STEM.dm3")
+    [layer] = viewer.open(str(path), plugin="emseg")
+    assert layer.data.shape == (1024, 1024)
+    assert layer.scale[-1] == pytest.approx(0.0127, rel=0.02)
+    assert str(layer.units[-1]) == "nanometer"
+    # a model trained at 6 nm/px: rescaling a 0.0127 nm/px image 470x would leave 2 x 2 pixels
+    model = tiny_model.save(tmp_path / "at6nm.safetensors", card=tiny_model.card.updated(pixel_size_nm=6.0))
+    seg = dock(viewer, "Segment")
+    seg.select_model(model)
+    assert seg.run()
+    wait(qtbot, seg)
+    result = viewer.layers[f"{layer.name} [at6nm]"]
+    assert result.data.shape == (1024, 1024) and tuple(result.scale) == pytest.approx(tuple(layer.scale))
+    assert len(np.unique(result.data)) > 1  # segmented at the image's pixels, not from 2 x 2 pixels
+
+
+# -- Segment -----------------------------------------------------------------------------------
+
+def test_segment_stack_gives_labels_with_the_image_scale(viewer, sample, tiny_path, qtbot):
+    image = sample[0]
+    seg = dock(viewer, "Segment")
+    seg.select_model(tiny_path)
+    seg.image.set_layer(image)
+    seg.probabilities.setChecked(True)
+    from qtpy.QtCore import QTimer
+    ticks = []
+    timer = QTimer()
+    timer.timeout.connect(lambda: ticks.append(seg.running))
+    timer.start(20)
+    assert seg.run(whole_stack=True)
+    wait(qtbot, seg)
+    timer.stop()
+    assert sum(ticks) >= 3, "the GUI thread was blocked while segmenting"
+    result = viewer.layers["emseg sample [tiny]"]
+    assert result.data.shape == image.data.shape
+    assert tuple(result.scale) == pytest.approx(tuple(image.scale))
+    assert list(result.features["class"]) == list(CLASSES)
+    assert result.metadata["emseg_classes"] == list(CLASSES)
+    assert result.colormap.map(1) is not None
+    assert "Segmented 2 slices" in seg.last_message
+    probs = viewer.layers["emseg sample [tiny] p(membrane)"]
+    assert probs.data.shape == image.data.shape and 0 <= probs.data.min() <= probs.data.max() <= 1
+    assert seg.progress.bar.value() == 1000
+
+
+def test_segment_slice_fills_only_that_slice(viewer, sample, tiny_path, qtbot):
+    seg = dock(viewer, "Segment")
+    seg.select_model(tiny_path)
+    seg.image.set_layer(sample[0])
+    viewer.dims.set_point(0, sample[0].scale[0] * 1)  # show slice 2
+    assert seg.run(whole_stack=False)
+    wait(qtbot, seg)
+    result = viewer.layers["emseg sample [tiny]"]
+    assert result.data.shape == (2, 96, 128)
+    assert not result.data[0].any() and result.data[1].any()
+    assert "slice 2" in seg.last_message
+
+
+def test_segment_cancel_leaves_the_layers_alone(viewer, sample, tiny_path, qtbot):
+    seg = dock(viewer, "Segment")
+    seg.select_model(tiny_path)
+    seg.image.set_layer(sample[0])
+    seg.tta.setChecked(True)
+    before = [layer.name for layer in viewer.layers]
+    assert seg.run(whole_stack=True)
+    assert seg.progress.button.isEnabled()
+    seg.progress.button.click()
+    wait(qtbot, seg)
+    assert "cancelled" in seg.last_message
+    assert [layer.name for layer in viewer.layers] == before
+    assert seg.slice_button.isEnabled() and not seg.progress.button.isEnabled()
+
+
+def test_segment_errors_are_notifications(viewer, tiny_path, tmp_path, qtbot):
+    seg = dock(viewer, "Segment")
+    seg.select_model(tiny_path)
+    assert not seg.run()
+    assert "No image layer" in seg.last_message
+    viewer.add_image(np.zeros((64, 64), np.uint8), name="img")
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"this is no model")
+    seg.select_model(broken)
+    assert seg.model_info.text().startswith("⚠")
+    assert seg.run()
+    wait(qtbot, seg)
+    assert "not an emseg model file" in seg.last_message
+    assert [layer.name for layer in viewer.layers] == ["img"]
+
+
+# -- Fine-tune ---------------------------------------------------------------------------------
+
+def _paint_sparse(layer, truth, every=6):
+    """Scribbles: every ``every``-th row of the ground truth, as sparse labels (class k -> k + 1)."""
+    data = np.zeros_like(layer.data)
+    data[..., ::every, :] = truth[..., ::every, :] + 1
+    layer.data = data
+
+
+def test_finetune_saves_a_model_that_segment_uses(viewer, sample, tiny_path, isolated_models, qtbot):
+    image, truth = sample
+    base_digest = digest(tiny_path)
+    seg = dock(viewer, "Segment")
+    ft = dock(viewer, "Fine-tune")
+    ft.base.add(tiny_path)
+    assert ft.class_names() == CLASSES and not ft.encoder.isEnabled()
+    ft.image.set_layer(image)
+    scribbles = ft.make_scribble_layer()
+    assert scribbles.data.shape == image.data.shape and tuple(scribbles.scale) == tuple(image.scale)
+    _paint_sparse(scribbles, truth.data)
+    ft.steps.setValue(10)
+    ft.val_every.setValue(5)
+    ft.batch.setValue(2)
+    ft.tile.setValue(64)
+    assert ft.start()
+    wait(qtbot, ft)
+    saved = ft.last_model_path
+    assert saved is not None and saved.parent == isolated_models and saved.exists(), ft.last_message
+    assert saved.name.startswith("tiny-finetuned-") and saved.suffix == ".safetensors"
+    assert digest(tiny_path) == base_digest
+    assert "step 10/10" in ft.readout.text() and "loss" in ft.readout.text()
+    preview = viewer.layers["emseg sample preview"]
+    assert preview.data.shape == image.data.shape
+    assert seg.model.path() == saved  # offered and selected in the Segment widget
+    seg.image.set_layer(image)
+    assert seg.run(whole_stack=False)
+    wait(qtbot, seg)
+    assert f"emseg sample [{saved.stem}]" in [layer.name for layer in viewer.layers]
+
+
+def test_finetune_new_model_stop_keeps_a_checkpoint(viewer, sample, qtbot):
+    image, truth = sample
+    ft = dock(viewer, "Fine-tune")
+    assert ft.base.is_new() and ft.encoder.isEnabled()
+    ft.encoder.setCurrentText("vgg11_bn_micro")
+    ft.set_classes(CLASSES)
+    ft.image.set_layer(image)
+    _paint_sparse(ft.make_scribble_layer(), truth.data)
+    ft.steps.setValue(100_000)
+    ft.val_every.setValue(2)
+    ft.batch.setValue(2)
+    ft.tile.setValue(64)
+    assert ft.start()
+    qtbot.waitUntil(lambda: "held-out IoU" in ft.readout.text(), timeout=JOB_TIMEOUT_MS)
+    ft.stop_button.click()
+    wait(qtbot, ft)
+    assert ft.last_model_path is not None and ft.last_model_path.exists(), ft.last_message
+    assert ft.last_message.startswith("Stopped after")
+    from emseg.modelfile import load_card
+    card = load_card(ft.last_model_path)
+    assert card.encoder == "vgg11_bn_micro" and card.classes == CLASSES
+    assert card.training["steps"] < 100_000
+
+
+def test_finetune_errors_are_notifications(viewer, tiny_path, qtbot):
+    ft = dock(viewer, "Fine-tune")
+    ft.base.add(tiny_path)
+    assert not ft.start() and "No image layer" in ft.last_message
+    image = viewer.add_image(np.zeros((64, 64), np.uint8), name="img")
+    ft.image.set_layer(image)
+    assert not ft.start() and "No annotation layer" in ft.last_message
+    scribbles = ft.make_scribble_layer()
+    assert not ft.start() and "nothing is painted" in ft.last_message
+    viewer.layers.remove(scribbles)
+    other = viewer.add_labels(np.ones((32, 32), np.uint8), name="other")
+    ft.annotations.set_layer(other)
+    assert not ft.start() and "shape" in ft.last_message
+    assert not ft.running and [layer.name for layer in viewer.layers] == ["img", "other"]
+
+
+# -- the whole sequence --------------------------------------------------------------------------
+
+def _disks(size=128, seed=0):
+    """A page with bright disks (class 1) on a noisy background, and its truth."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    truth = np.zeros((size, size), np.uint8)
+    for cy, cx, r in [(30, 30, 12), (80, 40, 15), (60, 100, 10), (105, 95, 14), (20, 85, 9)]:
+        truth[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = 1
+    image = (60 + 120 * truth + rng.normal(0, 20, truth.shape)).clip(0, 255).astype(np.uint8)
+    return image, truth
+
+
+@pytest.mark.slow
+def test_open_segment_paint_finetune_resegment_save(viewer, tmp_path, isolated_models, monkeypatch, qtbot):
+    """The issue's "done when" sequence, through the widgets: open a calibrated file, segment it with
+    the default model, paint scribbles on the mistakes, fine-tune, re-segment, see them fixed, save."""
+    import napari
+    import torch
+    from emseg.card import ModelCard
+    from emseg.io import TiffStackWriter, open_image
+    from emseg.modelfile import Model, load_model
+
+    image, truth = _disks()
+    path = tmp_path / "disks.tif"
+    with TiffStackWriter(path, shape=image.shape, dtype=image.dtype, pixel_size_nm=5.0) as w:
+        w.write_page(image)
+    torch.manual_seed(0)
+    default = Model.new(ModelCard(encoder="vgg11_bn_micro", classes=("background", "disk"), tile_size=64,
+                                  overlap=16)).save(tmp_path / "default_model.safetensors")
+    monkeypatch.setattr("emseg.modelfile.default_model_path", lambda: default)
+    default_digest = digest(default)
+
+    # open: the scale is the file's pixel size
+    [layer] = viewer.open(str(path), plugin="emseg")
+    assert tuple(layer.scale) == pytest.approx((5.0, 5.0))
+
+    # segment with the default model (first in the list)
+    seg = dock(viewer, "Segment")
+    assert seg.model.combo.currentText() == "default (bundled)"
+    seg.image.set_layer(layer)
+    assert seg.run()
+    wait(qtbot, seg)
+    before = viewer.layers["disks [default_model]"].data.copy()
+    mistakes = before != truth
+    assert mistakes.mean() > 0.05  # an untrained model gets plenty wrong
+
+    # paint scribbles on the mistakes (plus a little of each class elsewhere), through the class table
+    ft = dock(viewer, "Fine-tune")
+    assert ft.base.combo.currentText() == "default (bundled)"
+    ft.image.set_layer(layer)
+    scribbles = ft.make_scribble_layer()
+    scribbles.brush_size = 1
+    rows = np.zeros_like(mistakes)
+    rows[::5] = True
+    for cls in (0, 1):
+        ft.classes.selectRow(cls)
+        assert scribbles.selected_label == cls + 1 and scribbles.mode == "paint"
+        ys, xs = np.nonzero(rows & (truth == cls) & (mistakes | (np.arange(128) % 15 == 0)))
+        for y, x in zip(ys, xs):
+            scribbles.paint((y, x), scribbles.selected_label, refresh=False)
+    scribbles.refresh()
+    assert set(np.unique(scribbles.data)) == {0, 1, 2}
+
+    # fine-tune
+    ft.steps.setValue(40)
+    ft.val_every.setValue(20)
+    ft.batch.setValue(4)
+    ft.tile.setValue(64)
+    ft.lr.setValue(5e-3)
+    assert ft.start()
+    wait(qtbot, ft)
+    saved = ft.last_model_path
+    assert saved is not None and saved.parent == isolated_models, ft.last_message
+    assert digest(default) == default_digest  # the base model is never changed
+
+    # re-segment with the fine-tuned model (selected for us) and see the mistakes fixed
+    assert seg.model.path() == saved
+    assert seg.run()
+    wait(qtbot, seg)
+    after = viewer.layers[f"disks [{saved.stem}]"]
+    assert tuple(after.scale) == pytest.approx((5.0, 5.0))
+    fixed = (after.data == truth)[mistakes].mean()
+    assert fixed > 0.9, f"only {fixed:.2f} of the mistakes fixed"
+    assert (after.data == truth).mean() > 0.95
+
+    # save the labels and check the model file
+    [out] = napari.save_layers(str(tmp_path / "disks_labels.tif"), [after], plugin="emseg")
+    with open_image(out) as src:
+        np.testing.assert_array_equal(src.page(0), after.data)
+        assert src.pixel_size_nm == pytest.approx(5.0)
+    assert load_model(saved).classes == ("background", "disk")
