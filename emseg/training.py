@@ -313,10 +313,9 @@ def train(data: Sequence[Annotated], config: TrainConfig, out_dir: str | Path | 
 def _fit_schedule_to_time(schedule: _Schedule, config: TrainConfig, step: int, timed_from, start) -> None:
     """Shorten the run (and its LR schedule) to the steps that fit in the time limit."""
     per_step = (time.perf_counter() - timed_from[0]) / (step - timed_from[1])
-    validations = config.steps / config.val_every
     budget = config.time_limit_minutes * 60 - (time.perf_counter() - start)
-    # leave room for validations, measured as about 3 steps each
-    fits = step + int(budget / per_step - 3 * validations)
+    # a validation costs about as much as 3 training steps
+    fits = step + int(budget / (per_step * (1 + 3 / config.val_every)))
     if fits < config.steps:
         schedule.total = max(step + 1, fits)
         log.info("time limit %.0f min: about %.2f s per step, so %d steps instead of %d",
