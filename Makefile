@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: demo test setup setup-dev clean
+.PHONY: demo test bench-quick setup setup-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,9 @@ XVFB := $(shell command -v xvfb-run >/dev/null 2>&1 && echo "xvfb-run -a -s '-sc
 
 test: setup-dev
 	$(if $(XVFB),QT_QPA_PLATFORM=xcb $(XVFB),QT_QPA_PLATFORM=offscreen) $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench-quick: setup-dev
+	$(BIN)/python benchmarks/bench_inference.py --quick
 
 clean:
 	rm -rf out .pytest_cache

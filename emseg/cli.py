@@ -19,12 +19,23 @@ log = logging.getLogger("emseg")
 
 # ---------------------------------------------------------------- parser
 
+def _batch_size(text: str) -> int | str:
+    """--batch-size: a positive integer or 'auto'."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}") from None
+
+
 def _add_tiling(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--tile", type=int, default=None, metavar="PX",
                        help="tile side in pixels, a multiple of 32 (default: the model card's)")
     group.add_argument("--overlap", type=int, default=None, metavar="PX",
                        help="overlap between tiles in pixels (default: the model card's)")
-    group.add_argument("--batch-size", type=int, default=4, metavar="N", help="tiles per forward pass (default 4)")
+    group.add_argument("--batch-size", type=_batch_size, default=4, metavar="N",
+                       help="tiles per forward pass, or 'auto': from free GPU memory on CUDA, 4 elsewhere (default 4)")
     group.add_argument("--device", default="auto",
                        help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps (default auto)")
     group.add_argument("--tta", action="store_true", help="test-time augmentation over 8 flips/rotations (8x slower)")
@@ -54,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true", help="redo inputs whose mask already exists")
     g.add_argument("--pixel-size", type=float, default=None, metavar="NM",
                    help="input pixel size in nm/px, overriding the files' own (or supplying a missing one)")
+    g.add_argument("--format", choices=("tif", "zarr"), default="tif",
+                   help="masks/probabilities as TIFF (default) or OME-Zarr folders (NAME_mask.zarr), written page by page")
+    from .distributed import add_arguments as _add_cluster_arguments
+    _add_cluster_arguments(p.add_argument_group("cluster (dask.distributed)"))
     g = p.add_argument_group("objects and measurements")
     g.add_argument("--instances", action="store_true",
                    help="also write NAME_instances.tif: one label per connected object")
@@ -127,8 +142,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not paths:
         log.error("no input images to segment")
         return 1
-    check_outputs(paths, args.output)
+    check_outputs(paths, args.output, args.format)
     model = load_model(_model_path(args.model))
+    if args.scheduler:
+        from .distributed import cmd_predict_distributed
+        return cmd_predict_distributed(args, paths, model, failed=len(errors))
     predictor = model.predictor(tile=args.tile, overlap=args.overlap, batch_size=args.batch_size,
                                 tta=args.tta, device=args.device)
     log.info("model %s (%s, classes %s) on %s, tile %d, overlap %d%s", model.path, model.card.encoder,
@@ -141,7 +159,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         try:
             result = predict_file(predictor, path, args.output, pixel_size_nm=args.pixel_size,
                                   probabilities=args.probabilities, overlay=not args.no_overlay,
-                                  overwrite=args.overwrite, progress=progress)
+                                  overwrite=args.overwrite, progress=progress, fmt=args.format)
         except EmsegError as exc:
             failed += 1
             log.error("%s", exc, exc_info=args.verbose)

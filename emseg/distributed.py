@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -71,8 +72,9 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
     """Add ``--scheduler`` and ``--workers`` to the ``emseg predict`` parser (an argument group)."""
     group.add_argument("--scheduler", default=None, metavar="ADDRESS",
                        help="run on a dask.distributed cluster: its scheduler address (tcp://host:8786), "
-                            "a scheduler JSON file, or 'local' to start a cluster of worker processes here. "
-                            "Inputs must be readable by the workers at the same paths")
+                            "a scheduler JSON file, or 'local' to start CPU worker processes here (for GPUs, start "
+                            "one single-threaded worker per GPU, e.g. dask-cuda's LocalCUDACluster, and pass its "
+                            "address). Inputs must be readable by the workers at the same paths")
     group.add_argument("--workers", type=int, default=None, metavar="N",
                        help="with --scheduler local: worker processes (default: one per 2 CPU cores)")
 
@@ -108,14 +110,9 @@ def connect(scheduler: str, workers: int | None = None, *, timeout: str = "30s")
 
 # ------------------------------------------------------------------ worker side
 
-try:  # subclass WorkerPlugin where dask.distributed is installed, so dask checks it as one
-    from distributed.diagnostics.plugin import WorkerPlugin as _PluginBase
-except ImportError:  # pragma: no cover - only the client-less import path
-    _PluginBase = object
-
-
-class ModelPlugin(_PluginBase):
-    """Holds the model (card JSON + safetensors bytes) and Predictor options on every worker.
+class _ModelPluginBody:
+    """What :class:`ModelPlugin` does: holds the model (card JSON + safetensors bytes) and the
+    Predictor options on every worker.
 
     Pickled once per worker by dask (also to workers that join or restart later). The network
     and its Predictor are built on the worker's first page and reused for all later ones.
@@ -138,7 +135,7 @@ class ModelPlugin(_PluginBase):
 
     def teardown(self, worker=None) -> None:
         with self._lock:
-            for source in self._sources.values():
+            for source, _ in self._sources.values():
                 source.close()
             self._sources.clear()
             self._predictor = None
@@ -158,20 +155,47 @@ class ModelPlugin(_PluginBase):
                 log.info("emseg: built %s predictor on %s", card.encoder, self._predictor.device)
             return self._predictor
 
-    def source(self, path: str, pixel_size_nm: float | None):
-        """An open ImageSource for ``path``, kept among the last few files this worker read."""
+    @contextlib.contextmanager
+    def open_source(self, path: str, pixel_size_nm: float | None) -> Iterator[Any]:
+        """An open ImageSource for ``path``; the last few files are kept open, never one in use."""
         from .io import open_image
         key = (path, pixel_size_nm)
         with self._lock:
-            if key in self._sources:
+            entry = self._sources.get(key)
+            if entry is not None:
                 self._sources.move_to_end(key)
-                return self._sources[key]
-        source = open_image(path, pixel_size_nm=pixel_size_nm)
-        with self._lock:
-            self._sources[key] = source
-            while len(self._sources) > OPEN_FILES_PER_WORKER:
-                self._sources.popitem(last=False)[1].close()
-        return source
+                entry[1] += 1
+        if entry is None:
+            source = open_image(path, pixel_size_nm=pixel_size_nm)
+            with self._lock:
+                entry = self._sources.get(key)
+                if entry is None:
+                    entry = self._sources[key] = [source, 1]
+                else:  # another thread opened it meanwhile
+                    entry[1] += 1
+                    source.close()
+        try:
+            yield entry[0]
+        finally:
+            with self._lock:
+                entry[1] -= 1
+                idle = [k for k, (_, users) in self._sources.items() if users == 0]
+                while len(self._sources) > OPEN_FILES_PER_WORKER and idle:
+                    self._sources.pop(idle.pop(0))[0].close()
+
+
+def __getattr__(name: str):
+    """``ModelPlugin``: a dask ``WorkerPlugin`` made on first use, so that importing this module
+    (as ``emseg predict --help`` does) does not import dask.distributed."""
+    if name == "ModelPlugin":
+        if name in globals():
+            return globals()[name]
+        WorkerPlugin = _distributed().diagnostics.plugin.WorkerPlugin
+        cls = type("ModelPlugin", (_ModelPluginBody, WorkerPlugin), {"__module__": __name__, "__qualname__": name,
+                                                                      "__doc__": _ModelPluginBody.__doc__})
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _predict_page(plugin_name: str, path: str, index: int, pixel_size_nm: float | None,
@@ -183,9 +207,9 @@ def _predict_page(plugin_name: str, path: str, index: int, pixel_size_nm: float 
     except KeyError:
         raise RuntimeError(f"emseg model plugin {plugin_name} is not installed on this worker") from None
     predictor = plugin.predictor()
-    source = plugin.source(path, pixel_size_nm)
-    result = predictor.page_result(index, source.page(index), pixel_size_nm=source.pixel_size_nm,
-                                   keep_probabilities=keep_probabilities)
+    with plugin.open_source(path, pixel_size_nm) as source:
+        page, page_pixel_size = source.page(index), source.pixel_size_nm
+    result = predictor.page_result(index, page, pixel_size_nm=page_pixel_size, keep_probabilities=keep_probabilities)
     return result.labels, result.probabilities
 
 
@@ -259,7 +283,7 @@ def predict_files(client, model, paths: list[Path], outdir: Path, *, tile: int |
     digest = hashlib.sha256(weights + card_json.encode() + json.dumps(options, sort_keys=True).encode())
     name = f"emseg-model-{digest.hexdigest()[:16]}"
     run = uuid.uuid4().hex[:8]
-    client.register_plugin(ModelPlugin(card_json, weights, options, name), name=name)
+    client.register_plugin(__getattr__("ModelPlugin")(card_json, weights, options, name), name=name)
     if window is None:
         threads = sum(w.get("nthreads", 1) for w in client.scheduler_info()["workers"].values())
         window = max(2, 2 * threads)
@@ -431,5 +455,4 @@ def cmd_predict_distributed(args: argparse.Namespace, paths: list[Path], model, 
     return 1 if failed else 0
 
 
-__all__ = ["add_arguments", "connect", "predict_files", "cmd_predict_distributed", "ModelPlugin",
-           "output_paths"]
+__all__ = ["add_arguments", "connect", "predict_files", "cmd_predict_distributed", "output_paths"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import numbers
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -83,11 +84,13 @@ def fold_batchnorm(net: torch.nn.Module) -> torch.nn.Module:
     """
     if not _conv_bn_pairs(net):
         return net
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
+    from torch.nn.utils.fusion import fuse_conv_bn_weights
     folded = copy.deepcopy(net).eval()
     with torch.no_grad():
         for seq, conv_name, bn_name in _conv_bn_pairs(folded):
-            seq._modules[conv_name] = fuse_conv_bn_eval(seq._modules[conv_name], seq._modules[bn_name])
+            conv, bn = seq._modules[conv_name], seq._modules[bn_name]
+            conv.weight, conv.bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var,
+                                                          bn.eps, bn.weight, bn.bias)
             seq._modules[bn_name] = torch.nn.Identity()
     return folded
 
@@ -153,9 +156,9 @@ class Predictor:
             if batch_size != "auto":
                 raise ValueError(f"batch size must be a positive integer or 'auto', got {batch_size!r}")
             batch_size = CPU_AUTO_BATCH
-        if not isinstance(batch_size, int) or batch_size < 1:
+        if not isinstance(batch_size, numbers.Integral) or batch_size < 1:
             raise ValueError(f"batch size must be at least 1, got {batch_size}")
-        self.batch_size = batch_size
+        self.batch_size = int(batch_size)
         self.tta = tta
         self.amp = (self.device.type == "cuda") if amp is None else amp
         self.prefetch = prefetch

@@ -23,7 +23,8 @@ import numpy as np
 
 from .errors import InputError
 from .inference import Predictor, labels_dtype
-from .io import TiffStackWriter, open_image, write_overlay_png
+from .io import open_image, write_overlay_png
+from .io_zarr import stack_writer
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ class OutputPaths:
     overlay: Path
 
     @classmethod
-    def for_input(cls, path: Path, outdir: Path) -> "OutputPaths":
+    def for_input(cls, path: Path, outdir: Path, fmt: str = "tif") -> "OutputPaths":
         stem = path.name
         for suffix in (".ome.tiff", ".ome.tif"):
             if stem.lower().endswith(suffix):
@@ -46,7 +47,8 @@ class OutputPaths:
                 break
         else:
             stem = path.stem
-        return cls(outdir / f"{stem}_mask.tif", outdir / f"{stem}_probs.tif", outdir / f"{stem}_overlay.png")
+        ext = {"tif": ".tif", "zarr": ".zarr"}[fmt]
+        return cls(outdir / f"{stem}_mask{ext}", outdir / f"{stem}_probs{ext}", outdir / f"{stem}_overlay.png")
 
     def all(self) -> tuple[Path, ...]:
         return self.mask, self.probabilities, self.overlay
@@ -64,12 +66,12 @@ class FileResult:
     megapixels: float = 0.0
 
 
-def check_outputs(inputs: list[Path], outdir: Path) -> None:
+def check_outputs(inputs: list[Path], outdir: Path, fmt: str = "tif") -> None:
     """Refuse outputs that would overwrite an input or each other, before any work starts."""
     resolved_inputs = {p.resolve() for p in inputs}
     seen: dict[Path, Path] = {}
     for path in inputs:
-        for out in OutputPaths.for_input(path, outdir).all():
+        for out in OutputPaths.for_input(path, outdir, fmt).all():
             target = out.resolve()
             if target in resolved_inputs:
                 raise InputError(f"{path}: its output {out} would overwrite an input; choose another output folder (-o)")
@@ -81,9 +83,9 @@ def check_outputs(inputs: list[Path], outdir: Path) -> None:
 
 def predict_file(predictor: Predictor, path: Path, outdir: Path, *, pixel_size_nm: float | None = None,
                  probabilities: bool = False, overlay: bool = True, overwrite: bool = False,
-                 progress: FileProgress | None = None) -> FileResult:
+                 progress: FileProgress | None = None, fmt: str = "tif") -> FileResult:
     """Segment one input file into ``outdir`` (see the module docstring). Raises InputError on bad input."""
-    outputs = OutputPaths.for_input(path, outdir)
+    outputs = OutputPaths.for_input(path, outdir, fmt)
     if outputs.mask.exists() and not overwrite:
         log.info("%s: skipped, %s exists (use --overwrite to redo)", path, outputs.mask)
         return FileResult(path, "skipped", outputs)
@@ -95,10 +97,10 @@ def predict_file(predictor: Predictor, path: Path, outdir: Path, *, pixel_size_n
         prob_shape = (pages, num_classes, height, width) if source.is_stack else (num_classes, height, width)
         middle = pages // 2
         outdir.mkdir(parents=True, exist_ok=True)
-        mask_writer = TiffStackWriter(outputs.mask, shape=page_shape, dtype=labels_dtype(num_classes),
+        mask_writer = stack_writer(outputs.mask, shape=page_shape, dtype=labels_dtype(num_classes),
                                       pixel_size_nm=source.pixel_size_nm,
                                       metadata={"classes": list(predictor.card.classes)})
-        prob_writer = (TiffStackWriter(outputs.probabilities, shape=prob_shape, dtype=np.float32,
+        prob_writer = (stack_writer(outputs.probabilities, shape=prob_shape, dtype=np.float32,
                                        pixel_size_nm=source.pixel_size_nm,
                                        metadata={"classes": list(predictor.card.classes)})
                        if probabilities else None)

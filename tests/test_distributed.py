@@ -20,7 +20,7 @@ from torch import nn
 
 from emseg.card import ModelCard
 from emseg.errors import EmsegError
-from emseg.inference import CPU_AUTO_BATCH, Predictor, auto_batch_size, is_out_of_memory
+from emseg.inference import CPU_AUTO_BATCH, auto_batch_size, is_out_of_memory
 from emseg.modelfile import Model
 from emseg.runner import predict_file
 

@@ -133,6 +133,20 @@ def test_ome_zarr_from_another_tool_tczyx_with_multi_page_chunks(tmp_path, rng):
         assert src.pixel_size_nm == 2.0
 
 
+def test_ome_zarr_0_5_in_zarr_format_3(tmp_path, rng):
+    data = rng.integers(0, 255, (3, 16, 12), dtype=np.uint8)
+    group = zarr.open_group(str(tmp_path / "v3.zarr"), mode="w", zarr_format=3)
+    group.attrs["ome"] = {"version": "0.5", "multiscales": [{
+        "axes": [{"name": "z", "type": "space"}, {"name": "y", "type": "space", "unit": "nanometer"},
+                 {"name": "x", "type": "space", "unit": "nanometer"}],
+        "datasets": [{"path": "s0", "coordinateTransformations": [{"type": "scale", "scale": [40, 3, 3]}]}],
+        "coordinateTransformations": [{"type": "scale", "scale": [1, 2, 2]}]}]}
+    group.create_array("s0", data=data, chunks=(1, 16, 12))
+    with open_image(tmp_path / "v3.zarr") as src:
+        assert src.shape == (3, 16, 12) and src.pixel_size_nm == pytest.approx(6.0)
+        np.testing.assert_array_equal(src.page(1), data[1])
+
+
 def test_plain_arrays_groups_and_their_errors(tmp_path, rng):
     stack = rng.random((3, 16, 16), dtype=np.float32)
     zarr.create_array(str(tmp_path / "plain.zarr"), data=stack, chunks=(1, 16, 16))
