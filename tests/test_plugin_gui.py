@@ -37,6 +37,7 @@ def isolated_models(tmp_path, monkeypatch):
     monkeypatch.setenv("EMSEG_MODEL_DIR", str(tmp_path / "models"))
     monkeypatch.setattr(_utils.MODELS, "_added", [])
     monkeypatch.setattr(_utils.MODELS, "_listeners", [])
+    monkeypatch.setattr(_utils.MODELS, "latest", None)
     monkeypatch.setattr("emseg.modelfile.default_model_path", lambda: tmp_path / "no_default.safetensors")
     return tmp_path / "models"
 
@@ -173,6 +174,24 @@ def test_segment_cancel_leaves_the_layers_alone(viewer, sample, tiny_path, qtbot
     assert seg.slice_button.isEnabled() and not seg.progress.button.isEnabled()
 
 
+def test_pixel_size_can_be_set_for_an_uncalibrated_image(viewer, tiny_path, qtbot):
+    truth = viewer.add_labels(np.zeros((64, 96), np.uint8), name="truth")
+    other = viewer.add_image(np.zeros((32, 32), np.uint8), name="other")
+    image = viewer.add_image(np.random.default_rng(0).integers(0, 255, (64, 96), np.uint8), name="plain")
+    seg = dock(viewer, "Segment")
+    assert seg.pixel_size.text() == "unknown"
+    seg.pixel_size.setValue(5.0)
+    assert tuple(image.scale) == pytest.approx((5.0, 5.0)) and str(image.units[-1]) == "nanometer"
+    assert tuple(truth.scale) == pytest.approx((5.0, 5.0))  # same shape, uncalibrated: kept aligned
+    assert tuple(other.scale) == (1.0, 1.0)
+    seg.select_model(tiny_path)
+    assert seg.run()
+    wait(qtbot, seg)
+    result = viewer.layers["plain [tiny]"]
+    assert result.data.shape == (64, 96) and tuple(result.scale) == pytest.approx((5.0, 5.0))
+    assert result.metadata["emseg_pixel_size_nm"] == 5.0
+
+
 def test_segment_errors_are_notifications(viewer, tiny_path, tmp_path, qtbot):
     seg = dock(viewer, "Segment")
     seg.select_model(tiny_path)
@@ -209,12 +228,15 @@ def test_finetune_saves_a_model_that_segment_uses(viewer, sample, tiny_path, iso
     scribbles = ft.make_scribble_layer()
     assert scribbles.data.shape == image.data.shape and tuple(scribbles.scale) == tuple(image.scale)
     _paint_sparse(scribbles, truth.data)
+    ft.classes.item(1, 1).setText("cell membrane")  # class names are editable
+    assert list(scribbles.features["class"]) == ["(not annotated)", "background", "cell membrane", "mitochondrion"]
     ft.steps.setValue(10)
     ft.val_every.setValue(5)
     ft.batch.setValue(2)
     ft.tile.setValue(64)
     assert ft.start()
     wait(qtbot, ft)
+    assert ft.class_names() == ("background", "cell membrane", "mitochondrion")  # kept after saving
     saved = ft.last_model_path
     assert saved is not None and saved.parent == isolated_models and saved.exists(), ft.last_message
     assert saved.name.startswith("tiny-finetuned-") and saved.suffix == ".safetensors"
@@ -226,7 +248,9 @@ def test_finetune_saves_a_model_that_segment_uses(viewer, sample, tiny_path, iso
     seg.image.set_layer(image)
     assert seg.run(whole_stack=False)
     wait(qtbot, seg)
-    assert f"emseg sample [{saved.stem}]" in [layer.name for layer in viewer.layers]
+    result = viewer.layers[f"emseg sample [{saved.stem}]"]
+    assert list(result.features["class"]) == ["background", "cell membrane", "mitochondrion"]
+    assert dock(viewer, "Segment").model.path() == saved  # a Segment widget opened later offers it first
 
 
 def test_finetune_new_model_stop_keeps_a_checkpoint(viewer, sample, qtbot):

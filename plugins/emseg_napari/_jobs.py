@@ -1,0 +1,265 @@
+"""What the widgets run in their worker threads, without Qt: segmentation and fine-tuning jobs.
+
+Each job takes plain data (arrays, paths, numbers), reports progress through plain callbacks,
+stops when a ``threading.Event`` is set, and never raises: it returns an :class:`Outcome` whose
+``error`` is a message for the user (see :func:`emseg_napari._utils.describe_error`). The widgets
+adapt the callbacks to their progress bars and show the outcome as layers and notifications.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._utils import Cancelled, describe_error, scale_mismatch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Outcome:
+    """A job's end: ``value`` when it worked, ``error`` (a message) when not, or ``cancelled``."""
+
+    value: Any = None
+    error: str | None = None
+    cancelled: bool = False
+
+
+def run_job(job: Callable[[], Any], doing: str) -> Outcome:
+    """Run ``job`` and turn every exception into an :class:`Outcome` (logged with its traceback)."""
+    try:
+        return Outcome(value=job())
+    except Cancelled:
+        return Outcome(cancelled=True)
+    except Exception as exc:  # noqa: BLE001 - shown to the user, the viewer must survive
+        log.exception("%s failed", doing)
+        return Outcome(error=describe_error(exc, doing))
+
+
+# -- segmentation ----------------------------------------------------------------------------
+
+@dataclass
+class SegmentRequest:
+    """What to segment: ``image`` is 2D or 3D (numpy or dask); ``pages`` None means all pages."""
+
+    model_path: Path
+    image: Any
+    pages: list[int] | None = None
+    pixel_size_nm: float | None = None
+    tile: int | None = None
+    overlap: int | None = None
+    tta: bool = False
+    device: str = "auto"
+    batch_size: int = 4
+    probabilities: bool = False
+
+
+@dataclass
+class SegmentResult:
+    """Labels ``(len(pages), H, W)`` (``(H, W)`` for a 2D image) and optional probabilities."""
+
+    labels: np.ndarray
+    probabilities: np.ndarray | None
+    pages: list[int] | None
+    classes: tuple[str, ...]
+    model_path: Path
+    seconds: float
+    device: str
+
+
+def segment(request: SegmentRequest, load_model: Callable[[Path], Any], *,
+            progress: Callable[[float, str], None] | None = None,
+            stop: threading.Event | None = None) -> SegmentResult:
+    """Segment the requested pages; ``progress(fraction, text)``; raises :class:`Cancelled` on stop."""
+    from emseg.inference import labels_dtype
+    from emseg.io import array_source
+
+    start = time.perf_counter()
+    model = load_model(request.model_path)
+    predictor = model.predictor(tile=request.tile, overlap=request.overlap, tta=request.tta,
+                                device=request.device, batch_size=request.batch_size)
+    image = request.image
+    is_stack = image.ndim == 3
+    pages = request.pages if (is_stack and request.pages is not None) else (
+        list(range(image.shape[0])) if is_stack else None)
+    source = array_source(image[pages] if pages is not None and len(pages) < image.shape[0] else image,
+                          pixel_size_nm=request.pixel_size_nm, name="image layer")
+    n = len(source)
+    dtype = labels_dtype(model.card.num_classes)
+    labels = np.zeros(source.shape, dtype)
+    probs = (np.zeros((n, model.card.num_classes, *source.shape[1:]), np.float32)
+             if request.probabilities else None)
+
+    def on_tiles(i: int, done: int, total: int) -> None:
+        if stop is not None and stop.is_set():
+            raise Cancelled()
+        if progress is not None:
+            page = pages[i] + 1 if pages is not None else 1
+            progress((i + done / max(total, 1)) / n, f"page {page}: tile {done}/{total}")
+
+    for result in predictor.iter_pages(source, keep_probabilities=request.probabilities, progress=on_tiles):
+        labels[result.index] = result.labels
+        if probs is not None:
+            probs[result.index] = result.probabilities
+        if stop is not None and stop.is_set():
+            raise Cancelled()
+    if not is_stack:
+        labels = labels[0]
+        probs = probs[0] if probs is not None else None
+    return SegmentResult(labels, probs, pages, model.card.classes, request.model_path,
+                         time.perf_counter() - start, str(predictor.device))
+
+
+def class_fractions(labels: np.ndarray, classes: Sequence[str]) -> str:
+    """``membrane 13.2 %, mitochondrion 3.1 %`` for the non-background classes."""
+    counts = np.bincount(labels.ravel(), minlength=len(classes))
+    total = max(int(labels.size), 1)
+    return ", ".join(f"{name} {100 * counts[k] / total:.1f} %" for k, name in enumerate(classes) if k)
+
+
+# -- fine-tuning -----------------------------------------------------------------------------
+
+@dataclass
+class FinetuneRequest:
+    """A fine-tuning run: ``base_path`` None trains a new model with ``encoder``.
+
+    ``labels`` has the image's shape; sparse: 0 = not annotated, k = class k - 1; dense: class
+    indices. ``preview_page`` is a raw 2D page predicted at every validation.
+    """
+
+    image: Any
+    labels: np.ndarray
+    classes: tuple[str, ...]
+    out_path: Path
+    base_path: Path | None = None
+    encoder: str | None = None
+    sparse: bool = True
+    steps: int = 500
+    batch_size: int = 4
+    tile_size: int = 256
+    lr: float = 1e-3
+    val_every: int = 50
+    device: str = "auto"
+    freeze_encoder: bool = False
+    pixel_size_nm: float | None = None
+    preview_page: np.ndarray | None = None
+    name: str = "fine-tuned"
+    layer_name: str = "layer"
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class FinetuneResult:
+    path: Path | None
+    classes: tuple[str, ...]
+    steps_done: int
+    best_metric: float | None
+    stopped: bool
+    seconds: float
+
+
+def check_annotations(labels: np.ndarray, classes: Sequence[str], *, sparse: bool, name: str) -> None:
+    """Raise InputError when nothing is annotated or a label has no class."""
+    from emseg.errors import InputError
+    top = int(labels.max()) if labels.size else 0
+    if sparse and top == 0:
+        raise InputError(f"{name}: nothing is painted yet. Paint a few strokes of each class "
+                         f"(label 1 = {classes[0]}, 2 = {classes[1] if len(classes) > 1 else '...'}; "
+                         "0 = not annotated), then start again")
+    limit = len(classes) if sparse else len(classes) - 1
+    if top > limit:
+        raise InputError(f"{name}: label {top} is painted but only {len(classes)} classes are defined "
+                         f"(labels {'1' if sparse else '0'}..{limit}); add a class in the table or erase "
+                         "that label")
+    if labels.min() < 0:
+        raise InputError(f"{name}: holds negative labels; erase them (label 0) first")
+
+
+def annotated_pages(image: Any, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Only the pages with annotations, as numpy arrays (a stack stays a stack)."""
+    if labels.ndim == 2:
+        return np.asarray(image), np.asarray(labels)
+    keep = [i for i in range(labels.shape[0]) if np.any(labels[i])]
+    keep = keep or [0]
+    return np.stack([np.asarray(image[i]) for i in keep]), np.asarray(labels)[keep]
+
+
+def finetune(request: FinetuneRequest, *, progress: Callable[[Any], None] | None = None,
+             stop: threading.Event | None = None) -> FinetuneResult:
+    """Train on the annotations and save the model to ``request.out_path`` (the base stays untouched)."""
+    from emseg.dataset import rescale_items
+    from emseg.errors import InputError
+    from emseg.modelfile import load_model
+    from emseg.training import TrainConfig, annotations_from_arrays, train
+
+    start = time.perf_counter()
+    if request.labels.shape != tuple(request.image.shape):
+        raise InputError(f"{request.layer_name}: the annotations have shape {request.labels.shape} but the "
+                         f"image has {tuple(request.image.shape)}; paint on a Labels layer of the image's "
+                         "shape (press 'New scribble layer')")
+    check_annotations(request.labels, request.classes, sparse=request.sparse, name=request.layer_name)
+    base = load_model(request.base_path) if request.base_path is not None else None
+    image, labels = annotated_pages(request.image, request.labels)
+    norm = base.card.normalization if base is not None else None
+    items = annotations_from_arrays(image, labels, sparse=request.sparse, pixel_size_nm=request.pixel_size_nm,
+                                    name=request.layer_name, norm=norm)
+    preview = request.preview_page
+    model_nm = base.card.pixel_size_nm if base is not None else None
+    card_nm = None  # a new pixel size for the saved model's card, when it changes
+    factor = 1.0
+    mismatch = scale_mismatch(request.pixel_size_nm, model_nm)
+    if mismatch:
+        log.warning("%s: %s; the fine-tuned model is for %.3g nm/px", request.layer_name, mismatch,
+                    request.pixel_size_nm)
+        card_nm = request.pixel_size_nm
+    elif model_nm and request.pixel_size_nm:
+        items = rescale_items(items, model_nm)
+        factor = request.pixel_size_nm / model_nm
+    if preview is not None and abs(factor - 1) > 0.02:
+        preview = _resize_page(np.asarray(preview, np.float32), factor)
+    encoder = base.card.encoder if base is not None else (request.encoder or "vgg11_bn_slim")
+    config = TrainConfig(encoder=encoder, classes=tuple(request.classes), sparse=request.sparse,
+                         tile_size=request.tile_size, batch_size=request.batch_size, steps=request.steps,
+                         val_every=max(1, request.val_every), lr=request.lr, device=request.device,
+                         freeze_encoder=request.freeze_encoder,
+                         pixel_size_nm=request.pixel_size_nm if base is None else None, name=request.name)
+    steps_done = 0
+    shape = None if request.preview_page is None else request.preview_page.shape
+
+    def on_event(event) -> None:
+        nonlocal steps_done
+        steps_done = event.step
+        if event.preview is not None and shape is not None and event.preview.shape != shape:
+            event.preview = _resize_labels(event.preview, shape)
+        if progress is not None:
+            progress(event)
+
+    result = train(items, config, None, base=base, preview_image=preview, progress=on_event, stop=stop)
+    if steps_done == 0:
+        return FinetuneResult(None, result.model.classes, 0, None, True, time.perf_counter() - start)
+    if not request.out_path.parent.exists():
+        request.out_path.parent.mkdir(parents=True, exist_ok=True)
+    card = result.model.card.updated(pixel_size_nm=card_nm) if card_nm else None
+    path = result.model.save(request.out_path, card=card)
+    log.info("saved %s after %d steps (best mean IoU %s)", path, steps_done, result.best_metric)
+    return FinetuneResult(path, result.model.classes, steps_done, result.best_metric, result.stopped,
+                          time.perf_counter() - start)
+
+
+def _resize_page(page: np.ndarray, factor: float) -> np.ndarray:
+    from emseg.preprocess import resize, scaled_shape
+    return resize(page, scaled_shape(page.shape, factor)).numpy()
+
+
+def _resize_labels(labels: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Nearest-neighbour resize of a 2D label image to ``shape``."""
+    rows = np.minimum((np.arange(shape[0]) + 0.5) * labels.shape[0] / shape[0], labels.shape[0] - 1).astype(int)
+    cols = np.minimum((np.arange(shape[1]) + 0.5) * labels.shape[1] / shape[1], labels.shape[1] - 1).astype(int)
+    return labels[rows][:, cols]
