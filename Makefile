@@ -1,6 +1,6 @@
 # emseg: the two quick-start commands and their parts.
 #   make demo   set up .venv and segment the bundled sample stack with the bundled model -> out/demo/
-#   make test   set up .venv (with the napari and dev extras) and run the test suite
+#   make test   set up .venv (with the dev, napari and export extras) and run the test suite
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -22,7 +22,7 @@ setup: $(VENV)/.torch
 	$(BIN)/python -m pip install --quiet -e .
 
 setup-dev: $(VENV)/.torch
-	$(BIN)/python -m pip install --quiet -e ".[dev,napari]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,napari,export]"
 
 demo: setup
 	$(BIN)/emseg predict default data_samples/sample_stack.tif -o out/demo

@@ -73,6 +73,14 @@ def settle(app, seconds: float = 1.0) -> None:
         time.sleep(0.02)
 
 
+def save_shot(viewer, path: Path) -> None:
+    """napari's screenshot of the whole window, saved as a 256-colour PNG (about half the size)."""
+    from PIL import Image
+    rgba = viewer.screenshot(canvas_only=False)
+    Image.fromarray(rgba).convert("RGB").quantize(256).save(path, optimize=True)
+    print(f"wrote {path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=None,
@@ -129,9 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     viewer.layers.selection.active = scribbles
     settle(app, 2)
     args.out.mkdir(parents=True, exist_ok=True)
-    shot = args.out / "napari_finetune.png"
-    viewer.screenshot(str(shot), canvas_only=False)
-    print(f"wrote {shot}")
+    save_shot(viewer, args.out / "napari_finetune.png")
 
     # -- Segment: the whole stack with the model just saved ---------------------------------------
     viewer.window.remove_dock_widget(ft_dock)
@@ -146,9 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     print(seg.last_message)
     viewer.layers.selection.active = viewer.layers[-1]  # the result, so its class colours show
     settle(app, 2)
-    shot = args.out / "napari_segment.png"
-    viewer.screenshot(str(shot), canvas_only=False)
-    print(f"wrote {shot}")
+    save_shot(viewer, args.out / "napari_segment.png")
     viewer.close()
     return 0
 

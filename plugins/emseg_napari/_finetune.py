@@ -35,7 +35,7 @@ from ._utils import (  # noqa: E402
     safe_name, scribble_colors, scribble_features, timestamped_model_path, user_model_dir,
 )
 from ._widgets import (  # noqa: E402
-    JobRunner, LayerChooser, ModelChooser, ProgressRow, device_choices, scrolling_layout, small_label,
+    JobRunner, LayerChooser, ModelChooser, ProgressRow, device_choices, fit_width, scrolling_layout, small_label,
 )
 
 log = logging.getLogger(__name__)
@@ -71,8 +71,8 @@ class FinetuneWidget(QWidget):
                                     "label k = the k-th class of the table")
         self.new_scribbles = QPushButton("New scribble layer")
         self.new_scribbles.setToolTip("Add an empty Labels layer over the image to paint on")
-        self.dense = QCheckBox("complete mask (0 is the first class)")
-        self.dense.setToolTip("Tick when the layer is a full ground-truth mask (class indices), "
+        self.dense = QCheckBox("complete mask")
+        self.dense.setToolTip("Tick when the layer is a complete ground-truth mask (0 is the first class), "
                               "not scribbles")
 
         self.classes = QTableWidget(0, 2)
@@ -161,6 +161,7 @@ class FinetuneWidget(QWidget):
         self.runner.started.connect(lambda: self._set_running(True))
         self.runner.finished.connect(lambda: self._set_running(False))
         self._on_base_changed()
+        fit_width(self)
 
     # -- classes ------------------------------------------------------------------------------
 

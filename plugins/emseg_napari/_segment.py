@@ -29,7 +29,7 @@ from ._utils import (  # noqa: E402
     pixel_size_of, scale_mismatch,
 )
 from ._widgets import (  # noqa: E402
-    JobRunner, LayerChooser, ModelChooser, ProgressRow, device_choices, scrolling_layout, small_label,
+    JobRunner, LayerChooser, ModelChooser, ProgressRow, device_choices, fit_width, scrolling_layout, small_label,
 )
 
 log = logging.getLogger(__name__)
@@ -133,6 +133,7 @@ class SegmentWidget(QWidget):
         self.runner.started.connect(lambda: self._set_running(True))
         self.runner.finished.connect(lambda: self._set_running(False))
         self._on_model_changed()
+        fit_width(self)
 
     # -- state --------------------------------------------------------------------------------
 

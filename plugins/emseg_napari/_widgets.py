@@ -21,7 +21,7 @@ from ._utils import load_torch_beside_opengl, require_napari
 require_napari()
 load_torch_beside_opengl()
 
-from qtpy.QtCore import QObject, Qt, Signal  # noqa: E402
+from qtpy.QtCore import QEvent, QObject, Qt, Signal  # noqa: E402
 from qtpy.QtWidgets import (  # noqa: E402
     QComboBox, QFileDialog, QFrame, QHBoxLayout, QLabel, QProgressBar, QPushButton, QScrollArea, QSizePolicy,
     QVBoxLayout, QWidget,
@@ -48,24 +48,6 @@ def device_choices() -> list[str]:
     return choices
 
 
-class _FittingScrollArea(QScrollArea):
-    """A vertical scroll area as wide as its content wants (so the dock does not clip it)."""
-
-    def _width(self, hint) -> int:
-        inner = self.widget()
-        return (hint(inner).width() if inner is not None else 0) + self.verticalScrollBar().sizeHint().width()
-
-    def minimumSizeHint(self):
-        size = super().minimumSizeHint()
-        size.setWidth(self._width(QWidget.minimumSizeHint))
-        return size
-
-    def sizeHint(self):
-        size = super().sizeHint()
-        size.setWidth(self._width(QWidget.sizeHint))
-        return size
-
-
 def scrolling_layout(widget: QWidget) -> QVBoxLayout:
     """Give ``widget`` a scroll area and return the layout inside it.
 
@@ -73,7 +55,7 @@ def scrolling_layout(widget: QWidget) -> QVBoxLayout:
     """
     content = QWidget()
     inner = QVBoxLayout(content)
-    scroll = _FittingScrollArea()
+    scroll = QScrollArea()
     scroll.setWidgetResizable(True)
     scroll.setFrameShape(QFrame.Shape.NoFrame)
     scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
@@ -81,7 +63,30 @@ def scrolling_layout(widget: QWidget) -> QVBoxLayout:
     outer = QVBoxLayout(widget)
     outer.setContentsMargins(0, 0, 0, 0)
     outer.addWidget(scroll)
+    content.installEventFilter(_FitWidth(widget))
     return inner
+
+
+class _FitWidth(QObject):
+    """Re-fit the scrolling widget's width whenever its content's layout or style changes."""
+
+    def __init__(self, widget: QWidget) -> None:
+        super().__init__(widget)
+        self._widget = widget
+
+    def eventFilter(self, obj, event) -> bool:  # noqa: N802 - Qt's name
+        if event.type() in (QEvent.Type.LayoutRequest, QEvent.Type.StyleChange, QEvent.Type.FontChange,
+                            QEvent.Type.Show):
+            fit_width(self._widget)
+        return False
+
+
+def fit_width(widget: QWidget) -> None:
+    """Make ``widget`` (built with :func:`scrolling_layout`) at least as wide as its content needs."""
+    scroll = widget.findChild(QScrollArea)
+    if scroll is not None and scroll.widget() is not None:
+        need = scroll.widget().minimumSizeHint().width() + scroll.verticalScrollBar().sizeHint().width()
+        widget.setMinimumWidth(need)
 
 
 def small_label(text: str = "") -> QLabel:
