@@ -116,13 +116,13 @@ class _TqdmProgress:
 
     def __call__(self, page: int, pages: int, done: int, total: int, page_mp: float) -> None:
         if self.bar is None:
-            self.bar = self._tqdm(total=round(pages * page_mp, 3), unit="MP", desc=self.name, disable=self.disable,
+            self.bar = self._tqdm(total=pages * page_mp, unit="MP", desc=self.name, disable=self.disable,
                                   dynamic_ncols=True, leave=False,
                                   bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} MP "
-                                             "[{elapsed}<{remaining}, {rate_fmt}{postfix}]")
-        position = page * page_mp + page_mp * done / total
-        self.bar.update(position - self.bar.n)
+                                             "[{elapsed}<{remaining}, {rate_noinv_fmt}{postfix}]")
+        position = min(self.bar.total, page * page_mp + page_mp * done / total)
         self.bar.set_postfix_str(f"page {page + 1}/{pages}", refresh=False)
+        self.bar.update(position - self.bar.n)
 
     def close(self) -> None:
         if self.bar is not None:
