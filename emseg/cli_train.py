@@ -7,8 +7,12 @@ import dataclasses
 import logging
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import InputError
+
+if TYPE_CHECKING:
+    from .training import TrainConfig
 
 log = logging.getLogger("emseg")
 

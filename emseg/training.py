@@ -297,7 +297,6 @@ def train(data: Sequence[Annotated], config: TrainConfig, out_dir: str | Path | 
     if val_items and state["best_metric"] is not None:
         net.load_state_dict(best_state)
     net.eval()
-    final_metrics = state["history"][-1].get("val") if state["history"] else None
     best_val = max((h for h in state["history"] if h.get("val")), default=None,
                    key=lambda h: h["val"]["mean_iou"] or 0)
     card = card.updated(training=_training_summary(config, data, val_items, state, best_val, base, start))
@@ -306,7 +305,6 @@ def train(data: Sequence[Annotated], config: TrainConfig, out_dir: str | Path | 
     if out is not None:
         model_path = model.save(out / "model.safetensors")
         _write_reports(out, state["history"], model, val_items)
-    log.debug("final validation %s", final_metrics)
     return TrainResult(model, model_path, state["history"], state["best_metric"], stopped)
 
 

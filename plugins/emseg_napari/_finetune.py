@@ -30,11 +30,12 @@ from qtpy.QtWidgets import (  # noqa: E402
 
 from ._jobs import FinetuneRequest, Outcome, check_annotations, finetune  # noqa: E402
 from ._utils import (  # noqa: E402
-    CLASSES_KEY, MODELS, find_layer, labels_layer_kwargs, layer_kwargs, layer_position, notify, page_index,
+    CLASSES_KEY, MODELS, find_layer, labels_layer_kwargs, layer_kwargs, layer_position, page_index,
     pixel_size_of,
     safe_name, scribble_colors, scribble_features, timestamped_model_path, user_model_dir,
 )
 from ._widgets import (  # noqa: E402
+    StatusWidget,
     JobRunner, LayerChooser, ModelChooser, ProgressRow, device_choices, fit_width, scrolling_layout, small_label,
 )
 
@@ -44,7 +45,7 @@ SCRIBBLES_KEY = "emseg_scribbles"
 DEFAULT_NEW_CLASSES = ("background", "foreground")
 
 
-class FinetuneWidget(QWidget):
+class FinetuneWidget(StatusWidget):
     """Dock widget: base model, image, scribbles, classes, steps; Start / Stop; live readout."""
 
     def __init__(self, napari_viewer, parent: QWidget | None = None) -> None:
@@ -338,11 +339,6 @@ class FinetuneWidget(QWidget):
         self.stop_button.setEnabled(running)
         if running:
             self.progress.set(0.0, "starting…")
-
-    def _message(self, text: str, *, error: bool = False) -> None:
-        self.last_message = text
-        self.status.setText(("⚠ " if error else "") + text)
-        notify(text, error=error)
 
     def stop(self) -> None:
         if self.running:

@@ -25,10 +25,11 @@ from qtpy.QtWidgets import (  # noqa: E402
 
 from ._jobs import Outcome, SegmentRequest, class_fractions, segment  # noqa: E402
 from ._utils import (  # noqa: E402
-    MODEL_KEY, PIXEL_SIZE_KEY, ModelCache, find_layer, labels_layer_kwargs, notify, notify_warning, page_index,
+    MODEL_KEY, PIXEL_SIZE_KEY, ModelCache, find_layer, labels_layer_kwargs, notify_warning, page_index,
     pixel_size_of, scale_mismatch,
 )
 from ._widgets import (  # noqa: E402
+    StatusWidget,
     JobRunner, LayerChooser, ModelChooser, ProgressRow, device_choices, fit_width, scrolling_layout, small_label,
 )
 
@@ -47,7 +48,7 @@ def _give_pixel_size(layer, value: float) -> None:
         layer.metadata[PIXEL_SIZE_KEY] = None
 
 
-class SegmentWidget(QWidget):
+class SegmentWidget(StatusWidget):
     """Dock widget: model, image layer, tiling, TTA, device; Segment slice / Segment stack; Cancel."""
 
     def __init__(self, napari_viewer, parent: QWidget | None = None) -> None:
@@ -191,11 +192,6 @@ class SegmentWidget(QWidget):
             if layer.name == image.name or (same and pixel_size_of(layer) == old):
                 _give_pixel_size(layer, value)
         self.viewer.reset_view()
-
-    def _message(self, text: str, *, error: bool = False) -> None:
-        self.last_message = text
-        self.status.setText(("⚠ " if error else "") + text)
-        notify(text, error=error)
 
     # -- actions ------------------------------------------------------------------------------
 

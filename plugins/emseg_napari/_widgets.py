@@ -28,11 +28,22 @@ from qtpy.QtWidgets import (  # noqa: E402
 )
 
 from ._jobs import Outcome, run_job  # noqa: E402
-from ._utils import MODELS, MODEL_SUFFIX  # noqa: E402
+from ._utils import MODELS, MODEL_SUFFIX, notify  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 NEW_MODEL = "new model"
+
+
+class StatusWidget(QWidget):
+    """A dock widget with a status line (``self.status``) whose messages also go to napari's notifications."""
+
+    last_message = ""
+
+    def _message(self, text: str, *, error: bool = False) -> None:
+        self.last_message = text
+        self.status.setText(("⚠ " if error else "") + text)
+        notify(text, error=error)
 
 
 def device_choices() -> list[str]:
