@@ -45,6 +45,9 @@ def _add_training(p: argparse.ArgumentParser, *, steps: int, lr: float) -> None:
     g.add_argument("--val-every", type=int, help="validate and checkpoint every N steps (default 100)")
     g.add_argument("--lr", type=float, help=f"peak learning rate of AdamW (default {lr:g})")
     g.add_argument("--patience", type=int, help="stop after N validations without improvement (default 10)")
+    g.add_argument("--border-weight", type=float, metavar="W0",
+                   help="weight thin boundaries between regions in the loss, as in the U-Net paper "
+                        "(needs dense masks and a class named 'membrane' or 'boundary'; 0 = off)")
     g.add_argument("--val-fraction", type=float,
                    help="hold out this fraction of every page (its right-hand strip) for validation (default 0.2)")
     g.add_argument("--val-images", nargs="+", metavar="PATH", help="held-out validation images instead")
@@ -159,7 +162,7 @@ def train_config(args) -> "TrainConfig":
             values["freeze_bn"] = args.freeze_bn == "yes"
         values["freeze_encoder"] = args.freeze_encoder or values.get("freeze_encoder", False)
     for name in ("encoder", "tile_size", "batch_size", "steps", "val_every", "lr", "patience", "val_fraction",
-                 "seed", "device", "name", "time_limit_minutes"):
+                 "seed", "device", "name", "time_limit_minutes", "border_weight"):
         value = getattr(args, name, None)
         if value is not None:
             values[name] = value

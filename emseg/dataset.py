@@ -205,11 +205,42 @@ def split_regions(items: Sequence[Annotated], fraction: float) -> tuple[list[Ann
     return train, [v for v in val if v.annotated]
 
 
+def border_weights(target: np.ndarray, boundary_class: int, w0: float, sigma: float) -> np.ndarray:
+    """The U-Net paper's separation weight map, ``1 + w0 * exp(-(d1 + d2)^2 / (2 sigma^2))``, where
+    ``d1`` and ``d2`` are the distances (px) to the nearest and second-nearest region enclosed by the
+    boundary class: high on thin boundaries between two regions, where one missed pixel merges them.
+
+    Each region's distance map is only computed within ``3 sigma`` of it (further on, the term is
+    below 1 % of ``w0``). Unannotated pixels of ``target`` count as neither region nor boundary.
+    """
+    from scipy import ndimage
+    from skimage.measure import label, regionprops
+    inside = (target != boundary_class) & (target != IGNORE)
+    regions = label(inside, connectivity=1)
+    d1 = np.full(target.shape, np.inf, np.float32)
+    d2 = np.full(target.shape, np.inf, np.float32)
+    margin = int(np.ceil(3 * sigma))
+    h, w = target.shape
+    for region in regionprops(regions):
+        r0, c0, r1, c1 = region.bbox
+        r0, c0, r1, c1 = max(0, r0 - margin), max(0, c0 - margin), min(h, r1 + margin), min(w, c1 + margin)
+        box = (slice(r0, r1), slice(c0, c1))
+        dist = ndimage.distance_transform_edt(regions[box] != region.label).astype(np.float32)
+        b1, b2 = d1[box], d2[box]
+        b2[...] = np.where(dist < b1, b1, np.minimum(b2, dist))
+        np.minimum(b1, dist, out=b1)
+    return (1 + w0 * np.exp(-((d1 + d2) ** 2) / (2 * sigma ** 2))).astype(np.float32)
+
+
 class CropSampler:
-    """Random training crops, biased towards annotated pixels so that scribbles are seen."""
+    """Random training crops, biased towards annotated pixels so that scribbles are seen.
+
+    With ``border=(boundary_class, w0, sigma)`` every crop also carries the separation weight map of
+    :func:`border_weights`, cut and deformed with the target; otherwise its weight is None.
+    """
 
     def __init__(self, items: Sequence[Annotated], tile: int, *, rng: np.random.Generator,
-                 transform=None, bias: float = 0.8):
+                 transform=None, bias: float = 0.8, border: tuple[int, float, float] | None = None):
         self.items = [it for it in items if it.annotated]
         if not self.items:
             raise InputError("the training data has no annotated pixel; nothing to learn from")
@@ -217,22 +248,27 @@ class CropSampler:
         counts = np.array([it.annotated for it in self.items], np.float64)
         self.weights = counts / counts.sum()
         self._annotated = [None] * len(self.items)  # flat indices, computed when first needed
+        self._border = ([border_weights(it.target, *border) for it in self.items] if border else None)
 
     def _annotated_pixels(self, k: int) -> np.ndarray:
         if self._annotated[k] is None:
             self._annotated[k] = np.flatnonzero(self.items[k].target.ravel() != IGNORE)
         return self._annotated[k]
 
-    def crop(self) -> tuple[np.ndarray, np.ndarray]:
-        """One (image, target) crop of ``tile`` x ``tile``; pages smaller than that are mirror-padded."""
+    def crop(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """One (image, target, weight) crop of ``tile`` x ``tile``; pages smaller than that are
+        mirror-padded."""
         k = self.rng.choice(len(self.items), p=self.weights)
         item, t = self.items[k], self.tile
         h, w = item.image.shape
         image, target = item.image, item.target
+        weight = self._border[k] if self._border else None
         if h < t or w < t:
             ph, pw = max(0, t - h), max(0, t - w)
             image = np.pad(image, ((0, ph), (0, pw)), mode="reflect" if min(h, w) > 1 else "edge")
             target = np.pad(target, ((0, ph), (0, pw)), constant_values=IGNORE)
+            if weight is not None:
+                weight = np.pad(weight, ((0, ph), (0, pw)), constant_values=1.0)
             h, w = image.shape
         if self.rng.random() < self.bias:
             y, x = divmod(int(self.rng.choice(self._annotated_pixels(k))), item.image.shape[1])
@@ -242,17 +278,25 @@ class CropSampler:
             top, left = int(self.rng.integers(0, h - t + 1)), int(self.rng.integers(0, w - t + 1))
         image = image[top:top + t, left:left + t]
         target = target[top:top + t, left:left + t]
+        if weight is not None:
+            weight = weight[top:top + t, left:left + t]
         if self.transform is not None:
-            out = self.transform(image=np.ascontiguousarray(image), mask=np.ascontiguousarray(target))
-            image, target = out["image"], out["mask"]
-        return np.asarray(image, np.float32).reshape(t, t), np.asarray(target, np.uint8).reshape(t, t)
+            # the weight map travels as a second mask channel (nearest interpolation, like the target)
+            mask = target if weight is None else np.dstack([target.astype(np.float32), weight])
+            out = self.transform(image=np.ascontiguousarray(image), mask=np.ascontiguousarray(mask))
+            image, mask = out["image"], np.asarray(out["mask"])
+            target, weight = (mask, None) if weight is None else (mask[..., 0], mask[..., 1])
+        weight = None if weight is None else np.asarray(weight, np.float32).reshape(t, t)
+        return np.asarray(image, np.float32).reshape(t, t), np.asarray(target, np.uint8).reshape(t, t), weight
 
-    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(size, 1, t, t)`` float32 images in [0, 1] and ``(size, t, t)`` int64 targets."""
+    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(size, 1, t, t)`` float32 images in [0, 1], ``(size, t, t)`` int64 targets and
+        ``(size, t, t)`` float32 loss weights (None without ``border``)."""
         crops = [self.crop() for _ in range(size)]
         images = torch.from_numpy(np.stack([c[0] for c in crops]))[:, None]
         targets = torch.from_numpy(np.stack([c[1] for c in crops]).astype(np.int64))
-        return images, targets
+        weights = torch.from_numpy(np.stack([c[2] for c in crops])) if self._border else None
+        return images, targets, weights
 
 
 class Prefetcher:
@@ -279,7 +323,7 @@ class Prefetcher:
         except BaseException as exc:  # hand the error to the consumer
             self._queue.put(exc)
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def next(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         item = self._queue.get()
         if isinstance(item, BaseException):
             raise item

@@ -222,6 +222,38 @@ def _summary_row(name: str, group: list[ObjectTable], c: int, unit: str, exclude
     return row
 
 
+def plot_size_histograms(axes: Sequence, table: ObjectTable, *, exclude_border: bool = True,
+                         title: bool = True) -> None:
+    """Draw the equivalent-diameter histogram of each class of ``table`` on ``axes`` (matplotlib
+    axes, one per class of :func:`size_classes`), with the median as a dashed line."""
+    from matplotlib.ticker import MaxNLocator
+
+    from .io import PALETTE
+
+    px = table.pixel_size_nm
+    unit = "nm" if px else "px"
+    d, ci = table.data["equivalent_diameter"] * (px or 1.0), table.data["class_index"]
+    keep = ~table.data["touches_border"] if exclude_border else np.ones(len(d), bool)
+    note = "objects touching the border excluded" if exclude_border else "objects touching the border included"
+    for row, (ax, c) in enumerate(zip(axes, size_classes(table))):
+        dc = d[keep & (ci == c)]
+        if len(dc):
+            ax.hist(dc, bins=min(30, max(5, int(np.sqrt(len(dc))) * 2)), color=PALETTE[(c - 1) % len(PALETTE)],
+                    edgecolor="black", linewidth=0.5)
+            ax.axvline(np.median(dc), color="black", linestyle="--", linewidth=1)
+        ax.set_title((f"Size distribution per class ({note})\n" if row == 0 and title else "") +
+                     f"{table.class_name(c)}: n = {len(dc)}, median {np.median(dc) if len(dc) else np.nan:.3g} {unit}",
+                     fontsize=10)
+        ax.set_xlabel(f"equivalent diameter ({unit})")
+        ax.set_ylabel("objects")
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def size_classes(table: ObjectTable) -> list[int]:
+    """The class indices that have objects in ``table`` (one histogram each)."""
+    return [int(c) for c in np.unique(table.data["class_index"])] or [0]
+
+
 def plot_measurements(path: str | os.PathLike, table: ObjectTable, instances: Instances, *,
                       image: np.ndarray | None = None, exclude_border: bool = True, max_side: int = 900) -> Path:
     """Write a PNG: an equivalent-diameter histogram per class, and object outlines over the image.
@@ -234,32 +266,17 @@ def plot_measurements(path: str | os.PathLike, table: ObjectTable, instances: In
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
 
-    from .io import PALETTE, atomic_output
+    from .io import atomic_output
 
     px = table.pixel_size_nm
     unit = "nm" if px else "px"
-    d, ci = table.data["equivalent_diameter"] * (px or 1.0), table.data["class_index"]
-    keep = ~table.data["touches_border"] if exclude_border else np.ones(len(d), bool)
-    classes = [int(c) for c in np.unique(ci)] or [0]
+    classes = size_classes(table)
     fig = Figure(figsize=(13, max(5.6, 2.2 * len(classes))), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     grid = fig.add_gridspec(len(classes), 2, width_ratios=(1, 1.1))
-    note = "objects touching the border excluded" if exclude_border else "objects touching the border included"
-    for row, c in enumerate(classes):
-        ax = fig.add_subplot(grid[row, 0])
-        dc = d[keep & (ci == c)]
-        if len(dc):
-            ax.hist(dc, bins=min(30, max(5, int(np.sqrt(len(dc))) * 2)), color=PALETTE[(c - 1) % len(PALETTE)],
-                    edgecolor="black", linewidth=0.5)
-            ax.axvline(np.median(dc), color="black", linestyle="--", linewidth=1)
-        ax.set_title((f"Size distribution per class ({note})\n" if row == 0 else "") +
-                     f"{table.class_name(c)}: n = {len(dc)}, median {np.median(dc) if len(dc) else np.nan:.3g} {unit}",
-                     fontsize=10)
-        ax.set_xlabel(f"equivalent diameter ({unit})")
-        ax.set_ylabel("objects")
-        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    plot_size_histograms([fig.add_subplot(grid[row, 0]) for row in range(len(classes))], table,
+                         exclude_border=exclude_border)
     page = instances.labels.shape[0] // 2 if instances.labels.ndim == 3 else None
     ax_img = fig.add_subplot(grid[:, 1])
     h, w = instances.labels.shape[-2:]

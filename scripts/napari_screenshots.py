@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=OUT, help="folder for the PNG files")
     parser.add_argument("--size", type=int, nargs=2, default=(1700, 1000), metavar=("W", "H"),
                         help="window size in pixels")
+    parser.add_argument("--only-measure", action="store_true",
+                        help="only the measurements shot (objects of the default model's segmentation)")
     args = parser.parse_args(argv)
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     os.environ["EMSEG_MODEL_DIR"] = tempfile.mkdtemp(prefix="emseg-screenshot-models-")
@@ -108,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     scale_bar.box = True
     viewer.dims.set_point(0, image.scale[0] * 3)
     have_default = default_model_path().exists()
+
+    if args.only_measure:
+        return measure_shot(viewer, app, image, args.out)
 
     # -- Fine-tune: scribbles, training, live preview --------------------------------------------
     ft_dock, ft = viewer.window.add_plugin_dock_widget("emseg", "Fine-tune")
@@ -153,6 +158,37 @@ def main(argv: list[str] | None = None) -> int:
     viewer.layers.selection.active = viewer.layers[-1]  # the result, so its class colours show
     settle(app, 2)
     save_shot(viewer, args.out / "napari_segment.png")
+    viewer.window.remove_dock_widget(seg_dock)
+    return measure_shot(viewer, app, image, args.out)
+
+
+def measure_shot(viewer, app, image, out: Path) -> int:
+    """Segment with the default model, find and measure objects, and shoot the measurements panel."""
+    from emseg.modelfile import default_model_path
+    for layer in list(viewer.layers):
+        if layer is not image:
+            layer.visible = False
+    _dock, seg = viewer.window.add_plugin_dock_widget("emseg", "Segment")
+    seg.select_model(default_model_path())
+    seg.image.set_layer(image)
+    seg.objects.setChecked(True)
+    seg.min_size.setValue(20)
+    print("segmenting and measuring objects…")
+    assert seg.run(whole_stack=True), seg.last_message
+    wait(app, seg)
+    print(seg.last_message)
+    objects = seg.last_objects_layer
+    if objects is None:
+        return 1
+    viewer.layers.selection.active = objects
+    panel = seg.measurements
+    mito = objects.features[objects.features["class"] == "mitochondrion"]
+    panel.go_to(int(mito.sort_values("area_nm2").iloc[-1]["label"]))
+    camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
+    camera.zoom *= 2.5
+    settle(app, 2)
+    out.mkdir(parents=True, exist_ok=True)
+    save_shot(viewer, out / "napari_measure.png")
     viewer.close()
     return 0
 

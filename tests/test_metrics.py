@@ -27,5 +27,9 @@ def test_rand_error_on_cells_between_membranes():
     merged = target.copy()
     merged[5:8, 10] = 0  # a gap merges the cells
     assert adapted_rand_error(target, merged, boundary_class=1) > 0.3
+    thick = target.copy()
+    thick[:, 8:13] = 1  # the same two cells behind a thicker membrane: thinned, no error
+    assert adapted_rand_error(target, thick, boundary_class=1) == pytest.approx(0)
+    assert adapted_rand_error(target, thick, boundary_class=1, thin=False) > 0.1
     assert boundary_class_of(("background", "membrane")) == 1
     assert boundary_class_of(("background", "mito")) is None

@@ -239,3 +239,35 @@ def test_absurd_rescaling_is_refused():
     assert scale_mismatch(30.0, 6.0) is None
     assert "finer" in scale_mismatch(0.0127, 6.0)
     assert "coarser" in scale_mismatch(100.0, 6.0)
+
+
+def test_measure_segmentation_gives_napari_features_in_nm():
+    """Discs of known size on slices 1 and 3 of a stack: one features row per label (row 0 the
+    background), diameters in nm within a pixel, slices named as in the stack."""
+    from skimage.draw import disk
+    from emseg_napari._jobs import ObjectOptions, measure_segmentation
+    labels = np.zeros((2, 80, 120), np.uint8)
+    for page, (r, c, rad, cls) in enumerate([(30, 30, 10, 2), (40, 80, 15, 1)]):
+        labels[(page, *disk((r, c), rad))] = cls
+    labels[1][disk((20, 25), 6)] = 2
+    image = np.full(labels.shape, 50.0, np.float32)
+    image[labels > 0] = 200.0
+    result = measure_segmentation(labels, image, ("background", "membrane", "mitochondrion"), 2.0,
+                                  ObjectOptions(), pages=[1, 3])
+    features = result.features
+    assert len(features) == result.instances.count + 1 == 4
+    assert list(features["label"]) == [0, 1, 2, 3]  # row k describes label k
+    assert features.loc[0, "class"] == "background" and np.isnan(features.loc[0, "area_nm2"])
+    rows = features.iloc[1:].set_index("label")
+    assert sorted(rows["slice"]) == [1, 3, 3]
+    big = rows[rows["class"] == "membrane"].iloc[0]
+    assert big["equivalent_diameter_nm"] == pytest.approx(30 * 2.0, abs=2.0)
+    assert big["mean_intensity"] == pytest.approx(200.0)
+    assert not rows["touches_border"].any()
+    by_class = {row["class"]: row for row in result.summary}
+    assert by_class["mitochondrion"]["count"] == 2 and by_class["membrane"]["count"] == 1
+    assert "diameter_median_nm" in by_class["membrane"]
+    only = measure_segmentation(labels, image, ("background", "membrane", "mitochondrion"), 2.0,
+                                ObjectOptions(classes=("mitochondrion",)))
+    assert list(only.features["class"].iloc[1:]) == ["mitochondrion"] * 2
+    assert [row["class"] for row in only.summary] == ["mitochondrion"]

@@ -385,3 +385,50 @@ def test_open_segment_paint_finetune_resegment_save(viewer, tmp_path, isolated_m
         np.testing.assert_array_equal(src.page(0), after.data)
         assert src.pixel_size_nm == pytest.approx(5.0)
     assert load_model(saved).classes == ("background", "disk")
+
+
+def test_segment_finds_objects_and_shows_their_measurements(viewer, qtbot, tmp_path):
+    """Segment with "find objects": an objects layer whose features are the measurements in nm, and
+    the measurements panel (summary, histograms, table) that takes the viewer to a clicked object."""
+    import csv
+    from conftest import REPO
+    from emseg_napari._sample import make_sample_data
+    (image_data, kwargs, _), *_ = make_sample_data()
+    image = viewer.add_image(image_data[:2].copy(), **kwargs)
+    seg = dock(viewer, "Segment")
+    seg.select_model(REPO / "emseg" / "data" / "default_model.safetensors")
+    seg.image.set_layer(image)
+    seg.objects.setChecked(True)
+    seg.min_size.setValue(20)
+    assert seg.split.isEnabled()
+    assert seg.object_classes.text() == "mitochondrion"  # from the model, the membrane network left out
+    seg.object_classes.setText("mitochondrion, nucleus")
+    assert not seg.run(whole_stack=True) and "nucleus" in seg.last_message
+    seg.object_classes.setText("mitochondrion")
+    assert seg.run(whole_stack=True)
+    wait(qtbot, seg)
+    assert seg.last_objects_layer is not None, seg.last_message
+    objects = viewer.layers[seg.last_objects_layer.name]
+    assert objects.data.shape == image.data.shape
+    assert tuple(objects.scale) == pytest.approx(tuple(image.scale))
+    n = int(objects.data.max())
+    assert n >= 5 and f"{n} objects measured" in seg.last_message
+    features = objects.features
+    assert len(features) == n + 1 and list(features["label"]) == list(range(n + 1))
+    assert {"area_nm2", "equivalent_diameter_nm", "touches_border", "mean_intensity"} <= set(features.columns)
+    assert set(features["class"].iloc[1:]) == {"mitochondrion"}
+    assert features["area_nm2"].iloc[1:].min() >= 20 * 6.0 ** 2  # min size 20 px at 6 nm/px
+    panel = seg.measurements
+    assert panel.table.rowCount() == n and panel.summary.text().startswith(f"{n} objects")
+    assert len(panel.figure.axes) >= 1 and panel.figure.axes[0].patches  # a histogram was drawn
+    label = int(features["label"].iloc[-1])
+    panel.go_to(label)
+    assert objects.selected_label == label
+    row = features.iloc[-1]
+    assert viewer.dims.point[0] == pytest.approx(row["slice"] * image.scale[0])
+    camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
+    assert camera.center[-1] == pytest.approx(row["centroid_x_nm"], abs=1e-3)
+    path = panel.save(tmp_path / "objects.csv")
+    with open(path) as f:
+        assert len(list(csv.DictReader(f))) == n
+    assert (tmp_path / "objects_summary.csv").exists()

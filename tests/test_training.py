@@ -10,7 +10,7 @@ import torch
 
 from emseg.card import ModelCard, Normalization
 from emseg.cli import main
-from emseg.dataset import (Annotated, CropSampler, load_pairs, mask_to_target, pair_inputs,
+from emseg.dataset import (Annotated, CropSampler, border_weights, load_pairs, mask_to_target, pair_inputs,
                            split_regions)
 from emseg.errors import InputError
 from emseg.metrics import IGNORE
@@ -130,6 +130,37 @@ def test_loss_ignores_unannotated_pixels():
     assert loss(logits, target).item() == pytest.approx(loss(changed, target).item(), rel=1e-6)
 
 
+def test_border_weights_are_high_on_thin_boundaries_only():
+    target = np.zeros((80, 120), np.uint8)
+    target[:, 40:42] = 1    # a 2 px boundary between two regions
+    target[:, 80:100] = 1   # a 20 px boundary
+    weight = border_weights(target, 1, w0=10, sigma=5)
+    # thin: d1 + d2 = 3 px on each boundary pixel; thick: about 21 px at its centre
+    assert weight[40, 40] == pytest.approx(1 + 10 * np.exp(-9 / 50), rel=1e-4)
+    assert weight[40, 90] == pytest.approx(1.0, abs=0.01)
+    assert weight[40, 10] < 1.5  # deep inside a region, far from the second one
+
+
+def test_weighted_loss_follows_the_weights_and_crops_carry_them():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 2, 8, 8)
+    target = torch.randint(0, 2, (1, 8, 8))
+    ones, heavy = torch.ones(1, 8, 8), torch.ones(1, 8, 8)
+    heavy[0, 0, 0] = 100
+    loss = _Loss(0.0)
+    assert loss(logits, target, ones).item() == pytest.approx(loss(logits, target).item(), rel=1e-6)
+    assert loss(logits, target, heavy).item() > loss(logits, target).item()
+    target_page = np.zeros((128, 128), np.uint8)
+    target_page[:, 60:62] = 1
+    item = Annotated(np.random.default_rng(0).random((128, 128), np.float32), target_page, "x")
+    from emseg.augment import AugmentConfig, build_transform
+    sampler = CropSampler([item], 64, rng=np.random.default_rng(0), border=(1, 10.0, 5.0),
+                          transform=build_transform(AugmentConfig(), seed=0))
+    _, targets, weights = sampler.batch(4)
+    assert weights.shape == targets.shape and float(weights.max()) > 5
+    assert float(weights[targets == 1].mean()) > float(weights[targets == 0].mean())
+
+
 # ---------------------------------------------------------------- the loop
 
 def test_train_writes_model_logs_and_pictures(tmp_path, em):
@@ -152,6 +183,23 @@ def test_sparse_training_runs_on_scribbles(em):
     items = annotations_from_arrays(image, scribbles, sparse=True)
     result = train(items, tiny_config(sparse=True))
     assert result.history[-1]["val"]["pixels"] < image[:, :, -26:].size / 6
+
+
+def test_border_weighted_training_runs(em, caplog):
+    result = train(items_from(em), tiny_config(border_weight=10.0))
+    assert result.history[-1]["val"]["mean_iou"] is not None
+    caplog.set_level("INFO")
+    train(items_from(em, sparse=True), tiny_config(border_weight=10.0, sparse=True, steps=1))
+    assert "border weighting needs dense masks" in caplog.text
+
+
+def test_time_limit_fits_the_run_and_its_schedule(em):
+    events = []
+    result = train(items_from(em), tiny_config(steps=100_000, val_every=10, time_limit_minutes=0.1, patience=10**6),
+                   progress=events.append)
+    steps = result.model.card.training["steps"]
+    assert 25 < steps < 100_000
+    assert events[-1].total_steps == steps and events[-1].lr < 0.05 * 1e-3  # the cosine reached its end
 
 
 def test_same_seed_same_weights(em):
@@ -260,9 +308,10 @@ def test_cli_yaml_config_and_bad_keys(tmp_path, stacks):
     (tmp_path / "cfg.yaml").write_text("steps: 1\nval_every: 1\nbatch_size: 2\ntile_size: 64\n"
                                        "encoder: vgg11_bn_micro\naugment:\n  noise: 0\n")
     assert main(["-q", "train", "--images", str(img), "--masks", str(msk), "--config", str(tmp_path / "cfg.yaml"),
-                 "-o", str(tmp_path / "run")]) == 0
+                 "--border-weight", "7", "-o", str(tmp_path / "run")]) == 0
     card = load_model(tmp_path / "run" / "model.safetensors").card
     assert card.training["steps"] == 1 and card.training["config"]["augment"]["noise"] == 0
+    assert card.training["config"]["border_weight"] == 7
     (tmp_path / "bad.yaml").write_text("stepz: 3\n")
     assert main(["train", "--images", str(img), "--masks", str(msk), "--config", str(tmp_path / "bad.yaml"),
                  "-o", str(tmp_path / "run2")]) == 1

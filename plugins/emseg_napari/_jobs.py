@@ -59,6 +59,35 @@ class SegmentRequest:
     device: str = "auto"
     batch_size: int = 4
     probabilities: bool = False
+    objects: ObjectOptions | None = None
+    measure_pixel_size_nm: float | None = None
+
+
+@dataclass(frozen=True)
+class ObjectOptions:
+    """How to turn the segmented classes into objects (see :func:`emseg.objects.find_instances`)."""
+
+    split: bool = False
+    min_size_px: int = 0
+    fill_holes: bool = False
+    exclude_border: bool = True
+    classes: tuple[str, ...] | None = None  # class names to find objects of; None: every foreground class
+
+
+@dataclass
+class ObjectsResult:
+    """Objects of the segmented pages and their measurements.
+
+    ``features`` has one row per label value, row 0 for the background, as napari's Labels layer
+    wants its features; ``columns`` the same without the background row (the CSV of ``emseg
+    measure``); ``summary`` the per-class rows of :func:`emseg.measure.summarize`.
+    """
+
+    instances: Any
+    table: Any
+    columns: dict[str, np.ndarray]
+    features: Any
+    summary: list[dict]
 
 
 @dataclass
@@ -72,6 +101,7 @@ class SegmentResult:
     model_path: Path
     seconds: float
     device: str
+    objects: ObjectsResult | None = None
 
 
 def segment(request: SegmentRequest, load_model: Callable[[Path], Any], *,
@@ -113,8 +143,43 @@ def segment(request: SegmentRequest, load_model: Callable[[Path], Any], *,
     if not is_stack:
         labels = labels[0]
         probs = probs[0] if probs is not None else None
+    objects = None
+    if request.objects is not None:
+        if progress is not None:
+            progress(1.0, "finding and measuring objects…")
+        pixels = np.asarray(image[pages] if pages is not None else image)
+        objects = measure_segmentation(labels, pixels, model.card.classes, request.measure_pixel_size_nm,
+                                       request.objects, pages=pages if is_stack else None)
     return SegmentResult(labels, probs, pages, model.card.classes, request.model_path,
-                         time.perf_counter() - start, str(predictor.device))
+                         time.perf_counter() - start, str(predictor.device), objects)
+
+
+def measure_segmentation(labels: np.ndarray, image: np.ndarray | None, classes: Sequence[str],
+                         pixel_size_nm: float | None, options: ObjectOptions, *, pages: Sequence[int] | None = None,
+                         name: str = "image layer") -> ObjectsResult:
+    """Objects of every foreground class of ``labels`` (per slice for a stack) and their measurements
+    in nm (px when ``pixel_size_nm`` is None), as ``emseg predict --instances --measure`` makes them.
+    ``pages``: the stack slices that ``labels`` holds, so that the ``slice`` column names them."""
+    import pandas as pd
+
+    from emseg.measure import measure_objects, object_columns, summarize
+    from emseg.objects import find_instances
+
+    class_ids = [list(classes).index(c) for c in options.classes] if options.classes else None
+    instances = find_instances(labels, split=options.split, min_size_px=options.min_size_px,
+                               fill_holes=options.fill_holes, class_ids=class_ids)
+    table = measure_objects(instances, image=image, pixel_size_nm=pixel_size_nm, class_names=classes, name=name)
+    if pages is not None:
+        table.data["slice"] = np.asarray(pages)[table.data["slice"]]
+    columns = object_columns(table)
+    background = {k: (0 if k in ("label", "class_index", "slice") else
+                      "background" if k == "class" else False if k == "touches_border" else np.nan)
+                  for k in columns}
+    features = pd.concat([pd.DataFrame([background]), pd.DataFrame(columns)], ignore_index=True)
+    features["touches_border"] = features["touches_border"].astype(bool)
+    summary = [row for row in summarize([table], exclude_border=options.exclude_border)
+               if not options.classes or row["class"] in options.classes]
+    return ObjectsResult(instances, table, columns, features, summary)
 
 
 def class_fractions(labels: np.ndarray, classes: Sequence[str]) -> str:

@@ -5,6 +5,12 @@ button. The result is a Labels layer named ``IMAGE [MODEL]`` with the image's sc
 and units, the model's class names as features, and emseg's class colours; optionally one image
 layer of probabilities per foreground class. Segmenting one slice of a stack fills that slice of
 the result layer (created with the stack's shape), so slices can be segmented one by one.
+
+With "find objects and measure them", the objects of the segmented slices become a second Labels
+layer, ``IMAGE [MODEL] objects`` (one label per object, per slice), whose ``features`` are the
+measurements of ``emseg measure`` (in nm when the image has a pixel size), and the measurements
+panel shows their table, a per-class summary and size histograms. The objects layer holds the
+objects of the last run only.
 """
 
 from __future__ import annotations
@@ -19,11 +25,11 @@ from ._utils import require_napari
 require_napari()
 
 from qtpy.QtWidgets import (  # noqa: E402
-    QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QHBoxLayout, QPushButton, QSpinBox,
+    QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QHBoxLayout, QLineEdit, QPushButton, QSpinBox,
     QWidget,
 )
 
-from ._jobs import Outcome, SegmentRequest, class_fractions, segment  # noqa: E402
+from ._jobs import ObjectOptions, Outcome, SegmentRequest, class_fractions, segment  # noqa: E402
 from ._utils import (  # noqa: E402
     MODEL_KEY, PIXEL_SIZE_KEY, ModelCache, find_layer, labels_layer_kwargs, notify_warning, page_index,
     pixel_size_of, scale_mismatch,
@@ -94,6 +100,25 @@ class SegmentWidget(StatusWidget):
         self.rescale.setChecked(True)
         self.rescale.setToolTip("Rescale the image to the pixel size the model was trained at (when both "
                                 "are known), and the result back. Untick to segment at the image's pixels")
+        self.objects = QCheckBox("find objects and measure them")
+        self.objects.setToolTip("Number the objects of every foreground class (connected pixels, per slice) and "
+                                "measure them: area, diameter, axes, shape, intensity, in nm when the pixel size "
+                                "is known. Adds an objects layer and the measurements panel")
+        self.object_classes = QLineEdit()
+        self.object_classes.setToolTip("Comma-separated classes to find objects of; empty: every foreground class. "
+                                       "Filled from the model, without membrane-like classes (a membrane network "
+                                       "is not a set of objects)")
+        self.split = QCheckBox("split touching objects")
+        self.split.setToolTip("Separate touching objects at their necks (distance transform + watershed)")
+        self.min_size = QSpinBox()
+        self.min_size.setRange(0, 10_000_000)
+        self.min_size.setSuffix(" px")
+        self.min_size.setSpecialValueText("keep all")
+        self.min_size.setToolTip("Drop objects smaller than this many pixels (specks)")
+        self.objects.toggled.connect(self._on_objects_toggled)
+        self._on_objects_toggled(False)
+        self.measurements = None
+        self.last_objects_layer = None
 
         form = QFormLayout()
         form.addRow("Model", self.model)
@@ -106,6 +131,10 @@ class SegmentWidget(StatusWidget):
         form.addRow("", self.rescale)
         form.addRow("", self.tta)
         form.addRow("", self.probabilities)
+        form.addRow("Objects", self.objects)
+        form.addRow("Object classes", self.object_classes)
+        form.addRow("", self.split)
+        form.addRow("Min. size", self.min_size)
 
         self.slice_button = QPushButton("Segment slice")
         self.slice_button.setToolTip("Segment the slice shown in the viewer")
@@ -144,11 +173,16 @@ class SegmentWidget(StatusWidget):
 
     def _set_running(self, running: bool) -> None:
         for w in (self.slice_button, self.stack_button, self.model, self.image, self.tile, self.overlap,
-                  self.device, self.tta, self.probabilities, self.rescale, self.pixel_size):
+                  self.device, self.tta, self.probabilities, self.rescale, self.pixel_size, self.objects):
             w.setEnabled(not running)
+        self._on_objects_toggled(self.objects.isChecked() and not running)
         self.progress.button.setEnabled(running)
         if running:
             self.progress.set(0.0, "starting…")
+
+    def _on_objects_toggled(self, on: bool) -> None:
+        for w in (self.split, self.min_size, self.object_classes):
+            w.setEnabled(on)
 
     def _on_model_changed(self) -> None:
         """Show the model's classes and take its tile size and overlap."""
@@ -165,6 +199,9 @@ class SegmentWidget(StatusWidget):
             return
         scale = f", trained at {card.pixel_size_nm:.3g} nm/px" if card.pixel_size_nm else ""
         self.model_info.setText(f"{card.encoder}: {', '.join(card.classes)}{scale}")
+        from emseg.metrics import boundary_class_of
+        boundary = boundary_class_of(card.classes)
+        self.object_classes.setText(", ".join(c for i, c in enumerate(card.classes) if i and i != boundary))
         self.tile.setValue(card.tile_size)
         self.overlap.setValue(card.overlap)
 
@@ -235,10 +272,25 @@ class SegmentWidget(StatusWidget):
             if mismatch:
                 notify_warning(f"'{image.name}': {mismatch}")
                 pixel_size = None
+        object_classes = tuple(c.strip() for c in self.object_classes.text().split(",") if c.strip()) or None
+        if self.objects.isChecked() and object_classes:
+            from emseg.modelfile import load_card
+            try:
+                known = load_card(model_path).classes
+            except Exception:  # noqa: BLE001 - the job reports a broken model file
+                known = object_classes
+            unknown = [c for c in object_classes if c not in known]
+            if unknown:
+                self._message(f"Object classes {', '.join(unknown)} are not classes of {model_path.stem} "
+                              f"({', '.join(known[1:])}); correct them or leave the field empty for all", error=True)
+                return False
         request = SegmentRequest(
             model_path=model_path, image=data, pages=pages, pixel_size_nm=pixel_size,
             tile=self.tile.value(), overlap=min(self.overlap.value(), self.tile.value() - 1), tta=self.tta.isChecked(),
-            device=self.device.currentText(), probabilities=self.probabilities.isChecked())
+            device=self.device.currentText(), probabilities=self.probabilities.isChecked(),
+            objects=ObjectOptions(split=self.split.isChecked(), min_size_px=self.min_size.value(),
+                                  classes=object_classes) if self.objects.isChecked() else None,
+            measure_pixel_size_nm=pixel_size_of(image))
         what = "the whole stack" if data.ndim == 3 and pages is None else (
             f"slice {pages[0] + 1}" if pages else "the image")
 
@@ -273,8 +325,12 @@ class SegmentWidget(StatusWidget):
         self.progress.set(1.0, "done")
         pages = "" if result.pages is None else (
             f"slice {result.pages[0] + 1} of " if len(result.pages) == 1 else f"{len(result.pages)} slices of ")
+        found = ""
+        if result.objects is not None:
+            self.last_objects_layer = self._show_objects(result, image, shape)
+            found = f"; {len(result.objects.table)} objects measured"
         self._message(f"Segmented {pages}'{image.name}' with {result.model_path.stem} in {result.seconds:.1f} s "
-                      f"({result.device}): {class_fractions(result.labels, result.classes)}")
+                      f"({result.device}): {class_fractions(result.labels, result.classes)}{found}")
 
     # -- results ------------------------------------------------------------------------------
 
@@ -312,6 +368,30 @@ class SegmentWidget(StatusWidget):
             return self.viewer.add_labels(data, name=name, opacity=0.6, **kwargs)
 
         return self._place(name, Labels, shape, fill, make)
+
+    def _show_objects(self, result, image, shape):
+        """The objects layer (replaced by every run) and the measurements panel."""
+        from napari.layers import Labels
+
+        from ._measurements import dock_measurements
+        objects = result.objects
+        labels = objects.instances.labels
+        if result.pages is not None and len(result.pages) != shape[0]:
+            data = np.zeros(shape, labels.dtype)
+            data[result.pages] = labels
+        else:
+            data = labels
+        name = f"{image.name} [{result.model_path.stem}] objects"
+        existing = find_layer(self.viewer, name, Labels)
+        if existing is not None:
+            self.viewer.layers.remove(existing)
+        layer = self.viewer.add_labels(
+            data, name=name, features=objects.features, scale=tuple(image.scale), translate=tuple(image.translate),
+            units=image.units, opacity=0.7, visible=True,
+            metadata={PIXEL_SIZE_KEY: pixel_size_of(image), MODEL_KEY: str(result.model_path)})
+        self.measurements = dock_measurements(self.viewer, self.measurements)
+        self.measurements.show_result(objects, layer)
+        return layer
 
     def _show_probabilities(self, result, image, shape) -> None:
         from napari.layers import Image

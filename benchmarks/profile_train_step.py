@@ -1,0 +1,97 @@
+"""Where the time of one CPU training step goes (emseg's defaults, ISBI 2012 crops).
+
+    python benchmarks/profile_train_step.py [--encoder vgg11_bn_slim] [--steps 12] [--border-weight 0]
+
+Times, per step of batch 8 x 256 px: making the batch (crop + augment, done by a background
+thread during training), forward, loss, backward and the optimizer step, in channels-last and in
+the default memory format, and prints torch.profiler's top operators. Needs ../shared/data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "isbi2012"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--encoder", default=None)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--border-weight", type=float, default=0.0)
+    args = parser.parse_args()
+    if not DATA.exists():
+        print(f"skipped: {DATA} is absent")
+        return 0
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    import tifffile
+    from emseg.augment import AugmentConfig, build_transform
+    from emseg.dataset import CropSampler
+    from emseg.models import DEFAULT_ENCODER, build_unet
+    from emseg.training import TrainConfig, _Loss, annotations_from_arrays
+
+    config = TrainConfig()
+    encoder = args.encoder or DEFAULT_ENCODER
+    images = tifffile.imread(DATA / "train-volume.tif")[:24]
+    masks = tifffile.imread(DATA / "train-membranes.tif")[:24]
+    items = annotations_from_arrays(images, masks, sparse=False, pixel_size_nm=4.0)
+    t0 = time.perf_counter()
+    border = (1, args.border_weight, config.border_sigma) if args.border_weight else None
+    sampler = CropSampler(items, config.tile_size, rng=np.random.default_rng(0),
+                          transform=build_transform(AugmentConfig(), seed=0), border=border)
+    setup = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    batches = [sampler.batch(config.batch_size) for _ in range(args.steps)]
+    data_s = (time.perf_counter() - t0) / args.steps
+    print(f"{encoder}, batch {config.batch_size} x {config.tile_size} px, torch threads {torch.get_num_threads()}")
+    print(f"sampler set-up {setup:.2f} s (border weights: {bool(border)}); making one batch: {data_s * 1000:.0f} ms")
+    for channels_last in (True, False):
+        torch.manual_seed(0)
+        net = build_unet(encoder, 2)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        net = net.to(memory_format=fmt).train()
+        loss_fn = _Loss(config.dice_weight)
+        opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        parts = {"forward": [], "loss": [], "backward": [], "optimizer": []}
+        for i, (x, y, w) in enumerate(batches):
+            x = x.contiguous(memory_format=fmt)
+            t = [time.perf_counter()]
+            out = net(x)
+            t.append(time.perf_counter())
+            loss = loss_fn(out, y, w)
+            t.append(time.perf_counter())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            t.append(time.perf_counter())
+            opt.step()
+            t.append(time.perf_counter())
+            if i >= 2:  # warm-up steps left out
+                for k, name in enumerate(parts):
+                    parts[name].append(t[k + 1] - t[k])
+        total = sum(np.median(v) for v in parts.values())
+        print(f"channels-last={channels_last}: step {total:.3f} s = " +
+              ", ".join(f"{k} {np.median(v):.3f} s ({100 * np.median(v) / total:.0f} %)" for k, v in parts.items()))
+    from torch.profiler import ProfilerActivity, profile
+    net = build_unet(encoder, 2).to(memory_format=torch.channels_last).train()
+    opt = torch.optim.AdamW(net.parameters(), lr=config.lr)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for x, y, w in batches[:3]:
+            loss = loss_fn(net(x.contiguous(memory_format=torch.channels_last)), y, w)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    sys.exit(main())
