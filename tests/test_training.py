@@ -188,7 +188,7 @@ def test_sparse_training_runs_on_scribbles(em):
 def test_border_weighted_training_runs(em, caplog):
     result = train(items_from(em), tiny_config(border_weight=10.0))
     assert result.history[-1]["val"]["mean_iou"] is not None
-    caplog.set_level("INFO")
+    caplog.set_level("INFO", logger="emseg.training")  # the CLI tests may have quietened "emseg"
     train(items_from(em, sparse=True), tiny_config(border_weight=10.0, sparse=True, steps=1))
     assert "border weighting needs dense masks" in caplog.text
 
