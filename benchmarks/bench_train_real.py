@@ -102,8 +102,15 @@ def parse_settings(pairs: list[str]) -> dict:
         if key not in fields:
             raise SystemExit(f"--set {pair}: {key!r} is not a training setting ({', '.join(fields)})")
         default = fields[key].default
-        out[key] = type(default)(value) if isinstance(default, (int, float)) and not isinstance(default, bool) \
-            else (value.lower() in ("1", "true", "yes") if isinstance(default, bool) else value)
+        if isinstance(default, bool):
+            out[key] = value.lower() in ("1", "true", "yes")
+        elif isinstance(default, (int, float)):
+            out[key] = type(default)(value)
+        else:  # str, or None for optional numbers (time_limit_minutes, pixel_size_nm)
+            try:
+                out[key] = value if isinstance(default, str) else float(value)
+            except ValueError:
+                out[key] = value
     return out
 
 

@@ -257,8 +257,9 @@ def train(data: Sequence[Annotated], config: TrainConfig, out_dir: str | Path | 
     border = None
     if config.border_weight > 0 and boundary is not None and not config.sparse:
         border = (boundary, config.border_weight, config.border_sigma)
-    elif config.border_weight > 0:
-        log.info("border weighting needs dense masks with a boundary class (e.g. 'membrane'); not used")
+    elif config.border_weight > 0 and boundary is not None:
+        log.info("border weighting needs dense masks with a boundary class (e.g. 'membrane'); not used "
+                 "with sparse labels, whose regions are unknown")
     sampler = CropSampler(train_items, config.tile_size, rng=rng,
                           transform=build_transform(config.augment, seed=int(rng.integers(2**31))),
                           bias=0.9 if config.sparse else 0.5, border=border)

@@ -147,7 +147,7 @@ def segment(request: SegmentRequest, load_model: Callable[[Path], Any], *,
     if request.objects is not None:
         if progress is not None:
             progress(1.0, "finding and measuring objects…")
-        pixels = np.asarray(image[pages] if pages is not None else image)
+        pixels = np.asarray(image[pages] if pages is not None and len(pages) < image.shape[0] else image)
         objects = measure_segmentation(labels, pixels, model.card.classes, request.measure_pixel_size_nm,
                                        request.objects, pages=pages if is_stack else None)
     return SegmentResult(labels, probs, pages, model.card.classes, request.model_path,
