@@ -4,9 +4,15 @@
     python benchmarks/bench_train_real.py epfl  [--minutes 30]   # mitochondria, last 5 slices held out
     python benchmarks/bench_train_real.py nasa  [--minutes 30]   # superalloy precipitates, train / val
     python benchmarks/bench_train_real.py finetune [--minutes 5] # ISBI model -> 2 EPFL slices
+    python benchmarks/bench_train_real.py isbi-errors --base M   # where M's errors on 24-29 lie, and
+                                                                 # docs/img/isbi_errors.png
 
     --tta             also evaluate with test-time augmentation
     --set KEY=VALUE   change a training setting (a TrainConfig field), e.g. --set border_weight=0
+    --augment P=S     augmentation part strength as in `emseg train --augment`, e.g. elastic=0
+    --widths W1,..,W5 train a VGG-11-BN U-Net of these encoder widths (decoder: 8x, 4x, 2x, 1x, 1x W1)
+    --val-on-heldout  validate (choose the best weights) on the held-out slices, train on all of the
+                      training slices (default: hold out the right-hand 20 % strip of every training slice)
     --tag NAME        name of the run (default: the data set), for runs/bench/NAME.json
 
 Each run trains with `emseg.training.train` and the defaults of `emseg train` (only the classes,
@@ -92,6 +98,68 @@ def membrane_study(model, images: np.ndarray, masks: np.ndarray, tta: bool = Fal
     return sweep
 
 
+def error_by_edge_distance(model, images: np.ndarray, masks: np.ndarray) -> dict:
+    """Where the pixel errors (argmax) lie: by distance (px) to the nearest annotated membrane edge.
+
+    For each band, the share of all pixels, the error rate inside it and its part of the pixel
+    error; errors on pixels that touch an edge are one-pixel disagreements on a membrane's width.
+    """
+    from scipy import ndimage as ndi
+    predictor = model.predictor(device="auto")
+    target = masks > 0
+    pred = np.stack([predictor.predict_page(page)[1] >= 0.5 for page in images])
+    # distance of a membrane pixel to the nearest cell pixel and of a cell pixel to the nearest membrane
+    dist = np.stack([np.where(t, ndi.distance_transform_edt(t), ndi.distance_transform_edt(~t)) for t in target])
+    wrong = pred != target
+    bands = {"1 (touching an edge)": (0, 1), "2": (1, 2), "3": (2, 3), "4-5": (3, 5), ">5": (5, np.inf)}
+    out = {"false_membrane": float((pred & ~target).mean()), "missed_membrane": float((~pred & target).mean())}
+    for name, (lo, hi) in bands.items():
+        band = (dist > lo + 0.01) & (dist <= hi + 0.01)
+        out[name] = {"pixels": float(band.mean()), "error_rate": float(wrong[band].mean()),
+                     "pixel_error_part": float((wrong & band).mean())}
+    return out
+
+
+def errors_figure(model, image: np.ndarray, mask: np.ndarray, path: Path, crop: int = 256) -> Path:
+    """PNG of one held-out slice: image, annotation, prediction and where the two disagree.
+
+    Disagreements on pixels touching an annotated membrane edge (one-pixel width differences) are drawn
+    pale, the others (missed or invented membrane pieces) saturated.
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+    from scipy import ndimage as ndi
+    target = mask > 0
+    pred = model.predictor(device="auto").predict_page(image)[1] >= 0.5
+    edge = np.where(target, ndi.distance_transform_edt(target), ndi.distance_transform_edt(~target)) <= 1.01
+    colours = {"false membrane, at an edge": ((pred & ~target & edge), (1.0, 0.75, 0.6)),
+               "false membrane, away from edges": ((pred & ~target & ~edge), (0.85, 0.0, 0.0)),
+               "missed membrane, at an edge": ((~pred & target & edge), (0.6, 0.8, 1.0)),
+               "missed membrane, away from edges": ((~pred & target & ~edge), (0.0, 0.2, 0.9))}
+    errors = np.ones((*target.shape, 3))
+    for where, colour in colours.values():
+        errors[where] = colour
+    view = (slice(0, crop), slice(0, crop))
+    fig, axes = plt.subplots(1, 4, figsize=(16, 5.2), constrained_layout=True)
+    panels = [(image, "image (ISBI 2012 slice 24)"), (target, "annotated membranes"),
+              (pred, f"prediction (pixel error {np.mean(pred != target):.3f} on the slice)"),
+              (errors, "disagreements")]
+    for ax, (data, title) in zip(axes, panels):
+        ax.imshow(data[view], cmap="gray", interpolation="nearest")
+        ax.set_title(title, fontsize=10)
+        ax.set_axis_off()
+    fig.legend(handles=[Patch(color=c, label=f"{name} ({w.mean():.3f} of the slice)")
+                        for name, (w, c) in colours.items()], loc="outside lower center", ncol=2, frameon=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
 def parse_settings(pairs: list[str]) -> dict:
     """``KEY=VALUE`` strings to TrainConfig keyword arguments (numbers parsed)."""
     from emseg.training import TrainConfig
@@ -114,15 +182,19 @@ def parse_settings(pairs: list[str]) -> dict:
     return out
 
 
-def train_on(name, images, masks, classes, pixel_nm, minutes, *, base=None, sparse=False, steps=None, **settings):
+def train_on(name, images, masks, classes, pixel_nm, minutes, *, base=None, sparse=False, steps=None, val=None,
+             **settings):
+    """Train with `emseg train`'s code; ``val``: (images, masks) held out for validation, else strips."""
     from emseg.card import Normalization
     from emseg.training import TrainConfig, annotations_from_arrays, train
     norm = base.card.normalization if base else Normalization()
     items = annotations_from_arrays(images, masks, sparse=sparse, pixel_size_nm=pixel_nm, name=name, norm=norm)
+    val_items = None if val is None else annotations_from_arrays(*val, sparse=False, pixel_size_nm=pixel_nm,
+                                                                 name=f"{name} held out", norm=norm)
     config = TrainConfig(classes=classes, pixel_size_nm=pixel_nm, time_limit_minutes=minutes, sparse=sparse,
                          steps=steps or TrainConfig.steps, name=f"bench {name}", **settings)
     start = time.perf_counter()
-    result = train(items, config, RUNS / name, base=base)
+    result = train(items, config, RUNS / name, base=base, val_data=val_items)
     return result, time.perf_counter() - start
 
 
@@ -136,16 +208,29 @@ def scribbles_from(masks: np.ndarray, every: int = 16, width: int = 3) -> np.nda
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("dataset", choices=["isbi", "epfl", "nasa", "finetune"])
+    parser.add_argument("dataset", choices=["isbi", "epfl", "nasa", "finetune", "isbi-errors"])
     parser.add_argument("--minutes", type=float, default=30.0, help="training time limit")
     parser.add_argument("--tta", action="store_true", help="also evaluate with test-time augmentation")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="change a training setting (a TrainConfig field); repeatable")
+    parser.add_argument("--augment", action="append", default=[], metavar="PART=STRENGTH",
+                        help="augmentation strength, as `emseg train --augment` (repeatable)")
+    parser.add_argument("--widths", help="width study: VGG-11-BN encoder widths, e.g. 24,48,96,192,192")
+    parser.add_argument("--val-on-heldout", action="store_true",
+                        help="validate on the held-out slices (ISBI: 24-29, the issue's split) and train on all of "
+                             "the training slices, instead of holding out a strip of every training slice")
     parser.add_argument("--tag", help="name of the run (default: the data set)")
     parser.add_argument("--base", type=Path, default=RUNS / "isbi" / "model.safetensors",
-                        help="finetune: the ISBI-trained model to start from")
+                        help="finetune: the ISBI-trained model to start from; isbi-errors: the model to study")
     args = parser.parse_args()
     settings = parse_settings(args.set)
+    if args.augment:
+        from emseg.cli_train import _augment_config
+        settings["augment"] = _augment_config(argparse.Namespace(augment_preset=None, augment=args.augment), {})
+    if args.widths:
+        from emseg.models import register_narrow_vgg
+        w = tuple(int(v) for v in args.widths.split(","))
+        settings["encoder"] = register_narrow_vgg(w, (8 * w[0], 4 * w[0], 2 * w[0], w[0], w[0]))
     tag = args.tag or args.dataset
     if not DATA.exists():
         print(f"skipped: the shared data folder {DATA} is absent")
@@ -153,10 +238,18 @@ def main() -> int:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     import logging
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    report = {"dataset": args.dataset, "machine": _machine(), "minutes": args.minutes, "settings": settings}
+    report = {"dataset": args.dataset, "machine": _machine(), "minutes": args.minutes,
+              "settings": {k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in settings.items()}}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        if args.dataset == "finetune":
+        if args.dataset == "isbi-errors":
+            from emseg.modelfile import load_model
+            model = load_model(args.base)
+            _, _, vimg, vmsk, _, _ = load("isbi")
+            report["model"] = str(args.base)
+            report["error_by_edge_distance"] = error_by_edge_distance(model, vimg, vmsk)
+            report["figure"] = str(errors_figure(model, vimg[0], vmsk[0], ROOT / "docs" / "img" / "isbi_errors.png"))
+        elif args.dataset == "finetune":
             from emseg.modelfile import load_model
             base_path = args.base
             if not base_path.exists():
@@ -181,7 +274,9 @@ def main() -> int:
                                  for k, v in rows.items()}
         else:
             img, msk, vimg, vmsk, classes, px = load(args.dataset)
-            result, seconds = train_on(tag, img, msk, classes, px, args.minutes, **settings)
+            result, seconds = train_on(tag, img, msk, classes, px, args.minutes,
+                                       val=(vimg, vmsk) if args.val_on_heldout else None, **settings)
+            report["validation"] = "held-out slices" if args.val_on_heldout else "strips of the training slices"
             report["train_seconds"] = round(seconds)
             report["steps"] = result.model.card.training["steps"]
             report["encoder"] = result.model.card.encoder
@@ -190,6 +285,7 @@ def main() -> int:
                 report["metrics_tta"] = evaluate_arrays(result.model, vimg, vmsk, tmp, tta=True)
             if args.dataset == "isbi":
                 report["membrane_threshold_study"] = membrane_study(result.model, vimg, vmsk)
+                report["error_by_edge_distance"] = error_by_edge_distance(result.model, vimg, vmsk)
     text = json.dumps(report, indent=1)
     print(text)
     out = RUNS / f"{tag}.json"

@@ -88,6 +88,34 @@ def _densenet_out_channels(init: int, growth: int, blocks: tuple[int, ...]) -> l
     return out
 
 
+def _register_narrow_vgg(name: str, widths: tuple[int, ...]) -> None:
+    """Put a VGG-11-BN with ``widths`` channels per block into smp's table as ``NAME_emseg``."""
+    _smp_encoders.setdefault(f"{name}_emseg", {
+        "encoder": LeanVGGEncoder,
+        "pretrained_settings": {},
+        "params": {
+            "out_channels": [*widths, widths[-1]],
+            "config": _vgg_config(widths, (1, 1, 2, 2, 2)),
+            "batch_norm": True,
+        },
+    })
+
+
+def register_narrow_vgg(widths: tuple[int, ...], decoder_channels: tuple[int, ...]) -> str:
+    """Register a VGG-11-BN of other widths for this process (width studies); returns its name.
+
+    The name, ``vgg11_bn_w<widths>``, is known only to the process that registered it, so a model
+    file made with it loads only after the same call.
+    """
+    if len(widths) != 5 or len(decoder_channels) != 5:
+        raise ValueError("a VGG-11 U-Net needs 5 encoder and 5 decoder widths")
+    name = "vgg11_bn_w" + "-".join(map(str, widths))
+    _register_narrow_vgg(name, tuple(widths))
+    ENCODERS.setdefault(name, EncoderSpec(name, "vgg", f"VGG-11-BN, {'-'.join(map(str, widths))} channels",
+                                          tuple(decoder_channels)))
+    return name
+
+
 def _register_encoders() -> None:
     """Add emseg's encoders to smp's table under ``NAME_emseg`` keys (idempotent).
 
@@ -98,17 +126,8 @@ def _register_encoders() -> None:
                                                    "params": dict(_smp_encoders[name]["params"])})
     for name in ("densenet121", "densenet169", "densenet201", "densenet161"):
         _smp_encoders.setdefault(f"{name}_emseg", {**_smp_encoders[name], "pretrained_settings": {}})
-    vgg11_convs = (1, 1, 2, 2, 2)
     for name, widths in (("vgg11_bn_slim", (16, 32, 64, 128, 128)), ("vgg11_bn_micro", (8, 16, 32, 64, 64))):
-        _smp_encoders.setdefault(f"{name}_emseg", {
-            "encoder": LeanVGGEncoder,
-            "pretrained_settings": {},
-            "params": {
-                "out_channels": [*widths, widths[-1]],
-                "config": _vgg_config(widths, vgg11_convs),
-                "batch_norm": True,
-            },
-        })
+        _register_narrow_vgg(name, widths)
     init, growth, blocks = 24, 12, (2, 4, 8, 6)
     _smp_encoders.setdefault("densenet_slim_emseg", {
         "encoder": DenseNetEncoder,

@@ -54,3 +54,17 @@ def test_full_size_encoders_build_on_meta():
 def test_at_least_two_classes():
     with pytest.raises(ValueError, match="at least 2 classes"):
         build_unet("vgg11_bn_micro", 1)
+
+
+def test_width_study_encoders_register_and_build_at_their_width():
+    from emseg.models import register_narrow_vgg
+    name = register_narrow_vgg((12, 24, 48, 96, 96), (96, 48, 24, 12, 12))
+    assert name == "vgg11_bn_w12-24-48-96-96" and name in ENCODERS
+    net = build_unet(name, 2).eval()
+    first_conv = next(m for m in net.encoder.modules() if isinstance(m, torch.nn.Conv2d))
+    assert first_conv.out_channels == 12
+    with torch.no_grad():
+        assert net(torch.randn(1, 1, 64, 64)).shape == (1, 2, 64, 64)
+    assert register_narrow_vgg((12, 24, 48, 96, 96), (96, 48, 24, 12, 12)) == name  # idempotent
+    with pytest.raises(ValueError, match="5 encoder and 5 decoder"):
+        register_narrow_vgg((8, 16), (16, 8))
