@@ -77,12 +77,22 @@ def evaluate_arrays(model, images: np.ndarray, masks: np.ndarray, tmp: Path, tta
     return evaluate(predictor, [(tmp / "val_img.tif", tmp / "val_msk.tif")])["summary"]
 
 
-def membrane_study(model, images: np.ndarray, masks: np.ndarray, tta: bool = False) -> dict:
+def membrane_probs(model, images: np.ndarray) -> np.ndarray:
+    """The model's membrane (second class) probability on every held-out slice."""
+    predictor = model.predictor(device="auto")
+    return np.stack([predictor.predict_page(page)[1] for page in images])
+
+
+def edge_distance(target: np.ndarray) -> np.ndarray:
+    """Distance (px) of each pixel of a 2D membrane mask to the nearest pixel on the other side of an edge."""
+    from scipy import ndimage as ndi
+    return np.where(target, ndi.distance_transform_edt(target), ndi.distance_transform_edt(~target))
+
+
+def membrane_study(probs: np.ndarray, masks: np.ndarray) -> dict:
     """Sensitivity of the ISBI metrics to the membrane threshold, and the Rand error without border
     thinning (predicted membrane pixels scored as one more region), on the held-out slices."""
     from emseg.metrics import adapted_rand_error
-    predictor = model.predictor(tta=tta, device="auto")
-    probs = [predictor.predict_page(page)[1] for page in images]
     target = (masks > 0).astype(np.uint8)
     sweep = {}
     for threshold in (0.3, 0.4, 0.5, 0.6):
@@ -98,18 +108,15 @@ def membrane_study(model, images: np.ndarray, masks: np.ndarray, tta: bool = Fal
     return sweep
 
 
-def error_by_edge_distance(model, images: np.ndarray, masks: np.ndarray) -> dict:
+def error_by_edge_distance(probs: np.ndarray, masks: np.ndarray) -> dict:
     """Where the pixel errors (argmax) lie: by distance (px) to the nearest annotated membrane edge.
 
     For each band, the share of all pixels, the error rate inside it and its part of the pixel
     error; errors on pixels that touch an edge are one-pixel disagreements on a membrane's width.
     """
-    from scipy import ndimage as ndi
-    predictor = model.predictor(device="auto")
     target = masks > 0
-    pred = np.stack([predictor.predict_page(page)[1] >= 0.5 for page in images])
-    # distance of a membrane pixel to the nearest cell pixel and of a cell pixel to the nearest membrane
-    dist = np.stack([np.where(t, ndi.distance_transform_edt(t), ndi.distance_transform_edt(~t)) for t in target])
+    pred = probs >= 0.5
+    dist = np.stack([edge_distance(t) for t in target])
     wrong = pred != target
     bands = {"1 (touching an edge)": (0, 1), "2": (1, 2), "3": (2, 3), "4-5": (3, 5), ">5": (5, np.inf)}
     out = {"false_membrane": float((pred & ~target).mean()), "missed_membrane": float((~pred & target).mean())}
@@ -137,7 +144,7 @@ def annotation_against_itself(masks: np.ndarray) -> dict:
     return out
 
 
-def errors_figure(model, image: np.ndarray, mask: np.ndarray, path: Path, crop: int = 256) -> Path:
+def errors_figure(image: np.ndarray, mask: np.ndarray, prob: np.ndarray, path: Path, crop: int = 256) -> Path:
     """PNG of one held-out slice: image, annotation, prediction and where the two disagree.
 
     Disagreements on pixels touching an annotated membrane edge (one-pixel width differences) are drawn
@@ -147,10 +154,9 @@ def errors_figure(model, image: np.ndarray, mask: np.ndarray, path: Path, crop: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
-    from scipy import ndimage as ndi
     target = mask > 0
-    pred = model.predictor(device="auto").predict_page(image)[1] >= 0.5
-    edge = np.where(target, ndi.distance_transform_edt(target), ndi.distance_transform_edt(~target)) <= 1.01
+    pred = prob >= 0.5
+    edge = edge_distance(target) <= 1.01
     colours = {"false membrane, at an edge": ((pred & ~target & edge), (1.0, 0.75, 0.6)),
                "false membrane, away from edges": ((pred & ~target & ~edge), (0.85, 0.0, 0.0)),
                "missed membrane, at an edge": ((~pred & target & edge), (0.6, 0.8, 1.0)),
@@ -264,9 +270,10 @@ def main() -> int:
             model = load_model(args.base)
             _, _, vimg, vmsk, _, _ = load("isbi")
             report["model"] = str(args.base)
-            report["error_by_edge_distance"] = error_by_edge_distance(model, vimg, vmsk)
+            probs = membrane_probs(model, vimg)
+            report["error_by_edge_distance"] = error_by_edge_distance(probs, vmsk)
             report["annotation_against_itself"] = annotation_against_itself(vmsk)
-            report["figure"] = str(errors_figure(model, vimg[0], vmsk[0], ROOT / "docs" / "img" / "isbi_errors.png"))
+            report["figure"] = str(errors_figure(vimg[0], vmsk[0], probs[0], ROOT / "docs" / "img" / "isbi_errors.png"))
         elif args.dataset == "finetune":
             from emseg.modelfile import load_model
             base_path = args.base
@@ -302,8 +309,9 @@ def main() -> int:
             if args.tta:
                 report["metrics_tta"] = evaluate_arrays(result.model, vimg, vmsk, tmp, tta=True)
             if args.dataset == "isbi":
-                report["membrane_threshold_study"] = membrane_study(result.model, vimg, vmsk)
-                report["error_by_edge_distance"] = error_by_edge_distance(result.model, vimg, vmsk)
+                probs = membrane_probs(result.model, vimg)
+                report["membrane_threshold_study"] = membrane_study(probs, vmsk)
+                report["error_by_edge_distance"] = error_by_edge_distance(probs, vmsk)
     text = json.dumps(report, indent=1)
     print(text)
     out = RUNS / f"{tag}.json"
