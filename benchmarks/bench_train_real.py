@@ -305,6 +305,7 @@ def main() -> int:
             report["train_seconds"] = round(seconds)
             report["steps"] = result.model.card.training["steps"]
             report["encoder"] = result.model.card.encoder
+            report["parameters"] = sum(p.numel() for p in result.model.net.parameters())
             report["metrics"] = evaluate_arrays(result.model, vimg, vmsk, tmp)
             if args.tta:
                 report["metrics_tta"] = evaluate_arrays(result.model, vimg, vmsk, tmp, tta=True)
