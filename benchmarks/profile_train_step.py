@@ -1,10 +1,11 @@
 """Where the time of one CPU training step goes (emseg's defaults, ISBI 2012 crops).
 
-    python benchmarks/profile_train_step.py [--encoder vgg11_bn_slim] [--steps 12] [--border-weight 0]
+    python benchmarks/profile_train_step.py [--encoder vgg11_bn_slim] [--steps 12] [--border-weight 0] [--compile]
 
 Times, per step of batch 8 x 256 px: making the batch (crop + augment, done by a background
 thread during training), forward, loss, backward and the optimizer step, in channels-last and in
-the default memory format, and prints torch.profiler's top operators. Needs ../shared/data.
+the default memory format (and, with --compile, channels-last under torch.compile), and prints
+torch.profiler's top operators. Needs ../shared/data.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ def main() -> int:
     parser.add_argument("--encoder", default=None)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--border-weight", type=float, default=0.0)
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the channels-last step with the network under torch.compile (inductor)")
     args = parser.parse_args()
     if not DATA.exists():
         print(f"skipped: {DATA} is absent")
@@ -53,13 +56,17 @@ def main() -> int:
     data_s = (time.perf_counter() - t0) / args.steps
     print(f"{encoder}, batch {config.batch_size} x {config.tile_size} px, torch threads {torch.get_num_threads()}")
     print(f"sampler set-up {setup:.2f} s (border weights: {bool(border)}); making one batch: {data_s * 1000:.0f} ms")
-    for channels_last in (True, False):
+    variants = [(True, False), (False, False)] + ([(True, True)] if args.compile else [])
+    for channels_last, compiled in variants:
         torch.manual_seed(0)
         net = build_unet(encoder, 2)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         net = net.to(memory_format=fmt).train()
-        loss_fn = _Loss(config.dice_weight)
         opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        if compiled:
+            t0 = time.perf_counter()
+            net = torch.compile(net)
+        loss_fn = _Loss(config.dice_weight)
         parts = {"forward": [], "loss": [], "backward": [], "optimizer": []}
         for i, (x, y, w) in enumerate(batches):
             x = x.contiguous(memory_format=fmt)
@@ -73,11 +80,13 @@ def main() -> int:
             t.append(time.perf_counter())
             opt.step()
             t.append(time.perf_counter())
+            if compiled and i == 0:
+                print(f"torch.compile: first step (compilation) {t[-1] - t0:.1f} s")
             if i >= 2:  # warm-up steps left out
                 for k, name in enumerate(parts):
                     parts[name].append(t[k + 1] - t[k])
         total = sum(np.median(v) for v in parts.values())
-        print(f"channels-last={channels_last}: step {total:.3f} s = " +
+        print(f"channels-last={channels_last}{', torch.compile' if compiled else ''}: step {total:.3f} s = " +
               ", ".join(f"{k} {np.median(v):.3f} s ({100 * np.median(v) / total:.0f} %)" for k, v in parts.items()))
     from torch.profiler import ProfilerActivity, profile
     net = build_unet(encoder, 2).to(memory_format=torch.channels_last).train()

@@ -74,7 +74,86 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     os.replace(tmp, path)
 
 
-class TiffStackWriter:
+class StackWriterBase:
+    """What the page-by-page writers share: shape and dtype rules, and the atomic close/abort protocol.
+
+    A subclass writes into a temporary path and implements ``_raise_pending()`` (wait for or
+    check the background writes, raising if one failed), ``_pages_written()``, ``_commit()``
+    (finish and rename the temporary output onto ``path``) and ``_discard()`` (stop and delete it).
+    """
+
+    path: Path
+
+    def _init_shape(self, path: str | os.PathLike, shape: tuple[int, ...], dtype: Any,
+                    pixel_size_nm: float | None) -> float | None:
+        """Set path, shape, dtype, n_pages and the page shape; return the checked pixel size."""
+        self.path = Path(path)
+        self.shape = tuple(int(n) for n in shape)
+        self.dtype = np.dtype(dtype)
+        if not 2 <= len(self.shape) <= 4 or min(self.shape) < 1:
+            raise ValueError(f"{self.path}: cannot write shape {self.shape}; expected (h, w), "
+                             "(pages, h, w) or (pages, C, h, w) with all sizes >= 1")
+        self.n_pages = 1 if len(self.shape) == 2 else self.shape[0]
+        self._page_shape = self.shape if len(self.shape) == 2 else self.shape[1:]
+        self._state = "open"  # -> "closed" | "aborted"
+        if pixel_size_nm is None:
+            return None
+        pixel_size_nm = float(pixel_size_nm)
+        if not (math.isfinite(pixel_size_nm) and pixel_size_nm > 0):
+            raise ValueError(f"{self.path}: pixel_size_nm must be a positive number, got {pixel_size_nm}")
+        return pixel_size_nm
+
+    def _check_open(self) -> None:
+        if self._state != "open":
+            raise RuntimeError(f"{self.path}: write_page() after the writer was {self._state}")
+
+    def _check_cast(self, page: np.ndarray) -> None:
+        """Allow safe casts, integer narrowing when values fit, and int/float -> float."""
+        src, dst = page.dtype, self.dtype
+        if np.can_cast(src, dst, casting="safe") or (dst.kind == "f" and src.kind in "biuf"):
+            return
+        if dst.kind in "iu" and src.kind in "biu":
+            info = np.iinfo(dst)
+            if page.size == 0 or (page.min() >= info.min and page.max() <= info.max):
+                return
+            raise ValueError(f"{self.path}: page values {page.min()}..{page.max()} do not fit {dst}")
+        raise ValueError(f"{self.path}: page dtype {src} cannot be stored as {dst}")
+
+    def close(self) -> Path:
+        """Wait for the writes, check that every page was written, and rename the output onto the path."""
+        if self._state == "closed":
+            return self.path
+        if self._state == "aborted":
+            raise RuntimeError(f"{self.path}: close() after abort(); nothing was saved")
+        self._raise_pending()
+        written = self._pages_written()
+        if written != self.n_pages:
+            self.abort()
+            raise ValueError(f"{self.path}: {written} of {self.n_pages} pages were written; "
+                             "the output was not saved")
+        self._commit()
+        self._state = "closed"
+        log.debug("wrote %s %s %s", self.path, self.shape, self.dtype)
+        return self.path
+
+    def abort(self) -> None:
+        """Stop writing and delete the temporary output; the final path is never touched."""
+        if self._state != "open":
+            return
+        self._state = "aborted"
+        self._discard()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class TiffStackWriter(StackWriterBase):
     """Writes a TIFF page by page, atomically: to a temporary file in the same folder, renamed on close().
 
     Pages go through a bounded queue (2 pages) to a background thread that runs one
@@ -99,21 +178,10 @@ class TiffStackWriter:
                  bigtiff: bool | None = None, metadata: dict | None = None) -> None:
         import tifffile
 
-        self.path = Path(path)
-        self.shape = tuple(int(n) for n in shape)
-        self.dtype = np.dtype(dtype)
-        if not 2 <= len(self.shape) <= 4 or min(self.shape) < 1:
-            raise ValueError(f"{self.path}: cannot write shape {self.shape}; expected (h, w), "
-                             "(pages, h, w) or (pages, C, h, w) with all sizes >= 1")
-        self.n_pages = 1 if len(self.shape) == 2 else self.shape[0]
-        self._page_shape = self.shape if len(self.shape) == 2 else self.shape[1:]
+        pixel_size_nm = self._init_shape(path, shape, dtype, pixel_size_nm)
         meta = dict(metadata or {})
         kwargs: dict[str, Any] = {}
         if pixel_size_nm is not None:
-            pixel_size_nm = float(pixel_size_nm)
-            if not (math.isfinite(pixel_size_nm) and pixel_size_nm > 0):
-                raise ValueError(f"{self.path}: pixel_size_nm must be a positive number, "
-                                 f"got {pixel_size_nm}")
             meta["pixel_size_nm"] = pixel_size_nm
             per_cm = 1e7 / pixel_size_nm
             if per_cm <= _MAX_RATIONAL:
@@ -136,7 +204,6 @@ class TiffStackWriter:
         self._queue: queue.Queue = queue.Queue(maxsize=2)
         self._error: BaseException | None = None
         self._written = 0
-        self._state = "open"  # -> "closed" | "aborted"
         self._thread = threading.Thread(target=self._run, name=f"tiff-writer:{self.path.name}",
                                         daemon=True)
         self._thread.start()
@@ -175,7 +242,7 @@ class TiffStackWriter:
                 if not self._thread.is_alive():
                     return  # the consumer is gone; its error (if any) is reported next
 
-    def _raise_error(self) -> None:
+    def _raise_pending(self) -> None:
         err = self._error
         if err is not None and not isinstance(err, _Aborted):
             self.abort()
@@ -187,9 +254,8 @@ class TiffStackWriter:
         ``page`` has the page shape (``shape[1:]``, or ``shape`` for a 2D image), or one
         more leading axis to write several consecutive pages at once.
         """
-        if self._state != "open":
-            raise RuntimeError(f"{self.path}: write_page() after the writer was {self._state}")
-        self._raise_error()
+        self._check_open()
+        self._raise_pending()
         page = np.asarray(page)
         if page.shape == self._page_shape:
             block = page[None]
@@ -205,57 +271,22 @@ class TiffStackWriter:
             # always copy: the caller may reuse its buffer while the thread still compresses
             self._put(np.array(one, dtype=self.dtype, order="C", copy=True))
             self._written += 1
-        self._raise_error()
+        self._raise_pending()
 
-    def _check_cast(self, page: np.ndarray) -> None:
-        """Allow safe casts, integer narrowing when values fit, and int/float -> float."""
-        src, dst = page.dtype, self.dtype
-        if np.can_cast(src, dst, casting="safe") or (dst.kind == "f" and src.kind in "biuf"):
-            return
-        if dst.kind in "iu" and src.kind in "biu":
-            info = np.iinfo(dst)
-            if page.size == 0 or (page.min() >= info.min and page.max() <= info.max):
-                return
-            raise ValueError(f"{self.path}: page values {page.min()}..{page.max()} do not fit {dst}")
-        raise ValueError(f"{self.path}: page dtype {src} cannot be stored as {dst}")
+    def _pages_written(self) -> int:
+        return self._written
 
-    def close(self) -> Path:
-        """Wait for the writer, check the page count, and rename the temporary file onto the path."""
-        if self._state == "closed":
-            return self.path
-        if self._state == "aborted":
-            raise RuntimeError(f"{self.path}: close() after abort(); nothing was saved")
-        self._raise_error()
-        if self._written != self.n_pages:
-            self.abort()
-            raise ValueError(f"{self.path}: {self._written} of {self.n_pages} pages were written; "
-                             "the output was not saved")
+    def _commit(self) -> None:
         self._put(_END)
         self._thread.join()
-        self._raise_error()
+        self._raise_pending()
         os.replace(self._tmp, self.path)
-        self._state = "closed"
-        log.debug("wrote %s %s %s", self.path, self.shape, self.dtype)
-        return self.path
 
-    def abort(self) -> None:
-        """Stop writing and delete the temporary file; the final path is never touched."""
-        if self._state != "open":
-            return
-        self._state = "aborted"
+    def _discard(self) -> None:
         if self._thread.is_alive():
             self._put(_ABORT)
             self._thread.join()
         self._tmp.unlink(missing_ok=True)
-
-    def __enter__(self) -> TiffStackWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 def _downsample_image(image: np.ndarray, f: int) -> np.ndarray:

@@ -27,7 +27,6 @@ zarr (>= 3) is an optional dependency, imported only here and only when needed.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -38,7 +37,7 @@ import numpy as np
 
 from emseg.errors import InputError
 from emseg.io_tiff import _physical, _unit_to_nm
-from emseg.io_write import TiffStackWriter, _temp_path
+from emseg.io_write import StackWriterBase, TiffStackWriter, _temp_path
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +197,7 @@ def _ngff_attrs(ndim: int, probabilities: bool, pixel_size_nm: float | None, nam
                                  {"type": "scale", "scale": scale}]}]}]}
 
 
-class ZarrStackWriter:
+class ZarrStackWriter(StackWriterBase):
     """Writes an OME-Zarr page by page into a temporary folder, renamed onto ``path`` on close().
 
     Args:
@@ -215,17 +214,8 @@ class ZarrStackWriter:
 
     def __init__(self, path: str | os.PathLike, *, shape: tuple[int, ...], dtype: Any,
                  pixel_size_nm: float | None = None, metadata: dict | None = None) -> None:
-        self.path = Path(path)
-        zarr = _zarr(str(self.path))
-        self.shape = tuple(int(n) for n in shape)
-        self.dtype = np.dtype(dtype)
-        if not 2 <= len(self.shape) <= 4 or min(self.shape) < 1:
-            raise ValueError(f"{self.path}: cannot write shape {self.shape}; expected (h, w), "
-                             "(pages, h, w) or (pages, C, h, w) with all sizes >= 1")
-        if pixel_size_nm is not None and not (math.isfinite(pixel_size_nm) and pixel_size_nm > 0):
-            raise ValueError(f"{self.path}: pixel_size_nm must be a positive number, got {pixel_size_nm}")
-        self.n_pages = 1 if len(self.shape) == 2 else self.shape[0]
-        self._page_shape = self.shape if len(self.shape) == 2 else self.shape[1:]
+        zarr = _zarr(str(path))
+        pixel_size_nm = self._init_shape(path, shape, dtype, pixel_size_nm)
         self._probabilities = len(self.shape) == 4
         stored = (self.shape[1], self.shape[0], *self.shape[2:]) if self._probabilities else self.shape
         h, w = self.shape[-2:]
@@ -249,7 +239,6 @@ class ZarrStackWriter:
         self._pending: list[Future] = []
         self._done: set[int] = set()
         self._next = 0
-        self._state = "open"
 
     def _store(self, index: int, page: np.ndarray) -> None:
         if len(self.shape) == 2:
@@ -263,14 +252,7 @@ class ZarrStackWriter:
         page = np.asarray(page)
         if page.shape != self._page_shape:
             raise ValueError(f"{self.path}: page has shape {page.shape}, expected {self._page_shape}")
-        src, dst = page.dtype, self.dtype
-        if not (np.can_cast(src, dst, casting="safe") or (dst.kind == "f" and src.kind in "biuf")):
-            if dst.kind in "iu" and src.kind in "biu":
-                info = np.iinfo(dst)
-                if page.size and (page.min() < info.min or page.max() > info.max):
-                    raise ValueError(f"{self.path}: page values {page.min()}..{page.max()} do not fit {dst}")
-            else:
-                raise ValueError(f"{self.path}: page dtype {src} cannot be stored as {dst}")
+        self._check_cast(page)
         return np.array(page, dtype=self.dtype, order="C", copy=True)
 
     def _drain(self, keep: int) -> None:
@@ -284,8 +266,7 @@ class ZarrStackWriter:
 
     def write_page(self, page: np.ndarray, index: int | None = None) -> None:
         """Write the next page (or page ``index``); raises if an earlier background write failed."""
-        if self._state != "open":
-            raise RuntimeError(f"{self.path}: write_page() after the writer was {self._state}")
+        self._check_open()
         index = self._next if index is None else int(index)
         if not 0 <= index < self.n_pages:
             raise ValueError(f"{self.path}: page {index} is outside the {self.n_pages} pages declared in shape")
@@ -295,18 +276,13 @@ class ZarrStackWriter:
         self._done.add(index)
         self._next = index + 1
 
-    def close(self) -> Path:
-        """Wait for the writes, check that every page was written, and rename the store onto the path."""
-        if self._state == "closed":
-            return self.path
-        if self._state == "aborted":
-            raise RuntimeError(f"{self.path}: close() after abort(); nothing was saved")
+    def _raise_pending(self) -> None:
         self._drain(keep=0)
-        if len(self._done) != self.n_pages:
-            written = len(self._done)
-            self.abort()
-            raise ValueError(f"{self.path}: {written} of {self.n_pages} pages were written; "
-                             "the output was not saved")
+
+    def _pages_written(self) -> int:
+        return len(self._done)
+
+    def _commit(self) -> None:
         self._pool.shutdown(wait=True)
         old = None
         if self.path.exists() or self.path.is_symlink():
@@ -315,28 +291,12 @@ class ZarrStackWriter:
         os.replace(self._tmp, self.path)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
-        self._state = "closed"
-        log.debug("wrote %s %s %s", self.path, self.shape, self.dtype)
-        return self.path
 
-    def abort(self) -> None:
-        """Stop writing and delete the temporary store; the final path is never touched."""
-        if self._state != "open":
-            return
-        self._state = "aborted"
+    def _discard(self) -> None:
         for future in self._pending:
             future.cancel()
         self._pool.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(self._tmp, ignore_errors=True)
-
-    def __enter__(self) -> ZarrStackWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 def stack_writer(path: str | os.PathLike, *, shape: tuple[int, ...], dtype: Any,
