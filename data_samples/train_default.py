@@ -25,8 +25,8 @@ ARGS = [
     "--steps", "150", "--val-every", "25", "--batch-size", "8", "--tile-size", "256",
     "--name", "emseg default (synthetic EM sample)",
     "--seed", "0",
-    # trained before border weighting was emseg's default for membrane classes; kept off so that this
-    # script still makes the bundled model (the sample's synthetic membranes are 2-5 px and never thin)
+    # the bundled model was trained before border weighting became the default for membrane classes;
+    # kept off so that this script trains with the bundled model's settings
     "--border-weight", "0",
     "-o", str(RUN),
 ]
