@@ -54,6 +54,8 @@ def _add_training(p: argparse.ArgumentParser, *, steps: int, lr: float) -> None:
     g.add_argument("--val-masks", nargs="+", metavar="PATH", help="their masks")
     g.add_argument("--seed", type=int, help="random seed (default 0)")
     g.add_argument("--device", help="auto, cpu, cuda, mps (default auto)")
+    g.add_argument("--loader-workers", type=int, metavar="N",
+                   help="threads making augmented batches (default 0: 1 on the CPU, up to 8 on a GPU)")
     g.add_argument("--name", help="model name written into the model card")
     g.add_argument("--resume", action="store_true", help="continue an interrupted run from OUTDIR/checkpoint")
     a = p.add_argument_group("augmentation")
@@ -162,7 +164,7 @@ def train_config(args) -> "TrainConfig":
             values["freeze_bn"] = args.freeze_bn == "yes"
         values["freeze_encoder"] = args.freeze_encoder or values.get("freeze_encoder", False)
     for name in ("encoder", "tile_size", "batch_size", "steps", "val_every", "lr", "patience", "val_fraction",
-                 "seed", "device", "name", "time_limit_minutes", "border_weight"):
+                 "seed", "device", "loader_workers", "name", "time_limit_minutes", "border_weight"):
         value = getattr(args, name, None)
         if value is not None:
             values[name] = value

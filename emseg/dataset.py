@@ -13,6 +13,7 @@ Mask conventions:
 
 from __future__ import annotations
 
+import copy
 import logging
 import queue
 import re
@@ -250,6 +251,16 @@ class CropSampler:
         self._annotated = [None] * len(self.items)  # flat indices, computed when first needed
         self._border = ([border_weights(it.target, *border) for it in self.items] if border else None)
 
+    def spawn(self, seed: int) -> CropSampler:
+        """A sampler of the same crops with its own random generators (``seed``), for another loader
+        thread: pages, border maps and the annotated-pixel cache are shared, not copied."""
+        twin = copy.copy(self)
+        twin.rng = np.random.default_rng(seed)
+        if self.transform is not None:
+            twin.transform = copy.deepcopy(self.transform)
+            twin.transform.set_random_seed(int(twin.rng.integers(2**31)))
+        return twin
+
     def _annotated_pixels(self, k: int) -> np.ndarray:
         if self._annotated[k] is None:
             self._annotated[k] = np.flatnonzero(self.items[k].target.ravel() != IGNORE)
@@ -300,35 +311,50 @@ class CropSampler:
 
 
 class Prefetcher:
-    """Makes batches of a :class:`CropSampler` in a background thread, so augmentation (OpenCV,
-    which releases the GIL) overlaps with the training step. Batches come in the sampler's order."""
+    """Makes batches of :class:`CropSampler` s in background threads, so augmentation (OpenCV, which
+    releases the GIL) overlaps with the training step.
 
-    def __init__(self, sampler: CropSampler, batch_size: int, depth: int = 2):
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+    One thread per sampler; thread ``i`` makes batches ``i, i + n, i + 2n, ...`` and :meth:`next`
+    takes them in that order, so the batches depend on the samplers' seeds and their number, not on
+    how the threads are scheduled. One sampler (the CPU default) keeps the augmentation off the two
+    or so cores the training step needs; a GPU step is faster than one thread makes batches
+    (docs/training.md), so training on CUDA uses several (see ``TrainConfig.loader_workers``).
+    """
+
+    def __init__(self, samplers: CropSampler | Sequence[CropSampler], batch_size: int, depth: int = 2):
+        samplers = [samplers] if isinstance(samplers, CropSampler) else list(samplers)
+        self._queues: list[queue.Queue] = [queue.Queue(maxsize=depth) for _ in samplers]
+        self._turn = 0
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(sampler, batch_size), daemon=True,
-                                        name="emseg-crops")
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._run, args=(s, batch_size, q), daemon=True,
+                                          name=f"emseg-crops-{i}")
+                         for i, (s, q) in enumerate(zip(samplers, self._queues))]
+        for t in self._threads:
+            t.start()
 
-    def _run(self, sampler: CropSampler, batch_size: int) -> None:
-        try:
-            while not self._stop.is_set():
+    def _run(self, sampler: CropSampler, batch_size: int, out: queue.Queue) -> None:
+        while not self._stop.is_set():
+            try:
                 item = sampler.batch(batch_size)
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-        except BaseException as exc:  # hand the error to the consumer
-            self._queue.put(exc)
+            except BaseException as exc:  # hand the error to the consumer, in this thread's turn
+                item = exc
+            while not self._stop.is_set():
+                try:
+                    out.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if isinstance(item, BaseException):
+                return
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        item = self._queue.get()
+        item = self._queues[self._turn % len(self._queues)].get()
+        self._turn += 1
         if isinstance(item, BaseException):
             raise item
         return item
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        for t in self._threads:
+            t.join(timeout=5)

@@ -14,6 +14,7 @@ import copy
 import json
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -59,6 +60,7 @@ class TrainConfig:
     border_sigma: float = 5.0
     seed: int = 0
     device: str = "auto"
+    loader_workers: int = 0
     freeze_encoder: bool = False
     freeze_bn: bool | None = None
     pixel_size_nm: float | None = None
@@ -263,7 +265,12 @@ def train(data: Sequence[Annotated], config: TrainConfig, out_dir: str | Path | 
     sampler = CropSampler(train_items, config.tile_size, rng=rng,
                           transform=build_transform(config.augment, seed=int(rng.integers(2**31))),
                           bias=0.9 if config.sparse else 0.5, border=border)
-    batches = Prefetcher(sampler, config.batch_size)
+    workers = loader_workers(config.loader_workers, device)
+    samplers = [sampler] + [sampler.spawn(int(np.random.SeedSequence([config.seed, state["step"], i])
+                                             .generate_state(1)[0])) for i in range(1, workers)]
+    if workers > 1:
+        log.info("%d threads make the training batches", workers)
+    batches = Prefetcher(samplers, config.batch_size)
     norm = card.normalization
     stopped = False
     running = []
@@ -323,6 +330,16 @@ def train(data: Sequence[Annotated], config: TrainConfig, out_dir: str | Path | 
         model_path = model.save(out / "model.safetensors")
         _write_reports(out, state["history"], model, val_items)
     return TrainResult(model, model_path, state["history"], state["best_metric"], stopped)
+
+
+def loader_workers(requested: int, device: torch.device) -> int:
+    """Threads that make training batches: ``requested``, or for 0 one on the CPU (the training step
+    needs the cores) and up to 8 on a GPU, whose steps outpace one thread (docs/training.md)."""
+    if requested < 0:
+        raise InputError(f"loader_workers must be 0 (automatic) or more, not {requested}")
+    if requested:
+        return requested
+    return 1 if device.type == "cpu" else max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
 def _fit_schedule_to_time(schedule: _Schedule, config: TrainConfig, step: int, timed_from, start) -> None:

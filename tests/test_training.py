@@ -10,13 +10,13 @@ import torch
 
 from emseg.card import ModelCard, Normalization
 from emseg.cli import main
-from emseg.dataset import (Annotated, CropSampler, border_weights, load_pairs, mask_to_target, pair_inputs,
-                           split_regions)
+from emseg.dataset import (Annotated, CropSampler, Prefetcher, border_weights, load_pairs, mask_to_target,
+                           pair_inputs, split_regions)
 from emseg.errors import InputError
 from emseg.metrics import IGNORE
 from emseg.modelfile import Model, load_model
 from emseg.synthetic import make_em_stack
-from emseg.training import TrainConfig, _Loss, annotations_from_arrays, train
+from emseg.training import TrainConfig, _Loss, annotations_from_arrays, loader_workers, train
 
 CLASSES = ("background", "membrane", "mitochondrion")
 
@@ -161,6 +161,51 @@ def test_weighted_loss_follows_the_weights_and_crops_carry_them():
     assert float(weights[targets == 1].mean()) > float(weights[targets == 0].mean())
 
 
+def _augmented_sampler(seed=0):
+    from emseg.augment import AugmentConfig, build_transform
+    rng = np.random.default_rng(seed)
+    target = (np.arange(128)[None, :] % 20 < 3).repeat(128, 0).astype(np.uint8)
+    item = Annotated(rng.random((128, 128), np.float32), target, "x")
+    return CropSampler([item], 64, rng=rng, transform=build_transform(AugmentConfig(), seed=seed))
+
+
+def test_loader_threads_take_turns_whatever_the_scheduling():
+    def batches(workers, n):
+        sampler = _augmented_sampler()
+        loader = Prefetcher([sampler] + [sampler.spawn(100 + i) for i in range(1, workers)], batch_size=2)
+        try:
+            return [loader.next()[0] for _ in range(n)]
+        finally:
+            loader.close()
+
+    one = batches(1, 2)
+    reference = _augmented_sampler()
+    assert torch.equal(one[0], reference.batch(2)[0]) and torch.equal(one[1], reference.batch(2)[0])
+    three, again = batches(3, 7), batches(3, 7)
+    assert all(torch.equal(a, b) for a, b in zip(three, again))  # same order in every run
+    assert torch.equal(three[0], one[0])  # thread 0 is the original sampler
+    assert not torch.equal(three[1], three[2]) and not torch.equal(three[1], one[1])  # own random streams
+
+
+def test_a_failing_loader_thread_reaches_the_training_loop():
+    sampler = _augmented_sampler()
+    broken = sampler.spawn(1)
+    broken.batch = lambda size: (_ for _ in ()).throw(RuntimeError("bad crop"))
+    loader = Prefetcher([sampler, broken], batch_size=2)
+    loader.next()
+    with pytest.raises(RuntimeError, match="bad crop"):
+        loader.next()
+    loader.close()
+
+
+def test_loader_threads_one_on_the_cpu_several_on_a_gpu():
+    assert loader_workers(0, torch.device("cpu")) == 1
+    assert 1 <= loader_workers(0, torch.device("cuda")) <= 8
+    assert loader_workers(3, torch.device("cpu")) == 3
+    with pytest.raises(InputError, match="loader_workers"):
+        loader_workers(-1, torch.device("cpu"))
+
+
 # ---------------------------------------------------------------- the loop
 
 def test_train_writes_model_logs_and_pictures(tmp_path, em):
@@ -202,9 +247,10 @@ def test_time_limit_fits_the_run_and_its_schedule(em):
     assert events[-1].total_steps == steps and events[-1].lr < 0.05 * 1e-3  # the cosine reached its end
 
 
-def test_same_seed_same_weights(em):
-    a = train(items_from(em), tiny_config(steps=2)).model.net.state_dict()
-    b = train(items_from(em), tiny_config(steps=2)).model.net.state_dict()
+@pytest.mark.parametrize("workers", [1, 3])
+def test_same_seed_same_weights(em, workers):
+    a = train(items_from(em), tiny_config(steps=3, loader_workers=workers)).model.net.state_dict()
+    b = train(items_from(em), tiny_config(steps=3, loader_workers=workers)).model.net.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -308,8 +354,9 @@ def test_cli_yaml_config_and_bad_keys(tmp_path, stacks):
     (tmp_path / "cfg.yaml").write_text("steps: 1\nval_every: 1\nbatch_size: 2\ntile_size: 64\n"
                                        "encoder: vgg11_bn_micro\naugment:\n  noise: 0\n")
     assert main(["-q", "train", "--images", str(img), "--masks", str(msk), "--config", str(tmp_path / "cfg.yaml"),
-                 "--border-weight", "7", "-o", str(tmp_path / "run")]) == 0
+                 "--border-weight", "7", "--loader-workers", "2", "-o", str(tmp_path / "run")]) == 0
     card = load_model(tmp_path / "run" / "model.safetensors").card
+    assert card.training["config"]["loader_workers"] == 2
     assert card.training["steps"] == 1 and card.training["config"]["augment"]["noise"] == 0
     assert card.training["config"]["border_weight"] == 7
     (tmp_path / "bad.yaml").write_text("stepz: 3\n")
