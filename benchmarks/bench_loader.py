@@ -40,7 +40,7 @@ def main() -> int:
 
     cores = os.cpu_count() or 1
     counts = ([int(c) for c in args.threads.split(",")] if args.threads
-              else sorted({min(2 ** k, cores) for k in range(8) if 2 ** k <= max(cores, 1) * 2}))
+              else sorted({*(2 ** k for k in range(8) if 2 ** k < cores), cores}))
     if DATA.exists():
         import tifffile
         images = tifffile.imread(DATA / "train-volume.tif")[:24]
@@ -61,7 +61,7 @@ def main() -> int:
           f"{cores} cores ({platform.processor() or platform.machine()})")
     results = []
     for n in counts:
-        loader = Prefetcher([sampler] + [sampler.spawn(i) for i in range(1, n)], config.batch_size, depth=4)
+        loader = Prefetcher([sampler] + [sampler.spawn(i) for i in range(1, n)], config.batch_size)
         for _ in range(2 * n):  # warm-up: every thread has started
             loader.next()
         t0 = time.perf_counter()

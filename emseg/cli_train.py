@@ -41,7 +41,7 @@ def _add_training(p: argparse.ArgumentParser, *, steps: int, lr: float) -> None:
     g.add_argument("--batch-size", type=int, help="crops per step (default 8)")
     g.add_argument("--steps", type=int, help=f"optimiser steps (default {steps})")
     g.add_argument("--time-limit", type=float, dest="time_limit_minutes", metavar="MIN",
-                   help="fit the run (and its learning-rate schedule) into this many minutes")
+                   help="fit the run (and its learning-rate schedule) into this many minutes; it never runs more than --steps")
     g.add_argument("--val-every", type=int, help="validate and checkpoint every N steps (default 100)")
     g.add_argument("--lr", type=float, help=f"peak learning rate of AdamW (default {lr:g})")
     g.add_argument("--patience", type=int, help="stop after N validations without improvement (default 10)")

@@ -251,8 +251,9 @@ class CropSampler:
         self._annotated = [None] * len(self.items)  # flat indices, computed when first needed
         self._border = ([border_weights(it.target, *border) for it in self.items] if border else None)
 
-    def spawn(self, seed: int) -> CropSampler:
-        """A sampler of the same crops with its own random generators (``seed``), for another loader
+    def spawn(self, seed) -> CropSampler:
+        """A sampler of the same crops with its own random generators (``seed``: anything
+        ``numpy.random.default_rng`` takes), for another loader
         thread: pages, border maps and the annotated-pixel cache are shared, not copied."""
         twin = copy.copy(self)
         twin.rng = np.random.default_rng(seed)

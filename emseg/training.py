@@ -266,8 +266,7 @@ def train(data: Sequence[Annotated], config: TrainConfig, out_dir: str | Path | 
                           transform=build_transform(config.augment, seed=int(rng.integers(2**31))),
                           bias=0.9 if config.sparse else 0.5, border=border)
     workers = loader_workers(config.loader_workers, device)
-    samplers = [sampler] + [sampler.spawn(int(np.random.SeedSequence([config.seed, state["step"], i])
-                                             .generate_state(1)[0])) for i in range(1, workers)]
+    samplers = [sampler] + [sampler.spawn([config.seed, state["step"], i]) for i in range(1, workers)]
     if workers > 1:
         log.info("%d threads make the training batches", workers)
     batches = Prefetcher(samplers, config.batch_size)
