@@ -306,6 +306,7 @@ def main() -> int:
             report["steps"] = result.model.card.training["steps"]
             report["encoder"] = result.model.card.encoder
             report["parameters"] = sum(p.numel() for p in result.model.net.parameters())
+            report["label_offset"] = result.model.card.training.get("label_offset")
             report["metrics"] = evaluate_arrays(result.model, vimg, vmsk, tmp)
             if args.tta:
                 report["metrics_tta"] = evaluate_arrays(result.model, vimg, vmsk, tmp, tta=True)

@@ -2,7 +2,9 @@
 
 A card names the architecture and encoder, the class names (index 0 first), how input images are
 normalised, the pixel size (nm/px) the model was trained at (None when unknown), the tile size and
-overlap to infer with, the emseg version that wrote it, and what the model was trained on.
+overlap to infer with, the emseg version that wrote it, and what the model was trained on, and the
+sub-pixel offset of its training annotation that inference reproduces (``label_offset``, see
+emseg.alignment).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class ModelCard:
     pixel_size_nm: float | None = None
     tile_size: int = 512
     overlap: int = 128
+    label_offset: tuple[float, float] = (0.0, 0.0)
     name: str = "emseg model"
     description: str = ""
     training: dict[str, Any] = field(default_factory=dict)
@@ -77,6 +80,8 @@ class ModelCard:
         data["classes"] = tuple(data["classes"])
         if data.get("decoder_channels") is not None:
             data["decoder_channels"] = tuple(data["decoder_channels"])
+        if "label_offset" in data:
+            data["label_offset"] = tuple(float(v) for v in data["label_offset"])
         data["normalization"] = Normalization(**data.get("normalization", {}))
         return cls(**data)
 

@@ -48,6 +48,10 @@ def _add_training(p: argparse.ArgumentParser, *, steps: int, lr: float) -> None:
     g.add_argument("--border-weight", type=float, metavar="W0",
                    help="weight thin boundaries between regions in the loss, as in the U-Net paper "
                         "(needs dense masks and a class named 'membrane' or 'boundary'; 0 = off)")
+    g.add_argument("--no-label-offset", dest="label_offset", action="store_const", const=False,
+                   help="do not measure and follow a sub-pixel offset of the annotation against the images "
+                        "(by default, a quarter into the run, the training images are moved onto their annotation "
+                        "and the model file keeps the offset for prediction)")
     g.add_argument("--val-fraction", type=float,
                    help="hold out this fraction of every page (its right-hand strip) for validation (default 0.2)")
     g.add_argument("--val-images", nargs="+", metavar="PATH", help="held-out validation images instead")
@@ -164,7 +168,8 @@ def train_config(args) -> "TrainConfig":
             values["freeze_bn"] = args.freeze_bn == "yes"
         values["freeze_encoder"] = args.freeze_encoder or values.get("freeze_encoder", False)
     for name in ("encoder", "tile_size", "batch_size", "steps", "val_every", "lr", "patience", "val_fraction",
-                 "seed", "device", "loader_workers", "name", "time_limit_minutes", "border_weight"):
+                 "seed", "device", "loader_workers", "name", "time_limit_minutes", "border_weight",
+                 "label_offset"):
         value = getattr(args, name, None)
         if value is not None:
             values[name] = value

@@ -262,6 +262,15 @@ class CropSampler:
             twin.transform.set_random_seed(int(twin.rng.integers(2**31)))
         return twin
 
+    def with_items(self, items: Sequence[Annotated]) -> CropSampler:
+        """The same sampler over other images of the same pages (same targets, e.g. the images moved
+        by a sub-pixel offset): border maps and the annotated-pixel cache are shared."""
+        if [it.target.shape for it in items] != [it.target.shape for it in self.items]:
+            raise ValueError("with_items needs the same pages as the sampler's")
+        twin = copy.copy(self)
+        twin.items = list(items)
+        return twin
+
     def _annotated_pixels(self, k: int) -> np.ndarray:
         if self._annotated[k] is None:
             self._annotated[k] = np.flatnonzero(self.items[k].target.ravel() != IGNORE)

@@ -8,7 +8,9 @@ Tensors of every exported network:
   TorchScript and ONNX files, or logits with ``probabilities=False``.
 
 The card JSON travels with each export: as the extra file ``emseg_card.json`` in TorchScript, as
-the ``emseg_card`` metadata entry in ONNX, and under ``config.emseg.card`` in bioimage.io.
+the ``emseg_card`` metadata entry in ONNX, and under ``config.emseg.card`` in bioimage.io. The
+networks do not apply the card's ``label_offset`` (emseg.alignment), the sub-pixel shift emseg gives
+its probabilities after inference; exporting a model that has one logs a warning.
 
 The bioimage.io package (format 0.5) carries raw images: its preprocessing reproduces emseg's
 normalisation (per-sample percentile range, clip to [0, 1], then ``(x - mean) / std``), its
@@ -35,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .alignment import is_offset
 from .errors import EmsegError, ModelFileError
 from .io import atomic_output
 
@@ -330,6 +333,10 @@ def export_model(model_path: str | os.PathLike, fmt: str, output: str | os.PathL
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     model = load_model(model_path)
+    if is_offset(model.card.label_offset):
+        log.warning("%s: the model's predictions are moved by (%.2f, %.2f) px to follow its training annotation "
+                    "(model card 'label_offset'); the exported network does not do this, so a consumer that "
+                    "needs it must shift the probabilities itself", model_path, *model.card.label_offset)
     export = {"torchscript": export_torchscript, "onnx": export_onnx, "bioimageio": export_bioimageio}[fmt]
     return export(model, output, **options)
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .alignment import shift_probabilities
 from .preprocess import normalize_page, rescale_factor, resize, scaled_shape
 from .tiling import DIVISOR, sliding_window
 
@@ -260,7 +261,8 @@ class Predictor:
                                batch_size=self.resolve_batch_size(), device=self.device, progress=progress)
         if factor != 1.0:
             probs = resize(probs, shape).numpy()
-        return probs
+        # the card's offset is in the model's pixels: 1 / factor page pixels each
+        return shift_probabilities(probs, self.card.label_offset, 1.0 / factor)
 
     def predict_page(self, page: np.ndarray, *, pixel_size_nm: float | None = None,
                      progress: TileProgress | None = None) -> np.ndarray:

@@ -84,7 +84,9 @@ def plot_validation(model, items: Sequence, path: Path, max_items: int = 4, max_
 
 
 def _predict_normalised(predictor, normalised: np.ndarray) -> np.ndarray:
-    """Run the predictor's tiling on an already normalised page."""
+    """Run the predictor's tiling on an already normalised page (at the model's pixel size)."""
+    from .alignment import shift_probabilities
     from .tiling import sliding_window
-    return sliding_window(normalised[None].astype(np.float32), predictor.forward, tile=predictor.tile,
-                          overlap=predictor.overlap, batch_size=predictor.batch_size, device=predictor.device)
+    probs = sliding_window(normalised[None].astype(np.float32), predictor.forward, tile=predictor.tile,
+                           overlap=predictor.overlap, batch_size=predictor.batch_size, device=predictor.device)
+    return shift_probabilities(probs, predictor.card.label_offset)

@@ -4,8 +4,11 @@
 optimises Dice + cross-entropy with AdamW under a warm-up + cosine schedule, ignoring
 unannotated pixels. Every ``val_every`` steps it measures per-class IoU/Dice on held-out pixels,
 keeps the best weights, writes a resumable checkpoint, and stops early after ``patience``
-validations without improvement. Progress is reported through a plain callback; a
-``threading.Event`` stops the run, keeping the best model so far.
+validations without improvement. A quarter into the run, and again at its end, it measures a
+systematic sub-pixel offset of the annotation on the held-out pixels (emseg.alignment); where
+following it scores better, the training images are moved onto their annotation and the card keeps
+the offset for prediction. Progress is reported through a plain callback; a ``threading.Event``
+stops the run, keeping the best model so far.
 """
 
 from __future__ import annotations
@@ -17,14 +20,15 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from .alignment import estimate_offset, is_offset, shift_image, shift_probabilities
 from .augment import AugmentConfig, build_transform
 from .card import ModelCard, Normalization
 from .checkpoint import checkpoint_classes, load_checkpoint, save_checkpoint
@@ -37,6 +41,9 @@ from .models import DEFAULT_ENCODER, build_unet
 from .tiling import sliding_window
 
 log = logging.getLogger(__name__)
+
+#: fraction of a run after which the annotation's offset is measured and the training images moved
+ALIGN_AT = 0.25
 
 
 @dataclass(frozen=True)
@@ -58,6 +65,7 @@ class TrainConfig:
     dice_weight: float = 1.0
     border_weight: float = 10.0
     border_sigma: float = 5.0
+    label_offset: bool = True
     seed: int = 0
     device: str = "auto"
     loader_workers: int = 0
@@ -165,18 +173,54 @@ def _prepare_network(config: TrainConfig, classes: tuple[str, ...], base: Model 
     return net, card
 
 
-def _validate(net: nn.Module, items: Sequence[Annotated], card: ModelCard, device: torch.device,
-              tile: int, amp) -> dict:
-    matrix = np.zeros((card.num_classes, card.num_classes), np.int64)
+def _val_probabilities(net: nn.Module, items: Sequence[Annotated], card: ModelCard, device: torch.device,
+                       tile: int, amp) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(probabilities, target) of every validation page, one page at a time."""
     norm = card.normalization
     net.eval()
-    with torch.inference_mode(), amp():
-        for item in items:
-            x = ((item.image - norm.mean) / norm.std)[None].astype(np.float32)
+    for item in items:
+        x = ((item.image - norm.mean) / norm.std)[None].astype(np.float32)
+        with torch.inference_mode(), amp():
             probs = sliding_window(x, lambda b: net(b).float(), tile=tile, overlap=tile // 4,
                                    batch_size=4, device=device)
-            matrix += confusion(item.target, probs.argmax(0), card.num_classes)
+        yield probs, item.target
+
+
+def _validate(net: nn.Module, items: Sequence[Annotated], card: ModelCard, device: torch.device,
+              tile: int, amp, offset=None) -> dict:
+    """Per-class scores on the validation pages, the predictions moved by ``offset`` (default: the card's)."""
+    offset = card.label_offset if offset is None else offset
+    matrix = np.zeros((card.num_classes, card.num_classes), np.int64)
+    for probs, target in _val_probabilities(net, items, card, device, tile, amp):
+        matrix += confusion(target, shift_probabilities(probs, offset).argmax(0), card.num_classes)
     return scores(matrix, card.classes)
+
+
+def _better_offset(net, card: ModelCard, items: Sequence[Annotated], device, tile: int, amp,
+                   before: dict | None = None) -> tuple[tuple[float, float], dict]:
+    """Measure the annotation's sub-pixel offset on the validation pages (emseg.alignment) and return
+    it if moving the predictions by it scores a higher validation mean IoU than the card's offset
+    so far (``before``: those scores, if known), else the card's offset; with a summary holding the
+    validation scores of the offset returned."""
+    offset = tuple(round(o, 3) for o in estimate_offset(_val_probabilities(net, items, card, device, tile, amp)))
+    current = tuple(float(o) for o in card.label_offset)
+    summary = {"measured": list(offset), "before": list(current)}
+    if not is_offset(offset) and not is_offset(current):
+        return (0.0, 0.0), summary
+    before = before or _validate(net, items, card, device, tile, amp)
+    after = _validate(net, items, card, device, tile, amp, offset)
+    summary.update(mean_iou_before=before["mean_iou"], mean_iou_measured=after["mean_iou"], validation=before)
+    if (after["mean_iou"] or 0) > (before["mean_iou"] or 0):
+        summary["validation"] = after
+        return (offset if is_offset(offset) else (0.0, 0.0)), summary
+    return current, summary
+
+
+def _log_offset(what: str, offset, before: float | None = None, after: float | None = None) -> None:
+    scores_ = f" (validation mean IoU {before:.4f} -> {after:.4f})" if before is not None and after is not None else ""
+    log.info("the annotation sits %.2f px %s and %.2f px %s of what the model draws: %s%s", abs(offset[0]),
+             "below" if offset[0] > 0 else "above", abs(offset[1]), "right" if offset[1] > 0 else "left",
+             what, scores_)
 
 
 def _preview(net: nn.Module, card: ModelCard, image: np.ndarray, device, tile: int) -> np.ndarray:
@@ -246,7 +290,7 @@ def train(data: Sequence[Annotated], config: TrainConfig, out_dir: str | Path | 
     def amp():
         return torch.autocast(device.type, dtype=amp_dtype) if use_amp else torch.autocast("cpu", enabled=False)
 
-    state = {"step": 0, "history": [], "best_metric": None, "bad_validations": 0}
+    state = {"step": 0, "history": [], "best_metric": None, "bad_validations": 0, "label_offset": None}
     best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
     if resuming:
         state = load_checkpoint(out / "checkpoint", net, optimizer, scheduler, config)
@@ -262,6 +306,9 @@ def train(data: Sequence[Annotated], config: TrainConfig, out_dir: str | Path | 
     elif config.border_weight > 0 and boundary is not None:
         log.info("border weighting needs dense masks with a boundary class (e.g. 'membrane'); not used "
                  "with sparse labels, whose regions are unknown")
+    if is_offset(state.get("label_offset")):  # resumed after the training images were moved
+        card = card.updated(label_offset=tuple(state["label_offset"]))
+        train_items = _moved(train_items, card.label_offset)
     sampler = CropSampler(train_items, config.tile_size, rng=rng,
                           transform=build_transform(config.augment, seed=int(rng.integers(2**31))),
                           bias=0.9 if config.sparse else 0.5, border=border)
@@ -307,6 +354,24 @@ def train(data: Sequence[Annotated], config: TrainConfig, out_dir: str | Path | 
                 event = _end_of_epoch(state, event, running, net, card, val_items, device, config, amp,
                                       best_state, preview_image, out, optimizer, scheduler, start)
                 running = []
+                if (config.label_offset and val_items and state.get("label_offset") is None
+                        and ALIGN_AT * schedule.total <= state["step"] < schedule.total):
+                    offset, measured = _better_offset(net, card, val_items, device, config.tile_size, amp,
+                                                      event.metrics)
+                    if not is_offset(offset):
+                        log.info("annotation offset against the images: %+.2f, %+.2f px (rows, columns); not "
+                                 "followed (too small, or no better on validation)", *measured["measured"])
+                    state["label_offset"] = list(offset) if is_offset(offset) else [0.0, 0.0]
+                    if offset != tuple(card.label_offset):
+                        card = card.updated(label_offset=tuple(state["label_offset"]))
+                        # scores from here on include the new offset: the best weights are chosen among them
+                        state["best_metric"], state["bad_validations"] = None, 0
+                    if is_offset(offset):
+                        _log_offset("the training images are moved to match", offset)
+                        batches.close()
+                        sampler = sampler.with_items(_moved(sampler.items, offset))
+                        batches = Prefetcher([sampler.spawn([config.seed, state["step"], i]) for i in range(workers)],
+                                             config.batch_size)
                 if state["bad_validations"] >= config.patience:
                     log.info("stopping early: no improvement in %d validations", config.patience)
                     if progress:
@@ -320,15 +385,37 @@ def train(data: Sequence[Annotated], config: TrainConfig, out_dir: str | Path | 
     if val_items and state["best_metric"] is not None:
         net.load_state_dict(best_state)
     net.eval().to(memory_format=torch.contiguous_format)
-    best_val = max((h for h in state["history"] if h.get("val")), default=None,
-                   key=lambda h: h["val"]["mean_iou"] or 0)
-    card = card.updated(training=_training_summary(config, data, val_items, state, best_val, base, start))
+    validated = [h for h in state["history"] if h.get("val")]
+    best_val = next((h for h in validated if h["step"] == state.get("best_step")), None)
+    if best_val is None and validated:  # a checkpoint of an older emseg, or no validation improved
+        best_val = max(validated, key=lambda h: h["val"]["mean_iou"] or 0)
+    offset_summary = None
+    if val_items and config.label_offset:
+        offset, offset_summary = _better_offset(net, card, val_items, device, config.tile_size, amp)
+        if offset != tuple(card.label_offset) and is_offset(offset):
+            _log_offset("predictions are moved to match", offset, offset_summary["mean_iou_before"],
+                        offset_summary["mean_iou_measured"])
+        card = card.updated(label_offset=offset)
+        if "validation" in offset_summary:
+            best_val = dict(best_val or {}, val=offset_summary.pop("validation"))
+        offset_summary = {"images_moved_by": state.get("label_offset") or [0.0, 0.0], "measured_at_end":
+                          offset_summary["measured"], "used": list(offset), **{
+                              k: v for k, v in offset_summary.items() if k.startswith("mean_iou")}}
+    summary = _training_summary(config, data, val_items, state, best_val, base, start)
+    if offset_summary is not None:
+        summary["label_offset"] = offset_summary
+    card = card.updated(training=summary)
     model = Model(net.cpu(), card)
     model_path = None
     if out is not None:
         model_path = model.save(out / "model.safetensors")
         _write_reports(out, state["history"], model, val_items)
     return TrainResult(model, model_path, state["history"], state["best_metric"], stopped)
+
+
+def _moved(items: Sequence[Annotated], offset) -> list[Annotated]:
+    """The pages with their images moved by ``offset`` (emseg.alignment), targets unchanged."""
+    return [replace(it, image=shift_image(it.image, offset)) for it in items]
 
 
 def loader_workers(requested: int, device: torch.device) -> int:
@@ -369,6 +456,7 @@ def _end_of_epoch(state, event, running, net, card, val_items, device, config, a
         if state["best_metric"] is None or metric > state["best_metric"]:
             state["best_metric"] = metric
             state["bad_validations"] = 0
+            state["best_step"] = state["step"]
             best_state.update({k: v.detach().clone() for k, v in net.state_dict().items()})
             event.best = True
         else:

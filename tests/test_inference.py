@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from emseg.card import ModelCard
-from emseg.inference import Predictor, resolve_device
+from emseg.inference import resolve_device
 from emseg.modelfile import Model
 from emseg.tiling import TileGrid
 

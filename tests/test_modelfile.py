@@ -16,7 +16,7 @@ def _same_weights(a, b):
 
 @pytest.mark.parametrize("name", ["model.safetensors", "model_folder"])
 def test_round_trip_rebuilds_from_the_card_alone(tmp_path, tiny_model, name):
-    card = tiny_model.card.updated(pixel_size_nm=4.5, training={"images": 3})
+    card = tiny_model.card.updated(pixel_size_nm=4.5, training={"images": 3}, label_offset=(-0.5, 0.25))
     path = tiny_model.save(tmp_path / name, card)
     loaded = load_model(path)
     assert loaded.card == card

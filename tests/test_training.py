@@ -8,7 +8,7 @@ import pytest
 import tifffile
 import torch
 
-from emseg.card import ModelCard, Normalization
+from emseg.card import Normalization
 from emseg.cli import main
 from emseg.dataset import (Annotated, CropSampler, Prefetcher, border_weights, load_pairs, mask_to_target,
                            pair_inputs, split_regions)
@@ -247,6 +247,15 @@ def test_time_limit_fits_the_run_and_its_schedule(em):
     assert events[-1].total_steps == steps and events[-1].lr < 0.05 * 1e-3  # the cosine reached its end
 
 
+def test_early_stopping_after_patience_validations_without_gain(em, caplog):
+    caplog.set_level("INFO", logger="emseg.training")
+    # lr 0 and frozen batch-norm statistics: the validation metric can never improve after the first
+    result = train(items_from(em), tiny_config(steps=50, val_every=1, patience=2, lr=0.0, freeze_bn=True))
+    assert [h["step"] for h in result.history] == [1, 2, 3]
+    assert result.model.card.training["steps"] == 3 and not result.stopped
+    assert "stopping early: no improvement in 2 validations" in caplog.text
+
+
 @pytest.mark.parametrize("workers", [1, 3])
 def test_same_seed_same_weights(em, workers):
     a = train(items_from(em), tiny_config(steps=3, loader_workers=workers)).model.net.state_dict()
@@ -337,6 +346,7 @@ def test_cli_train_finetune_evaluate(tmp_path, stacks):
     card = load_model(model_file).card
     assert card.pixel_size_nm == pytest.approx(6.0)  # from the training files
     assert card.training["config"]["augment"]["elastic"] == 0
+    assert set(card.training["label_offset"]) >= {"images_moved_by", "measured_at_end", "used"}  # on by default
     before = model_file.read_bytes()
     assert main(["-q", "finetune", str(model_file), *common, "-o", str(tmp_path / "ft")]) == 0
     assert model_file.read_bytes() == before
@@ -354,9 +364,10 @@ def test_cli_yaml_config_and_bad_keys(tmp_path, stacks):
     (tmp_path / "cfg.yaml").write_text("steps: 1\nval_every: 1\nbatch_size: 2\ntile_size: 64\n"
                                        "encoder: vgg11_bn_micro\naugment:\n  noise: 0\n")
     assert main(["-q", "train", "--images", str(img), "--masks", str(msk), "--config", str(tmp_path / "cfg.yaml"),
-                 "--border-weight", "7", "--loader-workers", "2", "-o", str(tmp_path / "run")]) == 0
+                 "--border-weight", "7", "--loader-workers", "2", "--no-label-offset", "-o", str(tmp_path / "run")]) == 0
     card = load_model(tmp_path / "run" / "model.safetensors").card
     assert card.training["config"]["loader_workers"] == 2
+    assert card.training["config"]["label_offset"] is False and "label_offset" not in card.training
     assert card.training["steps"] == 1 and card.training["config"]["augment"]["noise"] == 0
     assert card.training["config"]["border_weight"] == 7
     (tmp_path / "bad.yaml").write_text("stepz: 3\n")

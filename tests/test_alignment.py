@@ -1,0 +1,136 @@
+"""Sub-pixel offset of annotations: measuring it, moving images and predictions, and its use in training."""
+
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+
+from emseg import training
+from emseg.alignment import estimate_offset, is_offset, shift_image, shift_probabilities
+from emseg.inference import Predictor
+from emseg.metrics import IGNORE
+from emseg.synthetic import make_em_stack
+from emseg.training import TrainConfig, annotations_from_arrays, train
+
+CLASSES = ("background", "membrane", "mitochondrion")
+
+
+@pytest.fixture(scope="module")
+def membranes():
+    _, mask = make_em_stack(pages=1, height=128, width=128, seed=1)
+    return (mask[0] == 1).astype(np.int64)
+
+
+def predicted(target, offset, blur=0.8):
+    """Probabilities of a model that draws ``target`` moved by ``offset`` pixels, with soft edges."""
+    onehot = np.stack([target == 0, target == 1]).astype(np.float32)
+    return np.stack([ndi.gaussian_filter(ndi.shift(c, offset, order=1, mode="nearest"), blur) for c in onehot])
+
+
+@pytest.mark.parametrize("offset", [(0.4, -0.3), (-0.7, 0.2), (0.0, 0.0)])
+def test_offset_is_measured_to_a_tenth_of_a_pixel(membranes, offset):
+    dy, dx = estimate_offset([(predicted(membranes, offset), membranes)])
+    assert dy == pytest.approx(-offset[0], abs=0.1) and dx == pytest.approx(-offset[1], abs=0.1)
+    moved = shift_probabilities(predicted(membranes, offset), (dy, dx))
+    assert (moved.argmax(0) != membranes).mean() <= (predicted(membranes, offset).argmax(0) != membranes).mean()
+
+
+def test_unannotated_pixels_do_not_count(membranes):
+    probs = predicted(membranes, (0.5, 0.0))
+    sparse = np.where(np.arange(128)[None, :] < 64, membranes, IGNORE)  # right half not annotated
+    probs[:, :, 64:] = np.roll(probs[:, :, 64:], 3, axis=1)  # nonsense where nothing is annotated
+    dy, dx = estimate_offset([(probs, sparse)])
+    assert dy == pytest.approx(-0.5, abs=0.1) and abs(dx) < 0.1
+    assert estimate_offset([(probs, np.full_like(membranes, IGNORE))]) == (0.0, 0.0)
+
+
+def test_moved_images_keep_their_sharpness(rng):
+    image = rng.random((80, 96)).astype(np.float32)  # white noise: all of its power in fine detail
+    assert np.array_equal(shift_image(image, (1.0, -2.0))[4:-4, 4:-4], np.roll(image, (1, -2), (0, 1))[4:-4, 4:-4])
+    moved = shift_image(image, (0.5, 0.0))
+    linear = ndi.shift(image, (0.5, 0.0), order=1, mode="nearest")
+    assert moved.dtype == np.float32 and moved.shape == image.shape
+    assert image.min() <= moved.min() and moved.max() <= image.max()  # no overshoot outside the image's range
+    assert moved.std() > 0.9 * image.std() and linear.std() < 0.75 * image.std()  # linear averages the noise away
+    smooth = ndi.gaussian_filter(image, 2.0)  # little power near the Nyquist frequency: a shift is undone
+    back = shift_image(shift_image(smooth, (0.5, -0.3)), (-0.5, 0.3))
+    assert np.abs(back - smooth)[16:-16, 16:-16].max() < 0.05 * smooth.std()
+    assert shift_image(image, (0.01, 0.0)) is image and not is_offset((0.01, -0.02))
+
+
+def test_predictor_moves_probabilities_by_the_cards_offset(tiny_model, rng):
+    page = rng.random((96, 80)).astype(np.float32)
+    plain = Predictor(tiny_model, device="cpu").predict_page(page)
+    tiny_model.card = tiny_model.card.updated(label_offset=(0.5, -0.25), pixel_size_nm=4.0)
+    moved = Predictor(tiny_model, device="cpu").predict_page(page)
+    np.testing.assert_allclose(moved, shift_probabilities(plain, (0.5, -0.25)), atol=1e-5)
+    np.testing.assert_allclose(moved.sum(0), 1.0, atol=1e-5)
+    # a page at twice the model's pixel size: half a model pixel is a quarter of a page pixel
+    coarse = Predictor(tiny_model, device="cpu").predict_page(page, pixel_size_nm=8.0)
+    tiny_model.card = tiny_model.card.updated(label_offset=(0.0, 0.0))
+    coarse_plain = Predictor(tiny_model, device="cpu").predict_page(page, pixel_size_nm=8.0)
+    np.testing.assert_allclose(coarse, shift_probabilities(coarse_plain, (0.25, -0.125)), atol=1e-5)
+
+
+def tiny_config(**changes):
+    base = dict(encoder="vgg11_bn_micro", classes=CLASSES, tile_size=64, batch_size=2, steps=8, val_every=2,
+                device="cpu")
+    base.update(changes)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def em():
+    return make_em_stack(pages=2, height=96, width=128, seed=3)
+
+
+def scored(monkeypatch, better_with_offset: bool):
+    """Validation scores that favour (or not) predictions moved by an offset, whatever the tiny model draws."""
+    real = training._validate
+
+    def validate(net, items, card, device, tile, amp, offset=None):
+        scores = real(net, items, card, device, tile, amp, offset)
+        moved = is_offset(card.label_offset if offset is None else offset)
+        return dict(scores, mean_iou=0.9 if moved == better_with_offset else 0.5)
+    monkeypatch.setattr(training, "_validate", validate)
+
+
+def test_training_moves_its_images_once_and_keeps_the_offset(monkeypatch, tmp_path, em):
+    measured, moved = [], []
+    monkeypatch.setattr(training, "estimate_offset", lambda pairs: measured.append(len(list(pairs))) or (0.5, 0.0))
+    real_shift = training.shift_image
+    monkeypatch.setattr(training, "shift_image", lambda image, offset: moved.append(offset) or real_shift(image, offset))
+    scored(monkeypatch, better_with_offset=True)
+    result = train(annotations_from_arrays(*em), tiny_config(), tmp_path / "run")
+    # measured at the first validation a quarter into the run (step 2), then again at the end
+    assert len(measured) == 2 and moved == [(0.5, 0.0)] * 2  # the two training pages, moved once
+    card = result.model.card
+    assert card.label_offset == (0.5, 0.0)
+    assert card.training["label_offset"]["images_moved_by"] == [0.5, 0.0]
+    assert card.training["validation"]["mean_iou"] == 0.9
+    # a resumed run moves its images again without measuring anew
+    measured.clear(), moved.clear()
+    train(annotations_from_arrays(*em), tiny_config(steps=10), tmp_path / "run", resume=True)
+    assert moved == [(0.5, 0.0)] * 2 and len(measured) == 1  # only the end-of-run check
+
+
+def test_an_offset_that_does_not_help_is_not_used(monkeypatch, em):
+    monkeypatch.setattr(training, "estimate_offset", lambda pairs: (0.5, 0.0))
+    monkeypatch.setattr(training, "shift_image", lambda *a: pytest.fail("images moved though the offset scored worse"))
+    scored(monkeypatch, better_with_offset=False)
+    result = train(annotations_from_arrays(*em), tiny_config())
+    assert result.model.card.label_offset == (0.0, 0.0)
+    assert result.model.card.training["label_offset"]["mean_iou_measured"] == 0.5
+
+
+def test_no_offset_no_moving(monkeypatch, em):
+    monkeypatch.setattr(training, "estimate_offset", lambda pairs: (0.01, -0.02))
+    monkeypatch.setattr(training, "shift_image", lambda *a: pytest.fail("images moved for a negligible offset"))
+    result = train(annotations_from_arrays(*em), tiny_config())
+    assert result.model.card.label_offset == (0.0, 0.0)
+    assert result.model.card.training["label_offset"]["used"] == [0.0, 0.0]
+
+
+def test_switched_off(monkeypatch, em):
+    monkeypatch.setattr(training, "estimate_offset", lambda pairs: pytest.fail("offset measured though switched off"))
+    result = train(annotations_from_arrays(*em), tiny_config(label_offset=False))
+    assert result.model.card.label_offset == (0.0, 0.0) and "label_offset" not in result.model.card.training
