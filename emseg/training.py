@@ -368,6 +368,7 @@ def train(data: Sequence[Annotated], config: TrainConfig, out_dir: str | Path | 
                         state["best_metric"], state["bad_validations"] = None, 0
                     if is_offset(offset):
                         _log_offset("the training images are moved to match", offset)
+                        state["history"][-1]["images_moved_by"] = list(offset)
                         batches.close()
                         sampler = sampler.with_items(_moved(sampler.items, offset))
                         batches = Prefetcher([sampler.spawn([config.seed, state["step"], i]) for i in range(workers)],

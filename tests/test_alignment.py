@@ -107,6 +107,7 @@ def test_training_moves_its_images_once_and_keeps_the_offset(monkeypatch, tmp_pa
     assert card.label_offset == (0.5, 0.0)
     assert card.training["label_offset"]["images_moved_by"] == [0.5, 0.0]
     assert card.training["validation"]["mean_iou"] == 0.9
+    assert [h.get("images_moved_by") for h in result.history][:2] == [[0.5, 0.0], None]  # marked in curves.png
     # a resumed run moves its images again without measuring anew
     measured.clear(), moved.clear()
     train(annotations_from_arrays(*em), tiny_config(steps=10), tmp_path / "run", resume=True)
