@@ -26,8 +26,7 @@ from .metrics import IGNORE
 
 #: offsets smaller than this (pixels, in both axes) are treated as none
 MIN_OFFSET = 0.05
-
-
+#: whole-pixel moves of the prediction at which the agreement with the annotation is measured
 SHIFTS = (-2, -1, 0, 1, 2)
 
 

@@ -2,9 +2,9 @@
 
 A card names the architecture and encoder, the class names (index 0 first), how input images are
 normalised, the pixel size (nm/px) the model was trained at (None when unknown), the tile size and
-overlap to infer with, the emseg version that wrote it, and what the model was trained on, and the
-sub-pixel offset of its training annotation that inference reproduces (``label_offset``, see
-emseg.alignment).
+overlap to infer with, the sub-pixel offset of its training annotation that inference reproduces
+(``label_offset``, see emseg.alignment), the emseg version that wrote it, and what the model was
+trained on.
 """
 
 from __future__ import annotations

@@ -83,6 +83,17 @@ def test_cli_export_torchscript(tiny_model, tmp_path):
     assert run_cli(args) == 1 and not (tmp_path / "x.pt").exists()
 
 
+def test_export_warns_that_the_label_offset_stays_behind(tiny_model, tmp_path, caplog):
+    from emseg.export import export_model
+    plain = tiny_model.save(tmp_path / "plain.safetensors")
+    moved = tiny_model.save(tmp_path / "moved.safetensors", tiny_model.card.updated(label_offset=(-0.6, 0.2)))
+    caplog.set_level("WARNING", logger="emseg.export")
+    export_model(plain, "torchscript", tmp_path / "plain.pt")
+    assert "label_offset" not in caplog.text
+    export_model(moved, "torchscript", tmp_path / "moved.pt")
+    assert "moved.safetensors" in caplog.text and "label_offset" in caplog.text
+
+
 def test_missing_optional_dependency_names_the_extra(tiny_model, tmp_path, monkeypatch):
     import builtins
     from emseg.errors import EmsegError
