@@ -119,7 +119,16 @@ def test_dm3_opens_with_its_scale_and_segments(viewer, tiny_model, tmp_path, qtb
 
 # -- Segment -----------------------------------------------------------------------------------
 
-def test_segment_stack_gives_labels_with_the_image_scale(viewer, sample, tiny_path, qtbot):
+def test_segment_stack_gives_labels_with_the_image_scale(viewer, sample, tiny_path, qtbot, monkeypatch):
+    import time
+
+    from emseg.inference import Predictor
+    forward = Predictor.forward
+
+    def slow_forward(self, batch):  # segmenting lasts long enough for the GUI timer to tick, whatever the machine
+        time.sleep(0.1)
+        return forward(self, batch)
+    monkeypatch.setattr(Predictor, "forward", slow_forward)
     image = sample[0]
     seg = dock(viewer, "Segment")
     seg.select_model(tiny_path)
