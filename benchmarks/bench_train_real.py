@@ -316,7 +316,8 @@ def main() -> int:
             probs = membrane_probs(model, vimg)
             report["error_by_edge_distance"] = error_by_edge_distance(probs, vmsk)
             report["annotation_against_itself"] = annotation_against_itself(vmsk)
-            report["figure"] = str(errors_figure(vimg[0], vmsk[0], probs[0], ROOT / "docs" / "img" / "isbi_errors.png"))
+            if tag == "isbi-errors":  # the docs figure; a study of another model (--tag) leaves it alone
+                report["figure"] = str(errors_figure(vimg[0], vmsk[0], probs[0], ROOT / "docs" / "img" / "isbi_errors.png"))
         elif args.dataset == "finetune":
             from emseg.modelfile import load_model
             base_path = args.base
