@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 
 #: fraction of a run after which the annotation's offset is measured and the training images moved
 ALIGN_AT = 0.25
+#: later measurements move the images again when they differ from the last move by this much (pixels)
+REALIGN_BY = 0.1
 
 
 @dataclass(frozen=True)
@@ -197,16 +199,19 @@ def _validate(net: nn.Module, items: Sequence[Annotated], card: ModelCard, devic
 
 
 def _better_offset(net, card: ModelCard, items: Sequence[Annotated], device, tile: int, amp,
-                   before: dict | None = None) -> tuple[tuple[float, float], dict]:
+                   before: dict | None = None, near=None) -> tuple[tuple[float, float], dict]:
     """Measure the annotation's sub-pixel offset on the validation pages (emseg.alignment) and return
     it if moving the predictions by it scores a higher validation mean IoU than the card's offset
     so far (``before``: those scores, if known), else the card's offset; with a summary holding the
-    validation scores of the offset returned."""
+    validation scores of the offset returned. A measurement within ``REALIGN_BY`` of ``near`` (the
+    offset the training images were last moved by) is not scored: the card's offset is returned."""
     offset = tuple(round(o, 3) for o in estimate_offset(_val_probabilities(net, items, card, device, tile, amp)))
     current = tuple(float(o) for o in card.label_offset)
     summary = {"measured": list(offset), "before": list(current)}
     if not is_offset(offset) and not is_offset(current):
         return (0.0, 0.0), summary
+    if near is not None and _within(offset, near, REALIGN_BY):
+        return current, summary
     before = before or _validate(net, items, card, device, tile, amp)
     after = _validate(net, items, card, device, tile, amp, offset)
     summary.update(mean_iou_before=before["mean_iou"], mean_iou_measured=after["mean_iou"], validation=before)
@@ -214,6 +219,10 @@ def _better_offset(net, card: ModelCard, items: Sequence[Annotated], device, til
         summary["validation"] = after
         return (offset if is_offset(offset) else (0.0, 0.0)), summary
     return current, summary
+
+
+def _within(a, b, tolerance: float) -> bool:
+    return all(abs(float(x) - float(y)) < tolerance for x, y in zip(a, b))
 
 
 def _log_offset(what: str, offset, before: float | None = None, after: float | None = None) -> None:
@@ -306,10 +315,11 @@ def train(data: Sequence[Annotated], config: TrainConfig, out_dir: str | Path | 
     elif config.border_weight > 0 and boundary is not None:
         log.info("border weighting needs dense masks with a boundary class (e.g. 'membrane'); not used "
                  "with sparse labels, whose regions are unknown")
+    sampled = train_items
     if is_offset(state.get("label_offset")):  # resumed after the training images were moved
         card = card.updated(label_offset=tuple(state["label_offset"]))
-        train_items = _moved(train_items, card.label_offset)
-    sampler = CropSampler(train_items, config.tile_size, rng=rng,
+        sampled = _moved(train_items, card.label_offset)
+    sampler = CropSampler(sampled, config.tile_size, rng=rng,
                           transform=build_transform(config.augment, seed=int(rng.integers(2**31))),
                           bias=0.9 if config.sparse else 0.5, border=border)
     workers = loader_workers(config.loader_workers, device)
@@ -354,23 +364,31 @@ def train(data: Sequence[Annotated], config: TrainConfig, out_dir: str | Path | 
                 event = _end_of_epoch(state, event, running, net, card, val_items, device, config, amp,
                                       best_state, preview_image, out, optimizer, scheduler, start)
                 running = []
-                if (config.label_offset and val_items and state.get("label_offset") is None
+                if (config.label_offset and val_items
                         and ALIGN_AT * schedule.total <= state["step"] < schedule.total):
+                    # measured a quarter into the run, then at every validation: the network draws
+                    # better, so its measurement sharpens; a change of REALIGN_BY moves the images again
+                    first = state.get("label_offset") is None
+                    moved_by = (0.0, 0.0) if first else tuple(state["label_offset"])
                     offset, measured = _better_offset(net, card, val_items, device, config.tile_size, amp,
-                                                      event.metrics)
-                    if not is_offset(offset):
+                                                      event.metrics, near=None if first else moved_by)
+                    offset = offset if is_offset(offset) else (0.0, 0.0)
+                    if first and not is_offset(offset):
                         log.info("annotation offset against the images: %+.2f, %+.2f px (rows, columns); not "
                                  "followed (too small, or no better on validation)", *measured["measured"])
-                    state["label_offset"] = list(offset) if is_offset(offset) else [0.0, 0.0]
-                    if offset != tuple(card.label_offset):
-                        card = card.updated(label_offset=tuple(state["label_offset"]))
-                        # scores from here on include the new offset: the best weights are chosen among them
-                        state["best_metric"], state["bad_validations"] = None, 0
-                    if is_offset(offset):
-                        _log_offset("the training images are moved to match", offset)
+                    state["label_offset"] = list(moved_by)
+                    if first or not _within(offset, moved_by, REALIGN_BY):
+                        state["label_offset"] = list(offset)
+                        if offset != tuple(card.label_offset):
+                            card = card.updated(label_offset=offset)
+                            # scores from here on include the new offset: the best weights are chosen among them
+                            state["best_metric"], state["bad_validations"] = None, 0
+                    if tuple(state["label_offset"]) != moved_by:
+                        _log_offset("the training images are " + ("moved" if first else "moved again") + " to match",
+                                    offset)
                         state["history"][-1]["images_moved_by"] = list(offset)
                         batches.close()
-                        sampler = sampler.with_items(_moved(sampler.items, offset))
+                        sampler = sampler.with_items(_moved(train_items, offset))
                         batches = Prefetcher([sampler.spawn([config.seed, state["step"], i]) for i in range(workers)],
                                              config.batch_size)
                 if state["bad_validations"] >= config.patience:
@@ -392,16 +410,18 @@ def train(data: Sequence[Annotated], config: TrainConfig, out_dir: str | Path | 
         best_val = max(validated, key=lambda h: h["val"]["mean_iou"] or 0)
     offset_summary = None
     if val_items and config.label_offset:
-        offset, offset_summary = _better_offset(net, card, val_items, device, config.tile_size, amp)
+        offset, measured = _better_offset(net, card, val_items, device, config.tile_size, amp)
         if offset != tuple(card.label_offset) and is_offset(offset):
-            _log_offset("predictions are moved to match", offset, offset_summary["mean_iou_before"],
-                        offset_summary["mean_iou_measured"])
+            _log_offset("predictions are moved to match", offset, measured["mean_iou_before"],
+                        measured["mean_iou_measured"])
         card = card.updated(label_offset=offset)
-        if "validation" in offset_summary:
-            best_val = dict(best_val or {}, val=offset_summary.pop("validation"))
-        offset_summary = {"images_moved_by": state.get("label_offset") or [0.0, 0.0], "measured_at_end":
-                          offset_summary["measured"], "used": list(offset), **{
-                              k: v for k, v in offset_summary.items() if k.startswith("mean_iou")}}
+        if "validation" in measured:
+            best_val = dict(best_val or {}, val=measured["validation"])
+        offset_summary = {
+            "images_moved_by": state.get("label_offset") or [0.0, 0.0],
+            "moves": [[h["step"], *h["images_moved_by"]] for h in state["history"] if h.get("images_moved_by")],
+            "measured_at_end": measured["measured"], "used": list(offset),
+            **{k: v for k, v in measured.items() if k.startswith("mean_iou")}}
     summary = _training_summary(config, data, val_items, state, best_val, base, start)
     if offset_summary is not None:
         summary["label_offset"] = offset_summary

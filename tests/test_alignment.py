@@ -101,8 +101,9 @@ def test_training_moves_its_images_once_and_keeps_the_offset(monkeypatch, tmp_pa
     monkeypatch.setattr(training, "shift_image", lambda image, offset: moved.append(offset) or real_shift(image, offset))
     scored(monkeypatch, better_with_offset=True)
     result = train(annotations_from_arrays(*em), tiny_config(), tmp_path / "run")
-    # measured at the first validation a quarter into the run (step 2), then again at the end
-    assert len(measured) == 2 and moved == [(0.5, 0.0)] * 2  # the two training pages, moved once
+    # measured at every validation from a quarter into the run (steps 2, 4, 6) and at the end; the
+    # same measurement each time, so the two training pages are moved once
+    assert len(measured) == 4 and moved == [(0.5, 0.0)] * 2
     card = result.model.card
     assert card.label_offset == (0.5, 0.0)
     assert card.training["label_offset"]["images_moved_by"] == [0.5, 0.0]
@@ -112,6 +113,35 @@ def test_training_moves_its_images_once_and_keeps_the_offset(monkeypatch, tmp_pa
     measured.clear(), moved.clear()
     train(annotations_from_arrays(*em), tiny_config(steps=10), tmp_path / "run", resume=True)
     assert moved == [(0.5, 0.0)] * 2 and len(measured) == 1  # only the end-of-run check
+
+
+def test_a_sharper_measurement_moves_the_images_again(monkeypatch, tmp_path, em):
+    """The first measurement is rough (the network is young): a later one that differs by REALIGN_BY
+    or more and scores better moves the images again, from where they were drawn; smaller changes
+    do not."""
+    estimates = iter([(0.8, 0.0), (0.5, 0.0), (0.55, 0.05), (0.5, 0.0)])  # steps 2, 4, 6 and the end
+    monkeypatch.setattr(training, "estimate_offset", lambda pairs: next(estimates))
+    moved = []
+    real_shift = training.shift_image
+    monkeypatch.setattr(training, "shift_image", lambda image, offset: moved.append(offset) or real_shift(image, offset))
+    real = training._validate
+
+    def validate(net, items, card, device, tile, amp, offset=None):  # the closer to 0.5 px, the better
+        offset = card.label_offset if offset is None else offset
+        return dict(real(net, items, card, device, tile, amp, offset), mean_iou=0.9 - abs(offset[0] - 0.5))
+    monkeypatch.setattr(training, "_validate", validate)
+    result = train(annotations_from_arrays(*em), tiny_config(), tmp_path / "run")
+    assert moved == [(0.8, 0.0)] * 2 + [(0.5, 0.0)] * 2  # twice the two pages, each time from the originals
+    assert [h.get("images_moved_by") for h in result.history][:3] == [[0.8, 0.0], [0.5, 0.0], None]
+    card = result.model.card
+    assert card.label_offset == (0.5, 0.0)
+    assert card.training["label_offset"]["moves"] == [[2, 0.8, 0.0], [4, 0.5, 0.0]]
+    assert card.training["label_offset"]["images_moved_by"] == [0.5, 0.0]
+    # resumed, the run moves its images by the last move
+    moved.clear()
+    estimates = iter([(0.5, 0.0)])
+    train(annotations_from_arrays(*em), tiny_config(steps=10), tmp_path / "run", resume=True)
+    assert moved == [(0.5, 0.0)] * 2
 
 
 def test_an_offset_that_does_not_help_is_not_used(monkeypatch, em):
