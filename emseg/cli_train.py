@@ -50,8 +50,8 @@ def _add_training(p: argparse.ArgumentParser, *, steps: int, lr: float) -> None:
                         "(needs dense masks and a class named 'membrane' or 'boundary'; 0 = off)")
     g.add_argument("--no-label-offset", dest="label_offset", action="store_const", const=False,
                    help="do not measure and follow a sub-pixel offset of the annotation against the images "
-                        "(by default, a quarter into the run, the training images are moved onto their annotation "
-                        "and the model file keeps the offset for prediction)")
+                        "(by default, from a quarter into the run, the training images are moved onto their "
+                        "annotation and the model file keeps the offset for prediction)")
     g.add_argument("--val-fraction", type=float,
                    help="hold out this fraction of every page (its right-hand strip) for validation (default 0.2)")
     g.add_argument("--val-images", nargs="+", metavar="PATH", help="held-out validation images instead")

@@ -32,16 +32,16 @@ def plot_curves(history: Sequence[dict], path: Path) -> Path:
             ax_iou.plot(vsteps, [np.nan if v is None else v for v in values], "o-", ms=3,
                         color=PALETTE[(i - 1) % len(PALETTE)] if i else "#999999", label=f"IoU {name}")
         ax_iou.plot(vsteps, [h["val"]["mean_iou"] or np.nan for h in val], "k--", lw=1.5, label="mean IoU (no bg)")
-        ax_iou.legend(fontsize=8, loc="lower right")
-    ax_iou.set(xlabel="step", ylabel="validation IoU", ylim=(0, 1), title="Validation")
-    ax_iou.grid(alpha=0.3)
     for h in history:
         if h.get("images_moved_by"):  # where the training images were moved onto their annotation
             dy, dx = h["images_moved_by"]
-            for ax in (ax_loss, ax_iou):
-                ax.axvline(h["step"], color="#1f77b4", ls=":", lw=1.2)
-            ax_iou.annotate(f"images moved\n{dy:+.2f}, {dx:+.2f} px", (h["step"], 0.05), xytext=(4, 0),
-                            textcoords="offset points", fontsize=7, color="#1f77b4")
+            ax_loss.axvline(h["step"], color="#1f77b4", ls=":", lw=1.2)
+            ax_iou.axvline(h["step"], color="#1f77b4", ls=":", lw=1.2,
+                           label=f"step {h['step']}: images moved {dy:+.2f}, {dx:+.2f} px")
+    if ax_iou.get_legend_handles_labels()[0]:
+        ax_iou.legend(fontsize=8, loc="lower right")
+    ax_iou.set(xlabel="step", ylabel="validation IoU", ylim=(0, 1), title="Validation")
+    ax_iou.grid(alpha=0.3)
     fig.tight_layout()
     with atomic_output(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
