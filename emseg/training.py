@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 ALIGN_AT = 0.25
 #: later measurements move the images again when they differ from the last move by this much (pixels)
 REALIGN_BY = 0.1
+#: fraction of a run after which the images are not moved again (too few steps left to learn from them)
+REALIGN_UNTIL = 0.9
 
 
 @dataclass(frozen=True)
@@ -364,11 +366,13 @@ def train(data: Sequence[Annotated], config: TrainConfig, out_dir: str | Path | 
                 event = _end_of_epoch(state, event, running, net, card, val_items, device, config, amp,
                                       best_state, preview_image, out, optimizer, scheduler, start)
                 running = []
+                first = state.get("label_offset") is None
                 if (config.label_offset and val_items
-                        and ALIGN_AT * schedule.total <= state["step"] < schedule.total):
-                    # measured a quarter into the run, then at every validation: the network draws
-                    # better, so its measurement sharpens; a change of REALIGN_BY moves the images again
-                    first = state.get("label_offset") is None
+                        and ALIGN_AT * schedule.total <= state["step"] < schedule.total
+                        and (first or state["step"] < REALIGN_UNTIL * schedule.total)):
+                    # measured a quarter into the run, then at every validation until REALIGN_UNTIL: the
+                    # network draws better, so its measurement sharpens; a change of REALIGN_BY moves
+                    # the images again
                     moved_by = (0.0, 0.0) if first else tuple(state["label_offset"])
                     offset, measured = _better_offset(net, card, val_items, device, config.tile_size, amp,
                                                       event.metrics, near=None if first else moved_by)

@@ -144,6 +144,17 @@ def test_a_sharper_measurement_moves_the_images_again(monkeypatch, tmp_path, em)
     assert moved == [(0.5, 0.0)] * 2
 
 
+def test_no_moves_near_the_end(monkeypatch, em):
+    """Images moved with a tenth of the run left would hardly be learnt from: late validations do not
+    measure (the end of the run still does, for the predictions)."""
+    measured = []
+    monkeypatch.setattr(training, "estimate_offset", lambda pairs: measured.append(1) or (0.5, 0.0))
+    monkeypatch.setattr(training, "REALIGN_UNTIL", 0.6)  # of 8 steps: validations at 2 and 4, not 6
+    scored(monkeypatch, better_with_offset=True)
+    train(annotations_from_arrays(*em), tiny_config())
+    assert len(measured) == 3
+
+
 def test_an_offset_that_does_not_help_is_not_used(monkeypatch, em):
     monkeypatch.setattr(training, "estimate_offset", lambda pairs: (0.5, 0.0))
     monkeypatch.setattr(training, "shift_image", lambda *a: pytest.fail("images moved though the offset scored worse"))
