@@ -388,8 +388,8 @@ def train(data: Sequence[Annotated], config: TrainConfig, out_dir: str | Path | 
                             # scores from here on include the new offset: the best weights are chosen among them
                             state["best_metric"], state["bad_validations"] = None, 0
                     if tuple(state["label_offset"]) != moved_by:
-                        _log_offset("the training images are " + ("moved" if first else "moved again") + " to match",
-                                    offset)
+                        _log_offset("the training images are " + ("moved again" if is_offset(moved_by) else "moved")
+                                    + " to match", offset)
                         state["history"][-1]["images_moved_by"] = list(offset)
                         batches.close()
                         sampler = sampler.with_items(_moved(train_items, offset))
