@@ -4,10 +4,10 @@
 optimises Dice + cross-entropy with AdamW under a warm-up + cosine schedule, ignoring
 unannotated pixels. Every ``val_every`` steps it measures per-class IoU/Dice on held-out pixels,
 keeps the best weights, writes a resumable checkpoint, and stops early after ``patience``
-validations without improvement. A quarter into the run, and again at its end, it measures a
-systematic sub-pixel offset of the annotation on the held-out pixels (emseg.alignment); where
-following it scores better, the training images are moved onto their annotation and the card keeps
-the offset for prediction. Progress is reported through a plain callback; a ``threading.Event``
+validations without improvement. From a quarter into the run (at every validation until 90 % of
+it) and at its end, it measures a systematic sub-pixel offset of the annotation on the held-out
+pixels (emseg.alignment); where following it scores better, the training images are moved onto
+their annotation and the card keeps the offset for prediction. Progress is reported through a plain callback; a ``threading.Event``
 stops the run, keeping the best model so far.
 """
 
@@ -380,7 +380,6 @@ def train(data: Sequence[Annotated], config: TrainConfig, out_dir: str | Path | 
                     if first and not is_offset(offset):
                         log.info("annotation offset against the images: %+.2f, %+.2f px (rows, columns); not "
                                  "followed (too small, or no better on validation)", *measured["measured"])
-                    state["label_offset"] = list(moved_by)
                     if first or not _within(offset, moved_by, REALIGN_BY):
                         state["label_offset"] = list(offset)
                         if offset != tuple(card.label_offset):
