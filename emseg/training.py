@@ -200,27 +200,33 @@ def _validate(net: nn.Module, items: Sequence[Annotated], card: ModelCard, devic
     return scores(matrix, card.classes)
 
 
-def _better_offset(net, card: ModelCard, items: Sequence[Annotated], device, tile: int, amp,
-                   before: dict | None = None, near=None) -> tuple[tuple[float, float], dict]:
-    """Measure the annotation's sub-pixel offset on the validation pages (emseg.alignment) and return
-    it if moving the predictions by it scores a higher validation mean IoU than the card's offset
-    so far (``before``: those scores, if known), else the card's offset; with a summary holding the
-    validation scores of the offset returned. A measurement within ``REALIGN_BY`` of ``near`` (the
-    offset the training images were last moved by) is not scored: the card's offset is returned."""
-    offset = tuple(round(o, 3) for o in estimate_offset(_val_probabilities(net, items, card, device, tile, amp)))
+def _measured_offset(net, card: ModelCard, items: Sequence[Annotated], device, tile: int, amp) -> tuple[float, float]:
+    """The annotation's sub-pixel offset measured on the validation pages (emseg.alignment)."""
+    return tuple(round(o, 3) for o in estimate_offset(_val_probabilities(net, items, card, device, tile, amp)))
+
+
+def _better_offset(net, card: ModelCard, items: Sequence[Annotated], device, tile: int, amp, offset,
+                   before: dict | None = None) -> tuple[tuple[float, float], dict]:
+    """``offset`` if moving the predictions by it scores a higher validation mean IoU than the card's
+    offset so far (``before``: those scores, if known), else the card's offset; with a summary holding
+    the validation scores of the offset returned."""
     current = tuple(float(o) for o in card.label_offset)
-    summary = {"measured": list(offset), "before": list(current)}
+    summary = {"before": list(current)}
     if not is_offset(offset) and not is_offset(current):
         return (0.0, 0.0), summary
-    if near is not None and _within(offset, near, REALIGN_BY):
-        return current, summary
     before = before or _validate(net, items, card, device, tile, amp)
     after = _validate(net, items, card, device, tile, amp, offset)
     summary.update(mean_iou_before=before["mean_iou"], mean_iou_measured=after["mean_iou"], validation=before)
     if (after["mean_iou"] or 0) > (before["mean_iou"] or 0):
         summary["validation"] = after
-        return (offset if is_offset(offset) else (0.0, 0.0)), summary
+        return (tuple(offset) if is_offset(offset) else (0.0, 0.0)), summary
     return current, summary
+
+
+def _mean_offset(measurements) -> tuple[float, float]:
+    """The mean of the offsets measured so far ([step, rows, columns] each): one measurement moves by
+    0.1-0.3 px from one validation to the next (docs/training.md), their mean much less."""
+    return tuple(round(float(o), 3) for o in np.mean([m[1:] for m in measurements], axis=0))
 
 
 def _within(a, b, tolerance: float) -> bool:
@@ -370,17 +376,22 @@ def train(data: Sequence[Annotated], config: TrainConfig, out_dir: str | Path | 
                 if (config.label_offset and val_items
                         and ALIGN_AT * schedule.total <= state["step"] < schedule.total
                         and (first or state["step"] < REALIGN_UNTIL * schedule.total)):
-                    # measured a quarter into the run, then at every validation until REALIGN_UNTIL: the
-                    # network draws better, so its measurement sharpens; a change of REALIGN_BY moves
-                    # the images again
+                    # measured a quarter into the run, then at every validation until REALIGN_UNTIL; the
+                    # images follow the mean of the measurements when it has moved by REALIGN_BY
                     moved_by = (0.0, 0.0) if first else tuple(state["label_offset"])
-                    offset, measured = _better_offset(net, card, val_items, device, config.tile_size, amp,
-                                                      event.metrics, near=None if first else moved_by)
-                    offset = offset if is_offset(offset) else (0.0, 0.0)
+                    measurement = _measured_offset(net, card, val_items, device, config.tile_size, amp)
+                    state["history"][-1]["offset_measured"] = list(measurement)
+                    state.setdefault("offset_measurements", []).append([state["step"], *measurement])
+                    target = _mean_offset(state["offset_measurements"])
+                    offset = moved_by
+                    if first or not _within(target, moved_by, REALIGN_BY):
+                        offset, _ = _better_offset(net, card, val_items, device, config.tile_size, amp, target,
+                                                   event.metrics)
+                        offset = offset if is_offset(offset) else (0.0, 0.0)
                     if first and not is_offset(offset):
                         log.info("annotation offset against the images: %+.2f, %+.2f px (rows, columns); not "
-                                 "followed (too small, or no better on validation)", *measured["measured"])
-                    if first or not _within(offset, moved_by, REALIGN_BY):
+                                 "followed (too small, or no better on validation)", *measurement)
+                    if first or offset != moved_by:
                         state["label_offset"] = list(offset)
                         if offset != tuple(card.label_offset):
                             card = card.updated(label_offset=offset)
@@ -388,7 +399,9 @@ def train(data: Sequence[Annotated], config: TrainConfig, out_dir: str | Path | 
                             state["best_metric"], state["bad_validations"] = None, 0
                     if tuple(state["label_offset"]) != moved_by:
                         _log_offset("the training images are " + ("moved again" if is_offset(moved_by) else "moved")
-                                    + " to match", offset)
+                                    + " to match" + (f" (mean of {len(state['offset_measurements'])} measurements; "
+                                                     "this one %+.2f, %+.2f px)" % measurement
+                                                     if len(state["offset_measurements"]) > 1 else ""), offset)
                         state["history"][-1]["images_moved_by"] = list(offset)
                         batches.close()
                         sampler = sampler.with_items(_moved(train_items, offset))
@@ -413,7 +426,10 @@ def train(data: Sequence[Annotated], config: TrainConfig, out_dir: str | Path | 
         best_val = max(validated, key=lambda h: h["val"]["mean_iou"] or 0)
     offset_summary = None
     if val_items and config.label_offset:
-        offset, measured = _better_offset(net, card, val_items, device, config.tile_size, amp)
+        measurement = _measured_offset(net, card, val_items, device, config.tile_size, amp)
+        measurements = state.get("offset_measurements", []) + [[state["step"], *measurement]]
+        offset, measured = _better_offset(net, card, val_items, device, config.tile_size, amp,
+                                          _mean_offset(measurements))
         if offset != tuple(card.label_offset) and is_offset(offset):
             _log_offset("predictions are moved to match", offset, measured["mean_iou_before"],
                         measured["mean_iou_measured"])
@@ -423,7 +439,7 @@ def train(data: Sequence[Annotated], config: TrainConfig, out_dir: str | Path | 
         offset_summary = {
             "images_moved_by": state.get("label_offset") or [0.0, 0.0],
             "moves": [[h["step"], *h["images_moved_by"]] for h in state["history"] if h.get("images_moved_by")],
-            "measured_at_end": measured["measured"], "used": list(offset),
+            "measurements": measurements, "measured_at_end": list(measurement), "used": list(offset),
             **{k: v for k, v in measured.items() if k.startswith("mean_iou")}}
     summary = _training_summary(config, data, val_items, state, best_val, base, start)
     if offset_summary is not None:

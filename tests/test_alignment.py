@@ -115,11 +115,12 @@ def test_training_moves_its_images_once_and_keeps_the_offset(monkeypatch, tmp_pa
     assert moved == [(0.5, 0.0)] * 2 and len(measured) == 1  # only the end-of-run check
 
 
-def test_a_sharper_measurement_moves_the_images_again(monkeypatch, tmp_path, em):
-    """The first measurement is rough (the network is young): a later one that differs by REALIGN_BY
-    or more and scores better moves the images again, from where they were drawn; smaller changes
-    do not."""
-    estimates = iter([(0.8, 0.0), (0.5, 0.0), (0.55, 0.05), (0.5, 0.0)])  # steps 2, 4, 6 and the end
+def test_the_images_follow_the_mean_of_the_measurements(monkeypatch, tmp_path, em):
+    """The first measurement is rough (the network is young) and each later one noisy: the images
+    follow the mean of the measurements so far, moved again (from the images as read) when that mean
+    has changed by REALIGN_BY or more and scores better; one outlying measurement does not move them."""
+    # steps 2, 4, 6 and the end; their means 0.8, 0.6, 0.65, 0.625
+    estimates = iter([(0.8, 0.0), (0.4, 0.0), (0.75, 0.0), (0.55, 0.0)])
     monkeypatch.setattr(training, "estimate_offset", lambda pairs: next(estimates))
     moved = []
     real_shift = training.shift_image
@@ -131,17 +132,22 @@ def test_a_sharper_measurement_moves_the_images_again(monkeypatch, tmp_path, em)
         return dict(real(net, items, card, device, tile, amp, offset), mean_iou=0.9 - abs(offset[0] - 0.5))
     monkeypatch.setattr(training, "_validate", validate)
     result = train(annotations_from_arrays(*em), tiny_config(), tmp_path / "run")
-    assert moved == [(0.8, 0.0)] * 2 + [(0.5, 0.0)] * 2  # twice the two pages, each time from the originals
-    assert [h.get("images_moved_by") for h in result.history][:3] == [[0.8, 0.0], [0.5, 0.0], None]
-    card = result.model.card
-    assert card.label_offset == (0.5, 0.0)
-    assert card.training["label_offset"]["moves"] == [[2, 0.8, 0.0], [4, 0.5, 0.0]]
-    assert card.training["label_offset"]["images_moved_by"] == [0.5, 0.0]
-    # resumed, the run moves its images by the last move
+    assert moved == [(0.8, 0.0)] * 2 + [(0.6, 0.0)] * 2  # twice the two pages, each time from the originals
+    assert [h.get("images_moved_by") for h in result.history][:3] == [[0.8, 0.0], [0.6, 0.0], None]
+    assert [h.get("offset_measured") for h in result.history][:3] == [[0.8, 0.0], [0.4, 0.0], [0.75, 0.0]]
+    summary = result.model.card.training["label_offset"]
+    assert summary["moves"] == [[2, 0.8, 0.0], [4, 0.6, 0.0]] and summary["images_moved_by"] == [0.6, 0.0]
+    assert summary["measurements"] == [[2, 0.8, 0.0], [4, 0.4, 0.0], [6, 0.75, 0.0], [8, 0.55, 0.0]]
+    # the end's mean (0.625) scores worse than the images' 0.6, which the predictions keep
+    assert result.model.card.label_offset == (0.6, 0.0) and summary["used"] == [0.6, 0.0]
+    # resumed, the run moves its images by the last move, and its measurements carry on
     moved.clear()
-    estimates = iter([(0.5, 0.0)])
-    train(annotations_from_arrays(*em), tiny_config(steps=10), tmp_path / "run", resume=True)
-    assert moved == [(0.5, 0.0)] * 2
+    estimates = iter([(0.2, 0.0)])
+    resumed = train(annotations_from_arrays(*em), tiny_config(steps=10), tmp_path / "run", resume=True)
+    assert moved == [(0.6, 0.0)] * 2
+    summary = resumed.model.card.training["label_offset"]
+    assert len(summary["measurements"]) == 4 and summary["measurements"][-1] == [10, 0.2, 0.0]
+    assert resumed.model.card.label_offset == (0.538, 0.0)  # (0.8 + 0.4 + 0.75 + 0.2) / 4: nearer 0.5, better
 
 
 def test_no_moves_near_the_end(monkeypatch, em):
