@@ -11,9 +11,10 @@ A quarter of the way into a run, emseg measures the offset on the held-out annot
 annotation agree and every flip and rotation of a crop agrees too; the model card stores the
 offset (``label_offset``, in the model's pixels) and the predictor shifts its probabilities by it
 (:func:`shift_probabilities`), so that the masks follow the annotators' convention. Every later
-validation until 90 % of the run measures it again, as the network draws better, and moves the
-images anew when the measurement has changed by a tenth of a pixel and scores better; the end of
-the run measures it once more and keeps whichever offset scores the higher held-out IoU. On
+validation until 90 % of the run measures it again (one measurement moves by 0.1-0.3 px from one
+validation to the next), and the images follow the mean of the measurements so far, moved anew when
+that mean has changed by a tenth of a pixel and scores better; the end of the run measures once
+more and keeps whichever offset, the images' or the mean's, scores the higher held-out IoU. On
 annotation without such an offset the estimate is near zero and nothing moves.
 """
 

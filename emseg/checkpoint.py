@@ -1,6 +1,6 @@
 """Resumable training checkpoints without pickle.
 
-A checkpoint folder holds ``tensors.safetensors`` (current weights, best weights, optimizer
+A checkpoint folder holds ``tensors.safetensors`` (current weights, their moving average, best weights, optimizer
 tensors, torch RNG state) and ``state.json`` (step, history, scheduler and optimizer scalars,
 the run's configuration). Both are written to temporary names and renamed, so an interrupted
 write leaves the previous checkpoint intact.
@@ -53,10 +53,13 @@ def checkpoint_classes(folder: Path) -> tuple[str, ...] | None:
 
 
 def save_checkpoint(folder: Path, net, optimizer, scheduler, config, state: dict, best_weights: dict,
-                    classes: tuple[str, ...]) -> None:
-    """Write the checkpoint atomically (see the module docstring)."""
+                    classes: tuple[str, ...], averaged=None) -> None:
+    """Write the checkpoint atomically (see the module docstring); ``averaged``: the moving average
+    of the weights (a ``torch.optim.swa_utils.AveragedModel``), if the run keeps one."""
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {f"net.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    if averaged is not None:
+        tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in averaged.state_dict().items()})
     tensors.update({f"best.{k}": v.detach().cpu().contiguous() for k, v in best_weights.items()})
     opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
     tensors.update(opt_tensors)
@@ -71,8 +74,9 @@ def save_checkpoint(folder: Path, net, optimizer, scheduler, config, state: dict
     os.replace(tmp_j, folder / "state.json")
 
 
-def load_checkpoint(folder: Path, net, optimizer, scheduler, config) -> dict:
-    """Restore weights, optimizer, scheduler and RNG; returns the loop state with ``best_weights``."""
+def load_checkpoint(folder: Path, net, optimizer, scheduler, config, averaged=None) -> dict:
+    """Restore weights, optimizer, scheduler, RNG and the weights' moving average (``averaged``; a
+    checkpoint without one starts it afresh); returns the loop state with ``best_weights``."""
     try:
         meta = json.loads((folder / "state.json").read_text())
         tensors = load_file(str(folder / "tensors.safetensors"))
@@ -85,6 +89,9 @@ def load_checkpoint(folder: Path, net, optimizer, scheduler, config) -> dict:
         log.info("%s: checkpoint was planned for %d steps, now %d", folder, meta["config"]["steps"], config.steps)
     device = next(net.parameters()).device
     net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
+    kept = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
+    if averaged is not None and kept:
+        averaged.load_state_dict(kept)
     optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
     for group in optimizer.state.values():
         for key, value in group.items():

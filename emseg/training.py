@@ -6,8 +6,8 @@ unannotated pixels. Every ``val_every`` steps it measures per-class IoU/Dice on 
 keeps the best weights, writes a resumable checkpoint, and stops early after ``patience``
 validations without improvement. From a quarter into the run (at every validation until 90 % of
 it) and at its end, it measures a systematic sub-pixel offset of the annotation on the held-out
-pixels (emseg.alignment); where following it scores better, the training images are moved onto
-their annotation and the card keeps the offset for prediction. Progress is reported through a plain callback; a ``threading.Event``
+pixels (emseg.alignment); where following the mean of those measurements scores better, the
+training images are moved onto their annotation and the card keeps the offset for prediction. Progress is reported through a plain callback; a ``threading.Event``
 stops the run, keeping the best model so far.
 """
 
@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 from .alignment import estimate_offset, is_offset, shift_image, shift_probabilities
 from .augment import AugmentConfig, build_transform
@@ -44,7 +45,7 @@ log = logging.getLogger(__name__)
 
 #: fraction of a run after which the annotation's offset is measured and the training images moved
 ALIGN_AT = 0.25
-#: later measurements move the images again when they differ from the last move by this much (pixels)
+#: the images are moved again when the mean of the measurements differs from the last move by this much (pixels)
 REALIGN_BY = 0.1
 #: fraction of a run after which the images are not moved again (too few steps left to learn from them)
 REALIGN_UNTIL = 0.9
@@ -70,6 +71,7 @@ class TrainConfig:
     border_weight: float = 10.0
     border_sigma: float = 5.0
     label_offset: bool = True
+    ema_decay: float = 0.999
     seed: int = 0
     device: str = "auto"
     loader_workers: int = 0
@@ -223,6 +225,25 @@ def _better_offset(net, card: ModelCard, items: Sequence[Annotated], device, til
     return current, summary
 
 
+def _averaged(net: nn.Module, decay: float) -> AveragedModel | None:
+    """An exponential moving average of ``net``'s weights and batch-norm statistics (``decay`` 0: none).
+
+    Its decay grows with the updates, ``min(decay, (1 + n) / (10 + n))``, so it spans about the last
+    tenth of the steps so far: short runs (fine-tuning, tests) are not held back by their first
+    weights. One validation to the next, the weights of a CPU-length run move the validation IoU by
+    0.01-0.02; their average does not follow that noise (docs/training.md)."""
+    if not decay:
+        return None
+    cap = float(decay)
+
+    def ema(averaged: torch.Tensor, current: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        if not averaged.is_floating_point():  # batch-norm's batch count
+            return current
+        return torch.lerp(current, averaged, torch.clamp((1 + n) / (10 + n), max=cap).to(averaged.dtype))
+
+    return AveragedModel(net, avg_fn=ema, use_buffers=True)
+
+
 def _mean_offset(measurements) -> tuple[float, float]:
     """The mean of the offsets measured so far ([step, rows, columns] each): one measurement moves by
     0.1-0.3 px from one validation to the next (docs/training.md), their mean much less."""
@@ -307,10 +328,13 @@ def train(data: Sequence[Annotated], config: TrainConfig, out_dir: str | Path | 
     def amp():
         return torch.autocast(device.type, dtype=amp_dtype) if use_amp else torch.autocast("cpu", enabled=False)
 
+    # validation, the best weights and the model written are those of the weights' moving average
+    averaged = _averaged(net, config.ema_decay)
+    evaluated = averaged.module if averaged is not None else net
     state = {"step": 0, "history": [], "best_metric": None, "bad_validations": 0, "label_offset": None}
-    best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    best_state = {k: v.detach().clone() for k, v in evaluated.state_dict().items()}
     if resuming:
-        state = load_checkpoint(out / "checkpoint", net, optimizer, scheduler, config)
+        state = load_checkpoint(out / "checkpoint", net, optimizer, scheduler, config, averaged)
         best_state = state.pop("best_weights")
         schedule.total = config.steps  # LambdaLR restores the callable's attributes; the new run decides
         rng = np.random.default_rng([config.seed, state["step"]])
@@ -358,6 +382,8 @@ def train(data: Sequence[Annotated], config: TrainConfig, out_dir: str | Path | 
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
+            if averaged is not None:
+                averaged.update_parameters(net)
             state["step"] += 1
             loss_value = loss.item()
             running.append(loss_value)
@@ -369,7 +395,7 @@ def train(data: Sequence[Annotated], config: TrainConfig, out_dir: str | Path | 
                 _fit_schedule_to_time(schedule, config, state["step"], timed_from, start)
             event = TrainEvent(state["step"], schedule.total, loss_value, scheduler.get_last_lr()[0])
             if state["step"] % config.val_every == 0 or state["step"] == schedule.total:
-                event = _end_of_epoch(state, event, running, net, card, val_items, device, config, amp,
+                event = _end_of_epoch(state, event, running, net, averaged, card, val_items, device, config, amp,
                                       best_state, preview_image, out, optimizer, scheduler, start)
                 running = []
                 first = state.get("label_offset") is None
@@ -379,13 +405,13 @@ def train(data: Sequence[Annotated], config: TrainConfig, out_dir: str | Path | 
                     # measured a quarter into the run, then at every validation until REALIGN_UNTIL; the
                     # images follow the mean of the measurements when it has moved by REALIGN_BY
                     moved_by = (0.0, 0.0) if first else tuple(state["label_offset"])
-                    measurement = _measured_offset(net, card, val_items, device, config.tile_size, amp)
+                    measurement = _measured_offset(evaluated, card, val_items, device, config.tile_size, amp)
                     state["history"][-1]["offset_measured"] = list(measurement)
                     state.setdefault("offset_measurements", []).append([state["step"], *measurement])
                     target = _mean_offset(state["offset_measurements"])
                     offset = moved_by
                     if first or not _within(target, moved_by, REALIGN_BY):
-                        offset, _ = _better_offset(net, card, val_items, device, config.tile_size, amp, target,
+                        offset, _ = _better_offset(evaluated, card, val_items, device, config.tile_size, amp, target,
                                                    event.metrics)
                         offset = offset if is_offset(offset) else (0.0, 0.0)
                     if first and not is_offset(offset):
@@ -419,6 +445,8 @@ def train(data: Sequence[Annotated], config: TrainConfig, out_dir: str | Path | 
         batches.close()
     if val_items and state["best_metric"] is not None:
         net.load_state_dict(best_state)
+    elif averaged is not None:
+        net.load_state_dict(evaluated.state_dict())
     net.eval().to(memory_format=torch.contiguous_format)
     validated = [h for h in state["history"] if h.get("val")]
     best_val = next((h for h in validated if h["step"] == state.get("best_step")), None)
@@ -484,9 +512,11 @@ def _fit_schedule_to_time(schedule: _Schedule, config: TrainConfig, step: int, t
             schedule.total, f" instead of {config.steps}" if first else "")
 
 
-def _end_of_epoch(state, event, running, net, card, val_items, device, config, amp, best_state,
+def _end_of_epoch(state, event, running, net, averaged, card, val_items, device, config, amp, best_state,
                   preview_image, out, optimizer, scheduler, start) -> TrainEvent:
-    """Validate, keep the best weights, checkpoint, log; returns the event with metrics attached."""
+    """Validate (the moving average of the weights, if kept), keep the best weights, checkpoint, log;
+    returns the event with metrics attached."""
+    trained, net = net, (averaged.module if averaged is not None else net)
     record = {"step": state["step"], "loss": float(np.mean(running)) if running else None,
               "lr": event.lr, "seconds": round(time.perf_counter() - start, 1)}
     if val_items:
@@ -508,7 +538,8 @@ def _end_of_epoch(state, event, running, net, card, val_items, device, config, a
     if preview_image is not None:
         event.preview = _preview(net, card, preview_image, device, config.tile_size)
     if out is not None:
-        save_checkpoint(out / "checkpoint", net, optimizer, scheduler, config, state, best_state, card.classes)
+        save_checkpoint(out / "checkpoint", trained, optimizer, scheduler, config, state, best_state, card.classes,
+                        averaged)
         (out / "log.json").write_text(json.dumps(state["history"], indent=1))
     _log_epoch(record)
     return event
