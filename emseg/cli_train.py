@@ -52,6 +52,9 @@ def _add_training(p: argparse.ArgumentParser, *, steps: int, lr: float) -> None:
                    help="do not measure and follow a sub-pixel offset of the annotation against the images "
                         "(by default, from a quarter into the run, the training images are moved onto their "
                         "annotation and the model file keeps the offset for prediction)")
+    g.add_argument("--ema-decay", type=float, metavar="D",
+                   help="validate and keep a moving average of the weights, whose decay grows to at most D "
+                        "(default 0.999; 0 = keep the trained weights themselves)")
     g.add_argument("--val-fraction", type=float,
                    help="hold out this fraction of every page (its right-hand strip) for validation (default 0.2)")
     g.add_argument("--val-images", nargs="+", metavar="PATH", help="held-out validation images instead")
@@ -169,7 +172,7 @@ def train_config(args) -> "TrainConfig":
         values["freeze_encoder"] = args.freeze_encoder or values.get("freeze_encoder", False)
     for name in ("encoder", "tile_size", "batch_size", "steps", "val_every", "lr", "patience", "val_fraction",
                  "seed", "device", "loader_workers", "name", "time_limit_minutes", "border_weight",
-                 "label_offset"):
+                 "label_offset", "ema_decay"):
         value = getattr(args, name, None)
         if value is not None:
             values[name] = value

@@ -231,7 +231,7 @@ def _averaged(net: nn.Module, decay: float) -> AveragedModel | None:
     Its decay grows with the updates, ``min(decay, (1 + n) / (10 + n))``, so it spans about the last
     tenth of the steps so far: short runs (fine-tuning, tests) are not held back by their first
     weights. One validation to the next, the weights of a CPU-length run move the validation IoU by
-    0.01-0.02; their average does not follow that noise (docs/training.md)."""
+    0.01-0.03; their average does not follow that noise (docs/training.md)."""
     if not decay:
         return None
     cap = float(decay)
@@ -433,6 +433,8 @@ def train(data: Sequence[Annotated], config: TrainConfig, out_dir: str | Path | 
                         sampler = sampler.with_items(_moved(train_items, offset))
                         batches = Prefetcher([sampler.spawn([config.seed, state["step"], i]) for i in range(workers)],
                                              config.batch_size)
+                    if out is not None:  # the measurement, and any move, belong in the checkpoint and log
+                        _save_progress(out, net, averaged, optimizer, scheduler, config, state, best_state, card)
                 if state["bad_validations"] >= config.patience:
                     log.info("stopping early: no improvement in %d validations", config.patience)
                     if progress:
@@ -538,11 +540,15 @@ def _end_of_epoch(state, event, running, net, averaged, card, val_items, device,
     if preview_image is not None:
         event.preview = _preview(net, card, preview_image, device, config.tile_size)
     if out is not None:
-        save_checkpoint(out / "checkpoint", trained, optimizer, scheduler, config, state, best_state, card.classes,
-                        averaged)
-        (out / "log.json").write_text(json.dumps(state["history"], indent=1))
+        _save_progress(out, trained, averaged, optimizer, scheduler, config, state, best_state, card)
     _log_epoch(record)
     return event
+
+
+def _save_progress(out: Path, net, averaged, optimizer, scheduler, config, state, best_state, card) -> None:
+    """The resumable checkpoint and log.json."""
+    save_checkpoint(out / "checkpoint", net, optimizer, scheduler, config, state, best_state, card.classes, averaged)
+    (out / "log.json").write_text(json.dumps(state["history"], indent=1))
 
 
 def _log_epoch(record: dict) -> None:

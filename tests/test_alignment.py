@@ -1,5 +1,8 @@
 """Sub-pixel offset of annotations: measuring it, moving images and predictions, and its use in training."""
 
+import json
+import threading
+
 import numpy as np
 import pytest
 from scipy import ndimage as ndi
@@ -148,6 +151,21 @@ def test_the_images_follow_the_mean_of_the_measurements(monkeypatch, tmp_path, e
     summary = resumed.model.card.training["label_offset"]
     assert len(summary["measurements"]) == 4 and summary["measurements"][-1] == [10, 0.2, 0.0]
     assert resumed.model.card.label_offset == (0.538, 0.0)  # (0.8 + 0.4 + 0.75 + 0.2) / 4: nearer 0.5, better
+
+
+def test_an_interrupted_run_keeps_its_last_measurement(monkeypatch, tmp_path, em):
+    """The checkpoint is written again after the offset is measured, so a run stopped right after
+    a validation resumes with every measurement and move."""
+    estimates = iter([(0.8, 0.0), (0.4, 0.0), (0.75, 0.0)])
+    monkeypatch.setattr(training, "estimate_offset", lambda pairs: next(estimates))
+    scored(monkeypatch, better_with_offset=True)
+    stop = threading.Event()
+    result = train(annotations_from_arrays(*em), tiny_config(), tmp_path / "run", stop=stop,
+                   progress=lambda event: event.step == 4 and stop.set())
+    assert result.stopped
+    state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())["state"]
+    assert state["offset_measurements"] == [[2, 0.8, 0.0], [4, 0.4, 0.0]] and state["label_offset"] == [0.8, 0.0]
+    assert json.loads((tmp_path / "run" / "log.json").read_text())[-1]["offset_measured"] == [0.4, 0.0]
 
 
 def test_no_moves_near_the_end(monkeypatch, em):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+from safetensors.torch import load_file
 
 from emseg.card import Normalization
 from emseg.cli import main
@@ -16,7 +17,7 @@ from emseg.errors import InputError
 from emseg.metrics import IGNORE
 from emseg.modelfile import Model, load_model
 from emseg.synthetic import make_em_stack
-from emseg.training import TrainConfig, _Loss, annotations_from_arrays, loader_workers, train
+from emseg.training import TrainConfig, _averaged, _Loss, annotations_from_arrays, loader_workers, train
 
 CLASSES = ("background", "membrane", "mitochondrion")
 
@@ -268,6 +269,40 @@ def test_resume_continues_from_the_checkpoint(tmp_path, em):
     train(items_from(em), tiny_config(steps=2), tmp_path / "run")
     result = train(items_from(em), tiny_config(steps=4), tmp_path / "run", resume=True)
     assert [h["step"] for h in result.history] == [2, 4]
+
+
+def test_the_moving_average_of_the_weights():
+    """Its decay grows with the updates, (1 + n) / (10 + n), up to the cap: short runs are not held
+    back by their first weights."""
+    net = torch.nn.Linear(1, 1, bias=False)
+    for cap, expected in ((0.999, 9 / 11), (0.1, 0.9)):
+        averaged = _averaged(net, cap)
+        with torch.no_grad():
+            net.weight.fill_(0.0)
+            averaged.update_parameters(net)  # the first update copies
+            net.weight.fill_(1.0)
+            averaged.update_parameters(net)  # n = 1: decay 2 / 11, or the cap
+        assert averaged.module.weight.item() == pytest.approx(expected)
+    assert _averaged(net, 0) is None
+
+
+def test_the_model_written_is_the_average_and_resumes_with_it(tmp_path, em):
+    run = tmp_path / "run"
+    result = train(items_from(em), tiny_config(val_every=4, label_offset=False), run)
+    tensors = load_file(str(run / "checkpoint" / "tensors.safetensors"))
+    written = result.model.net.state_dict()
+    assert all(torch.equal(v.cpu(), tensors[f"ema.module.{k}"]) for k, v in written.items())
+    assert not all(torch.equal(v.cpu(), tensors[f"net.{k}"]) for k, v in written.items())
+    assert tensors["ema.n_averaged"].item() == 4
+    resumed = train(items_from(em), tiny_config(steps=6, val_every=2, label_offset=False), run, resume=True)
+    tensors = load_file(str(run / "checkpoint" / "tensors.safetensors"))
+    assert tensors["ema.n_averaged"].item() == 6  # carried on from the checkpoint's 4, not afresh
+    assert [h["step"] for h in resumed.history] == [4, 6]
+    # switched off, the written weights are the trained ones
+    plain = train(items_from(em), tiny_config(val_every=4, label_offset=False, ema_decay=0), tmp_path / "plain")
+    tensors = load_file(str(tmp_path / "plain" / "checkpoint" / "tensors.safetensors"))
+    assert not any(k.startswith("ema.") for k in tensors)
+    assert all(torch.equal(v.cpu(), tensors[f"net.{k}"]) for k, v in plain.model.net.state_dict().items())
 
 
 def test_stop_keeps_a_model(em):
