@@ -395,8 +395,8 @@ def train(data: Sequence[Annotated], config: TrainConfig, out_dir: str | Path | 
                 _fit_schedule_to_time(schedule, config, state["step"], timed_from, start)
             event = TrainEvent(state["step"], schedule.total, loss_value, scheduler.get_last_lr()[0])
             if state["step"] % config.val_every == 0 or state["step"] == schedule.total:
-                event = _end_of_epoch(state, event, running, net, averaged, card, val_items, device, config, amp,
-                                      best_state, preview_image, out, optimizer, scheduler, start)
+                event = _end_of_epoch(state, event, running, evaluated, card, val_items, device, config, amp,
+                                      best_state, preview_image, start)
                 running = []
                 first = state.get("label_offset") is None
                 if (config.label_offset and val_items
@@ -433,8 +433,8 @@ def train(data: Sequence[Annotated], config: TrainConfig, out_dir: str | Path | 
                         sampler = sampler.with_items(_moved(train_items, offset))
                         batches = Prefetcher([sampler.spawn([config.seed, state["step"], i]) for i in range(workers)],
                                              config.batch_size)
-                    if out is not None:  # the measurement, and any move, belong in the checkpoint and log
-                        _save_progress(out, net, averaged, optimizer, scheduler, config, state, best_state, card)
+                if out is not None:  # after the offset's measurement and any move, which belong in it too
+                    _save_progress(out, net, averaged, optimizer, scheduler, config, state, best_state, card)
                 if state["bad_validations"] >= config.patience:
                     log.info("stopping early: no improvement in %d validations", config.patience)
                     if progress:
@@ -514,11 +514,10 @@ def _fit_schedule_to_time(schedule: _Schedule, config: TrainConfig, step: int, t
             schedule.total, f" instead of {config.steps}" if first else "")
 
 
-def _end_of_epoch(state, event, running, net, averaged, card, val_items, device, config, amp, best_state,
-                  preview_image, out, optimizer, scheduler, start) -> TrainEvent:
-    """Validate (the moving average of the weights, if kept), keep the best weights, checkpoint, log;
+def _end_of_epoch(state, event, running, net, card, val_items, device, config, amp, best_state,
+                  preview_image, start) -> TrainEvent:
+    """Validate ``net`` (the moving average of the weights, if kept), keep the best weights, log;
     returns the event with metrics attached."""
-    trained, net = net, (averaged.module if averaged is not None else net)
     record = {"step": state["step"], "loss": float(np.mean(running)) if running else None,
               "lr": event.lr, "seconds": round(time.perf_counter() - start, 1)}
     if val_items:
@@ -539,8 +538,6 @@ def _end_of_epoch(state, event, running, net, averaged, card, val_items, device,
     state["history"].append(record)
     if preview_image is not None:
         event.preview = _preview(net, card, preview_image, device, config.tile_size)
-    if out is not None:
-        _save_progress(out, trained, averaged, optimizer, scheduler, config, state, best_state, card)
     _log_epoch(record)
     return event
 
