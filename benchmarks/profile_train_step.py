@@ -3,7 +3,8 @@
     python benchmarks/profile_train_step.py [--encoder vgg11_bn_slim] [--steps 12] [--border-weight 0] [--compile]
 
 Times, per step of batch 8 x 256 px: making the batch (crop + augment, done by a background
-thread during training), forward, loss, backward and the optimizer step, in channels-last and in
+thread during training), forward, loss, backward, the optimizer step and the update of the
+weights' moving average, in channels-last and in
 the default memory format (and, with --compile, channels-last under torch.compile), and prints
 torch.profiler's top operators. Needs ../shared/data.
 """
@@ -39,7 +40,7 @@ def main() -> int:
     from emseg.augment import AugmentConfig, build_transform
     from emseg.dataset import CropSampler
     from emseg.models import DEFAULT_ENCODER, build_unet
-    from emseg.training import TrainConfig, _Loss, annotations_from_arrays
+    from emseg.training import TrainConfig, _averaged, _Loss, annotations_from_arrays
 
     config = TrainConfig()
     encoder = args.encoder or DEFAULT_ENCODER
@@ -63,11 +64,12 @@ def main() -> int:
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         net = net.to(memory_format=fmt).train()
         opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        averaged = _averaged(net, config.ema_decay)
         if compiled:
             t0 = time.perf_counter()
             net = torch.compile(net)
         loss_fn = _Loss(config.dice_weight)
-        parts = {"forward": [], "loss": [], "backward": [], "optimizer": []}
+        parts = {"forward": [], "loss": [], "backward": [], "optimizer": [], "average": []}
         for i, (x, y, w) in enumerate(batches):
             x = x.contiguous(memory_format=fmt)
             t = [time.perf_counter()]
@@ -79,6 +81,8 @@ def main() -> int:
             loss.backward()
             t.append(time.perf_counter())
             opt.step()
+            t.append(time.perf_counter())
+            averaged.update_parameters(net)
             t.append(time.perf_counter())
             if compiled and i == 0:
                 print(f"torch.compile: first step (compilation) {t[-1] - t0:.1f} s")
