@@ -28,6 +28,8 @@ ARGS = [
     # the bundled model was trained before border weighting became the default for membrane classes;
     # kept off so that this script trains with the bundled model's settings
     "--border-weight", "0",
+    # likewise trained before the annotation offset and the moving average of the weights existed
+    "--no-label-offset", "--ema-decay", "0",
     "-o", str(RUN),
 ]
 
