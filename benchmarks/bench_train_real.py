@@ -69,13 +69,17 @@ def load(name: str):
     raise SystemExit(f"unknown data set {name}")
 
 
-def evaluate_arrays(model, images: np.ndarray, masks: np.ndarray, tmp: Path, tta: bool = False) -> dict:
-    """Evaluate exactly as `emseg evaluate` does, on arrays written to temporary TIFFs."""
+def evaluate_arrays(model, images: np.ndarray, masks: np.ndarray, tmp: Path, pixel_nm: float | None,
+                    tta: bool = False) -> dict:
+    """Evaluate exactly as `emseg evaluate --pixel-size PIXEL_NM` does, on arrays written to temporary TIFFs.
+
+    The pixel size matters when the model was trained at another one (a fine-tuned model keeps its base's):
+    the pages are then rescaled to the model's pixel size and the predictions back."""
     from emseg.evaluate import evaluate
     tifffile.imwrite(tmp / "val_img.tif", images, photometric="minisblack")
     tifffile.imwrite(tmp / "val_msk.tif", masks, photometric="minisblack")
     predictor = model.predictor(tta=tta, device="auto")
-    return evaluate(predictor, [(tmp / "val_img.tif", tmp / "val_msk.tif")])["summary"]
+    return evaluate(predictor, [(tmp / "val_img.tif", tmp / "val_msk.tif")], pixel_size_nm=pixel_nm)["summary"]
 
 
 def membrane_probs(model, images: np.ndarray) -> np.ndarray:
@@ -225,6 +229,34 @@ def errors_figure(image: np.ndarray, mask: np.ndarray, prob: np.ndarray, path: P
     return path
 
 
+def finetune_figure(models: dict, image: np.ndarray, mask: np.ndarray, pixel_nm: float, path: Path) -> Path:
+    """One held-out EPFL slice: the image, its annotation, and for each model where it agrees and errs."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    target = mask > 0
+    fig, axes = plt.subplots(1, len(models) + 2, figsize=(3.6 * (len(models) + 2), 3.4))
+    axes[0].imshow(image, cmap="gray")
+    axes[0].set_title("held-out slice")
+    axes[1].imshow(target, cmap="gray")
+    axes[1].set_title("annotation\n(right: green found, red false, blue missed)", fontsize=9)
+    for ax, (name, model) in zip(axes[2:], models.items()):
+        pred = model.predictor(device="auto").predict_page(image, pixel_size_nm=pixel_nm).argmax(0) > 0
+        rgb = np.zeros(target.shape + (3,), np.float32)
+        rgb[pred & target] = (0.2, 0.8, 0.2)
+        rgb[pred & ~target] = (0.9, 0.2, 0.2)
+        rgb[~pred & target] = (0.2, 0.4, 1.0)
+        ax.imshow(rgb)
+        ax.set_title(f"{name}\nIoU {(pred & target).sum() / max((pred | target).sum(), 1):.3f} on this slice", fontsize=9)
+    for ax in axes:
+        ax.axis("off")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
 def parse_settings(pairs: list[str]) -> dict:
     """``KEY=VALUE`` strings to TrainConfig keyword arguments (numbers parsed)."""
     from emseg.training import TrainConfig
@@ -328,19 +360,28 @@ def main() -> int:
             two, two_masks = img[:2], (msk[:2] > 0).astype(np.uint8)
             base = load_model(base_path)
             rows = {}
-            rows["ISBI model, no fine-tuning"] = evaluate_arrays(base, vimg, vmsk, tmp)
-            scratch, _ = train_on("epfl2-scratch", two, two_masks, classes, px, args.minutes)
-            rows["from scratch, 2 slices, dense"] = evaluate_arrays(scratch.model, vimg, vmsk, tmp)
+            rows["ISBI model, no fine-tuning"] = evaluate_arrays(base, vimg, vmsk, tmp, px)
+            scratch, _ = train_on(f"{tag}-scratch", two, two_masks, classes, px, args.minutes, **settings)
+            rows["from scratch, 2 slices, dense"] = evaluate_arrays(scratch.model, vimg, vmsk, tmp, px)
             # `emseg finetune`'s defaults: 500 steps at lr 3e-4
-            dense, _ = train_on("epfl2-ft-dense", two, two_masks, classes, px, args.minutes, base=base,
-                                steps=500, lr=3e-4)
-            rows["fine-tuned, 2 slices, dense"] = evaluate_arrays(dense.model, vimg, vmsk, tmp)
-            scrib, _ = train_on("epfl2-ft-scribbles", two, scribbles_from(two_masks), classes, px, args.minutes,
-                                base=base, sparse=True, steps=500, lr=3e-4)
-            rows["fine-tuned, 2 slices, scribbles"] = evaluate_arrays(scrib.model, vimg, vmsk, tmp)
+            dense, _ = train_on(f"{tag}-dense", two, two_masks, classes, px, args.minutes, base=base,
+                                **{"steps": 500, "lr": 3e-4, **settings})
+            rows["fine-tuned, 2 slices, dense"] = evaluate_arrays(dense.model, vimg, vmsk, tmp, px)
+            scrib, _ = train_on(f"{tag}-scribbles", two, scribbles_from(two_masks), classes, px, args.minutes,
+                                base=base, sparse=True, **{"steps": 500, "lr": 3e-4, **settings})
+            rows["fine-tuned, 2 slices, scribbles"] = evaluate_arrays(scrib.model, vimg, vmsk, tmp, px)
             # the ISBI model's foreground class is still called membrane: take the second class, whatever its name
             report["results"] = {k: {"iou_mitochondrion": list(v["iou"].values())[1], "pixel_error": v["pixel_error"]}
                                  for k, v in rows.items()}
+            for key, run in (("from scratch, 2 slices, dense", scratch), ("fine-tuned, 2 slices, dense", dense),
+                             ("fine-tuned, 2 slices, scribbles", scrib)):
+                report["results"][key]["steps"] = run.model.card.training["steps"]
+                report["results"][key]["label_offset"] = run.model.card.training.get("label_offset")
+            if tag == "finetune":  # the docs figure; other runs (--tag) leave it alone
+                report["figure"] = str(finetune_figure(
+                    {"from scratch (2 slices)": scratch.model, "ISBI model fine-tuned (2 slices)": dense.model,
+                     "fine-tuned on scribbles": scrib.model}, vimg[2], vmsk[2], px,
+                    ROOT / "docs" / "img" / "finetune_epfl.png"))
         else:
             img, msk, vimg, vmsk, classes, px = load(args.dataset)
             result, seconds = train_on(tag, img, msk, classes, px, args.minutes,
@@ -351,9 +392,9 @@ def main() -> int:
             report["encoder"] = result.model.card.encoder
             report["parameters"] = sum(p.numel() for p in result.model.net.parameters())
             report["label_offset"] = result.model.card.training.get("label_offset")
-            report["metrics"] = evaluate_arrays(result.model, vimg, vmsk, tmp)
+            report["metrics"] = evaluate_arrays(result.model, vimg, vmsk, tmp, px)
             if args.tta:
-                report["metrics_tta"] = evaluate_arrays(result.model, vimg, vmsk, tmp, tta=True)
+                report["metrics_tta"] = evaluate_arrays(result.model, vimg, vmsk, tmp, px, tta=True)
             if args.dataset == "isbi":
                 probs = membrane_probs(result.model, vimg)
                 report["membrane_threshold_study"] = membrane_study(probs, vmsk)

@@ -170,7 +170,12 @@ def _prepare_network(config: TrainConfig, classes: tuple[str, ...], base: Model 
                          pixel_size_nm=config.pixel_size_nm, name=config.name)
         return net, card
     net = copy.deepcopy(base.net).cpu()
-    card = base.card.updated(name=config.name)
+    # the base's annotation offset belongs to its own annotation: the new one is measured afresh (or not at all)
+    card = base.card.updated(name=config.name, label_offset=(0.0, 0.0))
+    if is_offset(base.card.label_offset):
+        log.info("the base model's annotation offset (%+.2f, %+.2f px) is not carried over: it belongs to the "
+                 "annotation it was trained on%s", *base.card.label_offset,
+                 "; this one's is measured during the run" if config.label_offset else "")
     if len(classes) != base.card.num_classes:
         fresh = build_unet(base.card.encoder, len(classes), decoder_channels=base.card.decoder_channels)
         net.segmentation_head = fresh.segmentation_head

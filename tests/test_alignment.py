@@ -11,6 +11,7 @@ from emseg import training
 from emseg.alignment import estimate_offset, is_offset, shift_image, shift_probabilities
 from emseg.inference import Predictor
 from emseg.metrics import IGNORE
+from emseg.modelfile import Model
 from emseg.synthetic import make_em_stack
 from emseg.training import TrainConfig, annotations_from_arrays, train
 
@@ -200,3 +201,21 @@ def test_switched_off(monkeypatch, em):
     monkeypatch.setattr(training, "estimate_offset", lambda pairs: pytest.fail("offset measured though switched off"))
     result = train(annotations_from_arrays(*em), tiny_config(label_offset=False))
     assert result.model.card.label_offset == (0.0, 0.0) and "label_offset" not in result.model.card.training
+
+
+@pytest.mark.parametrize("follow", [True, False])
+def test_finetuning_does_not_carry_the_base_offset_over(monkeypatch, em, tiny_model, follow):
+    # the base's offset describes its own annotation: the new model's validation and predictions are not moved by it
+    monkeypatch.setattr(training, "estimate_offset", lambda pairs: (0.01, 0.0))
+    base = Model(tiny_model.net, tiny_model.card.updated(classes=CLASSES, label_offset=(-0.6, 0.2)))
+    offsets = []
+    real = training._validate
+
+    def validate(net, items, card, device, tile, amp, offset=None):
+        offsets.append(card.label_offset if offset is None else offset)
+        return real(net, items, card, device, tile, amp, offset)
+    monkeypatch.setattr(training, "_validate", validate)
+    result = train(annotations_from_arrays(*em), tiny_config(label_offset=follow), base=base)
+    assert result.model.card.label_offset == (0.0, 0.0)
+    assert offsets and not any(is_offset(o) for o in offsets)
+    assert base.card.label_offset == (-0.6, 0.2)
