@@ -1,6 +1,7 @@
 """The model card: everything needed to rebuild and use a model, stored as JSON beside its weights.
 
-A card names the architecture and encoder, the class names (index 0 first), how input images are
+A card names the architecture and encoder (and whether its decoder takes the encoder's
+full-resolution features, see emseg.models.FullResolutionUnetDecoder), the class names (index 0 first), how input images are
 normalised, the pixel size (nm/px) the model was trained at (None when unknown), the tile size and
 overlap to infer with, the sub-pixel offset of its training annotation that inference reproduces
 (``label_offset``, see emseg.alignment), the emseg version that wrote it, and what the model was
@@ -16,7 +17,9 @@ from typing import Any
 
 from . import __version__
 
-FORMAT_VERSION = 1  # bump on an incompatible change of the card or the weight layout
+# bump on an incompatible change of the card or the weight layout; 2 added ``full_resolution_skip``
+# (format-1 cards describe smp's own decoder, without it)
+FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,7 @@ class ModelCard:
     architecture: str = "unet"
     in_channels: int = 1
     decoder_channels: tuple[int, ...] | None = None
+    full_resolution_skip: bool = True
     normalization: Normalization = field(default_factory=Normalization)
     pixel_size_nm: float | None = None
     tile_size: int = 512
@@ -78,6 +82,7 @@ class ModelCard:
         if unknown:
             raise ValueError(f"unknown card fields {unknown}")
         data["classes"] = tuple(data["classes"])
+        data.setdefault("full_resolution_skip", False)  # format-1 cards: smp's own decoder
         if data.get("decoder_channels") is not None:
             data["decoder_channels"] = tuple(data["decoder_channels"])
         if "label_offset" in data:
@@ -88,5 +93,6 @@ class ModelCard:
     def updated(self, **changes: Any) -> "ModelCard":
         """A copy with some fields changed (and the writing version and time refreshed)."""
         changes.setdefault("emseg_version", __version__)
+        changes.setdefault("format_version", FORMAT_VERSION)  # this emseg writes its own format
         changes.setdefault("created", datetime.now(timezone.utc).isoformat(timespec="seconds"))
         return replace(self, **changes)

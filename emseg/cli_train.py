@@ -81,6 +81,10 @@ def add_parsers(sub) -> None:
     _add_data(p)
     p.add_argument("-o", "--output", required=True, type=Path, metavar="OUTDIR", help="run folder")
     p.add_argument("--encoder", help="encoder from `emseg models` (default vgg11_bn_slim)")
+    p.add_argument("--no-full-resolution-skip", dest="full_resolution_skip", action="store_const", const=False,
+                   help="build segmentation-models-pytorch's own U-Net decoder, whose last block sees only "
+                        "half-resolution features (by default it also takes the encoder's full-resolution "
+                        "features, as in the U-Net paper)")
     _add_training(p, steps=2000, lr=1e-3)
     p.set_defaults(func=cmd_train, finetune=False)
 
@@ -172,7 +176,7 @@ def train_config(args) -> "TrainConfig":
         values["freeze_encoder"] = args.freeze_encoder or values.get("freeze_encoder", False)
     for name in ("encoder", "tile_size", "batch_size", "steps", "val_every", "lr", "patience", "val_fraction",
                  "seed", "device", "loader_workers", "name", "time_limit_minutes", "border_weight",
-                 "label_offset", "ema_decay"):
+                 "label_offset", "ema_decay", "full_resolution_skip"):
         value = getattr(args, name, None)
         if value is not None:
             values[name] = value

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import segmentation_models_pytorch as smp
 import torch
+from segmentation_models_pytorch.base.initialization import initialize_decoder
+from segmentation_models_pytorch.decoders.unet.decoder import UnetCenterBlock, UnetDecoder
 from segmentation_models_pytorch.encoders import encoders as _smp_encoders
 from segmentation_models_pytorch.encoders.densenet import DenseNetEncoder
 from segmentation_models_pytorch.encoders.vgg import VGGEncoder
@@ -180,8 +182,34 @@ def get_spec(encoder: str) -> EncoderSpec:
         ) from None
 
 
+class FullResolutionUnetDecoder(UnetDecoder):
+    """smp's U-Net decoder whose last block also takes the encoder's full-resolution features.
+
+    smp's decoder drops the encoder's first feature map (it assumes that map is the input image) and
+    upsamples its last block from half resolution without a skip. For the VGG encoders that map is the
+    first convolution block, at full resolution, which the U-Net paper concatenates into its last
+    up-block: without it the network places every edge from half-resolution features. With it, the
+    last block sees ``encoder_channels[0]`` more channels (for DenseNet encoders, the input itself).
+    """
+
+    def __init__(self, encoder_channels, decoder_channels, *, add_center_block: bool):
+        super().__init__(encoder_channels, decoder_channels, n_blocks=len(decoder_channels),
+                         add_center_block=add_center_block)
+        last = self.blocks[-1]
+        self.blocks[-1] = type(last)(decoder_channels[-2], encoder_channels[0], decoder_channels[-1])
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        shapes = [f.shape[2:] for f in features][::-1]
+        skips = features[:-1][::-1]  # half the resolution of the head's, down to full resolution
+        x = self.center(features[-1])
+        for block, shape, skip in zip(self.blocks, shapes[1:], skips):
+            x = block(x, *shape, skip_connection=skip)
+        return x
+
+
 def build_unet(encoder: str, classes: int, *, in_channels: int = 1,
-               decoder_channels: tuple[int, ...] | None = None) -> nn.Module:
+               decoder_channels: tuple[int, ...] | None = None,
+               full_resolution_skip: bool = True) -> nn.Module:
     """Build a randomly initialised U-Net with the named encoder.
 
     Args:
@@ -189,14 +217,23 @@ def build_unet(encoder: str, classes: int, *, in_channels: int = 1,
         classes: number of output classes (logits), at least 2.
         in_channels: input channels (1 for grey EM).
         decoder_channels: override the decoder widths paired with the encoder.
+        full_resolution_skip: feed the encoder's full-resolution features to the decoder's last block,
+            as the U-Net paper does (:class:`FullResolutionUnetDecoder`); False builds smp's own decoder,
+            which leaves them out (the layout of model files of card format 1).
     """
     spec = get_spec(encoder)
     if classes < 2:
         raise ValueError(f"a model needs at least 2 classes (background and one more), got {classes}")
-    return smp.Unet(
+    channels = tuple(decoder_channels or spec.decoder_channels)
+    net = smp.Unet(
         encoder_name=spec.smp_name,
         encoder_weights=None,
         in_channels=in_channels,
         classes=classes,
-        decoder_channels=tuple(decoder_channels or spec.decoder_channels),
+        decoder_channels=channels,
     )
+    if full_resolution_skip:
+        net.decoder = FullResolutionUnetDecoder(net.encoder.out_channels, channels,
+                                                add_center_block=isinstance(net.decoder.center, UnetCenterBlock))
+        initialize_decoder(net.decoder)
+    return net

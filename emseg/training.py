@@ -56,6 +56,7 @@ class TrainConfig:
     """Everything that defines a training run (saved with the run and summarised in the model card)."""
 
     encoder: str = DEFAULT_ENCODER
+    full_resolution_skip: bool = True
     classes: tuple[str, ...] | None = None
     sparse: bool = False
     tile_size: int = 256
@@ -165,8 +166,9 @@ def _set_train_mode(net: nn.Module, freeze_bn: bool) -> None:
 def _prepare_network(config: TrainConfig, classes: tuple[str, ...], base: Model | None) -> tuple[nn.Module, ModelCard]:
     """A fresh network, or a copy of the base model's with its head re-made if the classes changed."""
     if base is None:
-        net = build_unet(config.encoder, len(classes))
-        card = ModelCard(encoder=config.encoder, classes=classes, tile_size=max(512, config.tile_size),
+        net = build_unet(config.encoder, len(classes), full_resolution_skip=config.full_resolution_skip)
+        card = ModelCard(encoder=config.encoder, full_resolution_skip=config.full_resolution_skip, classes=classes,
+                         tile_size=max(512, config.tile_size),
                          pixel_size_nm=config.pixel_size_nm, name=config.name)
         return net, card
     net = copy.deepcopy(base.net).cpu()
@@ -177,7 +179,8 @@ def _prepare_network(config: TrainConfig, classes: tuple[str, ...], base: Model 
                  "annotation it was trained on%s", *base.card.label_offset,
                  "; this one's is measured during the run" if config.label_offset else "")
     if len(classes) != base.card.num_classes:
-        fresh = build_unet(base.card.encoder, len(classes), decoder_channels=base.card.decoder_channels)
+        fresh = build_unet(base.card.encoder, len(classes), decoder_channels=base.card.decoder_channels,
+                           full_resolution_skip=base.card.full_resolution_skip)
         net.segmentation_head = fresh.segmentation_head
         log.info("classes changed from %s to %s: the output head starts afresh", base.classes, classes)
     card = card.updated(classes=classes, name=config.name)

@@ -88,3 +88,26 @@ def test_malformed_card(tmp_path, tiny_model):
 def test_card_rejects_bad_normalisation():
     with pytest.raises(ValueError):
         ModelCard(encoder="vgg11", classes=("a", "b"), normalization=Normalization(low=90, high=10))
+
+
+def test_full_resolution_skip_travels_with_the_card(tmp_path):
+    from emseg.modelfile import Model
+    torch.manual_seed(0)
+    card = ModelCard(encoder="vgg11_bn_micro", classes=("background", "membrane"), tile_size=64, overlap=16)
+    model = Model.new(card)
+    loaded = load_model(model.save(tmp_path / "m.safetensors"))
+    assert loaded.card.full_resolution_skip
+    assert _same_weights(loaded.net, model.net)
+    x = torch.randn(1, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.net(x), model.net.eval()(x))
+    # format-1 cards, written before the option existed, describe smp's decoder without the skip
+    old = json.loads(card.to_json())
+    del old["full_resolution_skip"]
+    old["format_version"] = 1
+    old_card = ModelCard.from_dict(old)
+    assert old_card.full_resolution_skip is False
+    assert Model.new(old_card).net.decoder.blocks[-1].conv1[0].in_channels == 8  # upsampled features alone
+    # and a copy written again (fine-tuning one) is a format-2 card that keeps the old layout
+    assert old_card.updated(name="tuned").format_version == FORMAT_VERSION
+    assert ModelCard.from_dict(json.loads(old_card.updated().to_json())).full_resolution_skip is False

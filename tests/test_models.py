@@ -68,3 +68,33 @@ def test_width_study_encoders_register_and_build_at_their_width():
     assert register_narrow_vgg((12, 24, 48, 96, 96), (96, 48, 24, 12, 12)) == name  # idempotent
     with pytest.raises(ValueError, match="5 encoder and 5 decoder"):
         register_narrow_vgg((8, 16), (16, 8))
+
+
+def _last_block_skip(net: torch.nn.Module, x: torch.Tensor):
+    seen = {}
+    hook = net.decoder.blocks[-1].register_forward_hook(
+        lambda module, args, kwargs, out: seen.update(skip=kwargs.get("skip_connection")), with_kwargs=True)
+    with torch.no_grad():
+        out = net(x)
+    hook.remove()
+    return out, seen["skip"]
+
+
+@pytest.mark.parametrize("encoder", ["vgg11_bn_micro", "densenet_slim"])
+def test_full_resolution_skip_feeds_the_encoders_first_features_to_the_last_block(encoder):
+    torch.manual_seed(0)
+    x = torch.randn(1, 1, 64, 96)
+    plain = build_unet(encoder, 2, full_resolution_skip=False).eval()
+    _, skip = _last_block_skip(plain, x)
+    assert skip is None  # smp's decoder: the last block upsamples from half resolution alone
+    net = build_unet(encoder, 2).eval()  # the default
+    out, skip = _last_block_skip(net, x)
+    assert out.shape == (1, 2, 64, 96)
+    with torch.no_grad():
+        first = net.encoder(x)[0]
+    assert first.shape[2:] == x.shape[2:]
+    torch.testing.assert_close(skip, first)
+    # the other blocks take the same skips as smp's decoder, so only the last block's input widens
+    widths = [b.conv1[0].in_channels for b in net.decoder.blocks]
+    assert widths[:-1] == [b.conv1[0].in_channels for b in plain.decoder.blocks][:-1]
+    assert widths[-1] == plain.decoder.blocks[-1].conv1[0].in_channels + net.encoder.out_channels[0]

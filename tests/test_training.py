@@ -400,8 +400,11 @@ def test_cli_yaml_config_and_bad_keys(tmp_path, stacks):
     (tmp_path / "cfg.yaml").write_text("steps: 1\nval_every: 1\nbatch_size: 2\ntile_size: 64\n"
                                        "encoder: vgg11_bn_micro\naugment:\n  noise: 0\n")
     assert main(["-q", "train", "--images", str(img), "--masks", str(msk), "--config", str(tmp_path / "cfg.yaml"),
-                 "--border-weight", "7", "--loader-workers", "2", "--no-label-offset", "-o", str(tmp_path / "run")]) == 0
-    card = load_model(tmp_path / "run" / "model.safetensors").card
+                 "--border-weight", "7", "--loader-workers", "2", "--no-label-offset", "--no-full-resolution-skip",
+                 "-o", str(tmp_path / "run")]) == 0
+    model = load_model(tmp_path / "run" / "model.safetensors")
+    card = model.card
+    assert card.full_resolution_skip is False and model.net.decoder.blocks[-1].conv1[0].in_channels == 8
     assert card.training["config"]["loader_workers"] == 2
     assert card.training["config"]["label_offset"] is False and "label_offset" not in card.training
     assert card.training["steps"] == 1 and card.training["config"]["augment"]["noise"] == 0
@@ -417,3 +420,13 @@ def test_cli_augment_preview(tmp_path, stacks):
     assert main(["-q", "augment-preview", "--images", str(img), "--masks", str(msk), "-o", str(out),
                  "-n", "4", "--tile-size", "64", "--classes", ",".join(CLASSES)]) == 0
     assert out.stat().st_size > 1000
+
+
+def test_training_records_the_decoder_variant_in_the_card():
+    from emseg.training import _prepare_network
+    for skip in (False, True):
+        net, card = _prepare_network(TrainConfig(encoder="vgg11_bn_micro", full_resolution_skip=skip),
+                                     ("background", "membrane"), None)
+        assert card.full_resolution_skip is skip
+        rebuilt = Model.new(card).net
+        rebuilt.load_state_dict(net.state_dict())  # raises unless the layouts match, so the file will load
