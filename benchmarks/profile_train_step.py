@@ -57,7 +57,9 @@ def main() -> int:
     t0 = time.perf_counter()
     batches = [sampler.batch(config.batch_size) for _ in range(args.steps)]
     data_s = (time.perf_counter() - t0) / args.steps
-    print(f"{encoder}{' (full-resolution skip)' if args.full_resolution_skip else ''}, batch {config.batch_size} x {config.tile_size} px, torch threads {torch.get_num_threads()}")
+    variant = " (full-resolution skip)" if args.full_resolution_skip else ""
+    print(f"{encoder}{variant}, batch {config.batch_size} x {config.tile_size} px, "
+          f"torch threads {torch.get_num_threads()}")
     print(f"sampler set-up {setup:.2f} s (border weights: {bool(border)}); making one batch: {data_s * 1000:.0f} ms")
     variants = [(True, False), (False, False)] + ([(True, True)] if args.compile else [])
     for channels_last, compiled in variants:
@@ -95,7 +97,8 @@ def main() -> int:
         print(f"channels-last={channels_last}{', torch.compile' if compiled else ''}: step {total:.3f} s = " +
               ", ".join(f"{k} {np.median(v):.3f} s ({100 * np.median(v) / total:.0f} %)" for k, v in parts.items()))
     from torch.profiler import ProfilerActivity, profile
-    net = build_unet(encoder, 2, full_resolution_skip=args.full_resolution_skip).to(memory_format=torch.channels_last).train()
+    net = build_unet(encoder, 2, full_resolution_skip=args.full_resolution_skip)
+    net = net.to(memory_format=torch.channels_last).train()
     opt = torch.optim.AdamW(net.parameters(), lr=config.lr)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for x, y, w in batches[:3]:

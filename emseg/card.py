@@ -1,11 +1,11 @@
 """The model card: everything needed to rebuild and use a model, stored as JSON beside its weights.
 
 A card names the architecture and encoder (and whether its decoder takes the encoder's
-full-resolution features, see emseg.models.FullResolutionUnetDecoder), the class names (index 0 first), how input images are
-normalised, the pixel size (nm/px) the model was trained at (None when unknown), the tile size and
-overlap to infer with, the sub-pixel offset of its training annotation that inference reproduces
-(``label_offset``, see emseg.alignment), the emseg version that wrote it, and what the model was
-trained on.
+full-resolution features, see emseg.models.FullResolutionUnetDecoder), the class names (index 0
+first), how input images are normalised, the pixel size (nm/px) the model was trained at (None when
+unknown), the tile size and overlap to infer with, the sub-pixel offset of its training annotation
+that inference reproduces (``label_offset``, see emseg.alignment), the emseg version that wrote it,
+and what the model was trained on.
 """
 
 from __future__ import annotations
