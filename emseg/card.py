@@ -18,8 +18,11 @@ from typing import Any
 from . import __version__
 
 # bump on an incompatible change of the card or the weight layout; 2 added ``full_resolution_skip``
-# (format-1 cards describe smp's own decoder, without it)
-FORMAT_VERSION = 2
+# (format-1 cards describe smp's own decoder, without it), 3 ``decoder_upsampling`` (nearest before)
+FORMAT_VERSION = 3
+
+#: how a U-Net decoder may double the size of its features (``torch.nn.functional.interpolate`` modes)
+DECODER_UPSAMPLING = ("nearest", "bilinear")
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,7 @@ class ModelCard:
     in_channels: int = 1
     decoder_channels: tuple[int, ...] | None = None
     full_resolution_skip: bool = True
+    decoder_upsampling: str = "bilinear"
     normalization: Normalization = field(default_factory=Normalization)
     pixel_size_nm: float | None = None
     tile_size: int = 512
@@ -65,6 +69,11 @@ class ModelCard:
     emseg_version: str = __version__
     format_version: int = FORMAT_VERSION
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+    def __post_init__(self):
+        if self.decoder_upsampling not in DECODER_UPSAMPLING:
+            raise ValueError(f"unknown decoder_upsampling {self.decoder_upsampling!r}; "
+                             f"this emseg knows {', '.join(DECODER_UPSAMPLING)}")
 
     @property
     def num_classes(self) -> int:
@@ -83,6 +92,7 @@ class ModelCard:
             raise ValueError(f"unknown card fields {unknown}")
         data["classes"] = tuple(data["classes"])
         data.setdefault("full_resolution_skip", False)  # format-1 cards: smp's own decoder
+        data.setdefault("decoder_upsampling", "nearest")  # formats 1 and 2: smp's nearest-neighbour upsampling
         if data.get("decoder_channels") is not None:
             data["decoder_channels"] = tuple(data["decoder_channels"])
         if "label_offset" in data:

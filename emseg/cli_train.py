@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .card import DECODER_UPSAMPLING
 from .errors import InputError
 
 if TYPE_CHECKING:
@@ -85,6 +86,9 @@ def add_parsers(sub) -> None:
                    help="build segmentation-models-pytorch's own U-Net decoder, whose last block sees only "
                         "half-resolution features (by default it also takes the encoder's full-resolution "
                         "features, as in the U-Net paper)")
+    p.add_argument("--decoder-upsampling", choices=DECODER_UPSAMPLING,
+                   help="how the decoder doubles the size of its features at each step (default bilinear; "
+                        "nearest is segmentation-models-pytorch's own)")
     _add_training(p, steps=2000, lr=1e-3)
     p.set_defaults(func=cmd_train, finetune=False)
 
@@ -176,7 +180,7 @@ def train_config(args) -> "TrainConfig":
         values["freeze_encoder"] = args.freeze_encoder or values.get("freeze_encoder", False)
     for name in ("encoder", "tile_size", "batch_size", "steps", "val_every", "lr", "patience", "val_fraction",
                  "seed", "device", "loader_workers", "name", "time_limit_minutes", "border_weight",
-                 "label_offset", "ema_decay", "full_resolution_skip"):
+                 "label_offset", "ema_decay", "full_resolution_skip", "decoder_upsampling"):
         value = getattr(args, name, None)
         if value is not None:
             values[name] = value

@@ -27,6 +27,8 @@ from segmentation_models_pytorch.encoders.vgg import VGGEncoder
 from torch import nn
 from torchvision.models.vgg import make_layers
 
+from .card import DECODER_UPSAMPLING
+
 log = logging.getLogger(__name__)
 
 STANDARD_DECODER = (256, 128, 64, 32, 16)
@@ -192,11 +194,13 @@ class FullResolutionUnetDecoder(UnetDecoder):
     last block sees ``encoder_channels[0]`` more channels (for DenseNet encoders, the input itself).
     """
 
-    def __init__(self, encoder_channels, decoder_channels, *, add_center_block: bool):
+    def __init__(self, encoder_channels, decoder_channels, *, add_center_block: bool,
+                 interpolation_mode: str = "nearest"):
         super().__init__(encoder_channels, decoder_channels, n_blocks=len(decoder_channels),
-                         add_center_block=add_center_block)
+                         add_center_block=add_center_block, interpolation_mode=interpolation_mode)
         last = self.blocks[-1]
-        self.blocks[-1] = type(last)(decoder_channels[-2], encoder_channels[0], decoder_channels[-1])
+        self.blocks[-1] = type(last)(decoder_channels[-2], encoder_channels[0], decoder_channels[-1],
+                                     interpolation_mode=interpolation_mode)
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         shapes = [f.shape[2:] for f in features][::-1]
@@ -209,7 +213,7 @@ class FullResolutionUnetDecoder(UnetDecoder):
 
 def build_unet(encoder: str, classes: int, *, in_channels: int = 1,
                decoder_channels: tuple[int, ...] | None = None,
-               full_resolution_skip: bool = True) -> nn.Module:
+               full_resolution_skip: bool = True, upsampling: str = "bilinear") -> nn.Module:
     """Build a randomly initialised U-Net with the named encoder.
 
     Args:
@@ -220,10 +224,14 @@ def build_unet(encoder: str, classes: int, *, in_channels: int = 1,
         full_resolution_skip: feed the encoder's full-resolution features to the decoder's last block,
             as the U-Net paper does (:class:`FullResolutionUnetDecoder`); False builds smp's own decoder,
             which leaves them out (the layout of model files of card format 1).
+        upsampling: how each decoder block doubles its input's size, ``"bilinear"`` or ``"nearest"``
+            (smp's default; model files of card formats 1 and 2). The weights are the same either way.
     """
     spec = get_spec(encoder)
     if classes < 2:
         raise ValueError(f"a model needs at least 2 classes (background and one more), got {classes}")
+    if upsampling not in DECODER_UPSAMPLING:
+        raise ValueError(f"unknown decoder upsampling {upsampling!r}; choose one of: {', '.join(DECODER_UPSAMPLING)}")
     channels = tuple(decoder_channels or spec.decoder_channels)
     net = smp.Unet(
         encoder_name=spec.smp_name,
@@ -231,9 +239,11 @@ def build_unet(encoder: str, classes: int, *, in_channels: int = 1,
         in_channels=in_channels,
         classes=classes,
         decoder_channels=channels,
+        decoder_interpolation=upsampling,
     )
     if full_resolution_skip:
         net.decoder = FullResolutionUnetDecoder(net.encoder.out_channels, channels,
-                                                add_center_block=isinstance(net.decoder.center, UnetCenterBlock))
+                                                add_center_block=isinstance(net.decoder.center, UnetCenterBlock),
+                                                interpolation_mode=upsampling)
         initialize_decoder(net.decoder)
     return net

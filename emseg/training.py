@@ -57,6 +57,7 @@ class TrainConfig:
 
     encoder: str = DEFAULT_ENCODER
     full_resolution_skip: bool = True
+    decoder_upsampling: str = "bilinear"
     classes: tuple[str, ...] | None = None
     sparse: bool = False
     tile_size: int = 256
@@ -166,8 +167,10 @@ def _set_train_mode(net: nn.Module, freeze_bn: bool) -> None:
 def _prepare_network(config: TrainConfig, classes: tuple[str, ...], base: Model | None) -> tuple[nn.Module, ModelCard]:
     """A fresh network, or a copy of the base model's with its head re-made if the classes changed."""
     if base is None:
-        net = build_unet(config.encoder, len(classes), full_resolution_skip=config.full_resolution_skip)
-        card = ModelCard(encoder=config.encoder, full_resolution_skip=config.full_resolution_skip, classes=classes,
+        net = build_unet(config.encoder, len(classes), full_resolution_skip=config.full_resolution_skip,
+                         upsampling=config.decoder_upsampling)
+        card = ModelCard(encoder=config.encoder, full_resolution_skip=config.full_resolution_skip,
+                         decoder_upsampling=config.decoder_upsampling, classes=classes,
                          tile_size=max(512, config.tile_size),
                          pixel_size_nm=config.pixel_size_nm, name=config.name)
         return net, card
@@ -180,7 +183,8 @@ def _prepare_network(config: TrainConfig, classes: tuple[str, ...], base: Model 
                  "; this one's is measured during the run" if config.label_offset else "")
     if len(classes) != base.card.num_classes:
         fresh = build_unet(base.card.encoder, len(classes), decoder_channels=base.card.decoder_channels,
-                           full_resolution_skip=base.card.full_resolution_skip)
+                           full_resolution_skip=base.card.full_resolution_skip,
+                           upsampling=base.card.decoder_upsampling)
         net.segmentation_head = fresh.segmentation_head
         log.info("classes changed from %s to %s: the output head starts afresh", base.classes, classes)
     card = card.updated(classes=classes, name=config.name)

@@ -111,3 +111,28 @@ def test_full_resolution_skip_travels_with_the_card(tmp_path):
     # and a copy written again (fine-tuning one) is a format-2 card that keeps the old layout
     assert old_card.updated(name="tuned").format_version == FORMAT_VERSION
     assert ModelCard.from_dict(json.loads(old_card.updated().to_json())).full_resolution_skip is False
+
+
+def test_decoder_upsampling_travels_with_the_card(tmp_path):
+    from emseg.modelfile import Model
+    torch.manual_seed(0)
+    card = ModelCard(encoder="vgg11_bn_micro", classes=("background", "membrane"), tile_size=64, overlap=16)
+    model = Model.new(card)
+    loaded = load_model(model.save(tmp_path / "m.safetensors"))
+    assert loaded.card.decoder_upsampling == "bilinear"  # the default for new models
+    assert {b.interpolation_mode for b in loaded.net.decoder.blocks} == {"bilinear"}
+    x = torch.randn(1, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.net(x), model.net.eval()(x))
+    # cards of formats 1 and 2 were all written with smp's nearest-neighbour upsampling
+    old = json.loads(card.to_json())
+    del old["decoder_upsampling"]
+    old["format_version"] = 2
+    assert ModelCard.from_dict(old).decoder_upsampling == "nearest"
+    # a value this emseg does not know is refused with the file named
+    folder = model.save(tmp_path / "odd")
+    data = json.loads((folder / FOLDER_CARD).read_text())
+    data["decoder_upsampling"] = "cubic"
+    (folder / FOLDER_CARD).write_text(json.dumps(data))
+    with pytest.raises(ModelFileError, match=r"odd: model card is malformed: unknown decoder_upsampling 'cubic'"):
+        load_model(folder)

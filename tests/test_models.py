@@ -98,3 +98,19 @@ def test_full_resolution_skip_feeds_the_encoders_first_features_to_the_last_bloc
     widths = [b.conv1[0].in_channels for b in net.decoder.blocks]
     assert widths[:-1] == [b.conv1[0].in_channels for b in plain.decoder.blocks][:-1]
     assert widths[-1] == plain.decoder.blocks[-1].conv1[0].in_channels + net.encoder.out_channels[0]
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_bilinear_upsampling_changes_the_output_not_the_weights(skip):
+    torch.manual_seed(0)
+    nearest = build_unet("vgg11_bn_micro", 2, full_resolution_skip=skip, upsampling="nearest").eval()
+    bilinear = build_unet("vgg11_bn_micro", 2, full_resolution_skip=skip).eval()  # the default
+    assert [b.interpolation_mode for b in bilinear.decoder.blocks] == ["bilinear"] * len(bilinear.decoder.blocks)
+    bilinear.load_state_dict(nearest.state_dict())  # the same layout: only the resampling differs
+    x = torch.randn(1, 1, 64, 64)
+    with torch.no_grad():
+        a, b = nearest(x), bilinear(x)
+    assert a.shape == b.shape == (1, 2, 64, 64)
+    assert not torch.allclose(a, b)
+    with pytest.raises(ValueError, match="unknown decoder upsampling 'cubic'"):
+        build_unet("vgg11_bn_micro", 2, upsampling="cubic")

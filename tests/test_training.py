@@ -401,10 +401,11 @@ def test_cli_yaml_config_and_bad_keys(tmp_path, stacks):
                                        "encoder: vgg11_bn_micro\naugment:\n  noise: 0\n")
     assert main(["-q", "train", "--images", str(img), "--masks", str(msk), "--config", str(tmp_path / "cfg.yaml"),
                  "--border-weight", "7", "--loader-workers", "2", "--no-label-offset", "--no-full-resolution-skip",
-                 "-o", str(tmp_path / "run")]) == 0
+                 "--decoder-upsampling", "nearest", "-o", str(tmp_path / "run")]) == 0
     model = load_model(tmp_path / "run" / "model.safetensors")
     card = model.card
     assert card.full_resolution_skip is False and model.net.decoder.blocks[-1].conv1[0].in_channels == 8
+    assert card.decoder_upsampling == "nearest" and model.net.decoder.blocks[-1].interpolation_mode == "nearest"
     assert card.training["config"]["loader_workers"] == 2
     assert card.training["config"]["label_offset"] is False and "label_offset" not in card.training
     assert card.training["steps"] == 1 and card.training["config"]["augment"]["noise"] == 0
@@ -424,9 +425,10 @@ def test_cli_augment_preview(tmp_path, stacks):
 
 def test_training_records_the_decoder_variant_in_the_card():
     from emseg.training import _prepare_network
-    for skip in (False, True):
-        net, card = _prepare_network(TrainConfig(encoder="vgg11_bn_micro", full_resolution_skip=skip),
-                                     ("background", "membrane"), None)
-        assert card.full_resolution_skip is skip
+    for skip, upsampling in ((False, "nearest"), (True, "bilinear")):
+        net, card = _prepare_network(TrainConfig(encoder="vgg11_bn_micro", full_resolution_skip=skip,
+                                                 decoder_upsampling=upsampling), ("background", "membrane"), None)
+        assert card.full_resolution_skip is skip and card.decoder_upsampling == upsampling
         rebuilt = Model.new(card).net
         rebuilt.load_state_dict(net.state_dict())  # raises unless the layouts match, so the file will load
+        assert {b.interpolation_mode for b in rebuilt.decoder.blocks} == {upsampling}
