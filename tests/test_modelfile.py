@@ -90,46 +90,36 @@ def test_card_rejects_bad_normalisation():
         ModelCard(encoder="vgg11", classes=("a", "b"), normalization=Normalization(low=90, high=10))
 
 
-def test_full_resolution_skip_travels_with_the_card(tmp_path):
+def test_decoder_layout_travels_with_the_card(tmp_path):
     from emseg.modelfile import Model
     torch.manual_seed(0)
     card = ModelCard(encoder="vgg11_bn_micro", classes=("background", "membrane"), tile_size=64, overlap=16)
     model = Model.new(card)
     loaded = load_model(model.save(tmp_path / "m.safetensors"))
-    assert loaded.card.full_resolution_skip
+    # the defaults for new models: the full-resolution skip and bilinear upsampling
+    assert loaded.card.full_resolution_skip and loaded.card.decoder_upsampling == "bilinear"
+    assert {b.interpolation_mode for b in loaded.net.decoder.blocks} == {"bilinear"}
     assert _same_weights(loaded.net, model.net)
     x = torch.randn(1, 1, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(loaded.net(x), model.net.eval()(x))
-    # format-1 cards, written before the option existed, describe smp's decoder without the skip
+    # format-1 cards, written before either option existed, describe smp's decoder: no skip, nearest
     old = json.loads(card.to_json())
-    del old["full_resolution_skip"]
+    del old["full_resolution_skip"], old["decoder_upsampling"]
     old["format_version"] = 1
     old_card = ModelCard.from_dict(old)
-    assert old_card.full_resolution_skip is False
-    assert Model.new(old_card).net.decoder.blocks[-1].conv1[0].in_channels == 8  # upsampled features alone
-    # and a copy written again (fine-tuning one) is a format-2 card that keeps the old layout
+    assert old_card.full_resolution_skip is False and old_card.decoder_upsampling == "nearest"
+    old_net = Model.new(old_card).net
+    assert old_net.decoder.blocks[-1].conv1[0].in_channels == 8  # upsampled features alone
+    assert {b.interpolation_mode for b in old_net.decoder.blocks} == {"nearest"}
+    # format-2 cards have the skip but were all written with nearest upsampling
+    format_2 = {**old, "full_resolution_skip": True, "format_version": 2}
+    assert ModelCard.from_dict(format_2).decoder_upsampling == "nearest"
+    # a copy written again (fine-tuning one) is a card of this format that keeps the old layout
     assert old_card.updated(name="tuned").format_version == FORMAT_VERSION
-    assert ModelCard.from_dict(json.loads(old_card.updated().to_json())).full_resolution_skip is False
-
-
-def test_decoder_upsampling_travels_with_the_card(tmp_path):
-    from emseg.modelfile import Model
-    torch.manual_seed(0)
-    card = ModelCard(encoder="vgg11_bn_micro", classes=("background", "membrane"), tile_size=64, overlap=16)
-    model = Model.new(card)
-    loaded = load_model(model.save(tmp_path / "m.safetensors"))
-    assert loaded.card.decoder_upsampling == "bilinear"  # the default for new models
-    assert {b.interpolation_mode for b in loaded.net.decoder.blocks} == {"bilinear"}
-    x = torch.randn(1, 1, 64, 64)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded.net(x), model.net.eval()(x))
-    # cards of formats 1 and 2 were all written with smp's nearest-neighbour upsampling
-    old = json.loads(card.to_json())
-    del old["decoder_upsampling"]
-    old["format_version"] = 2
-    assert ModelCard.from_dict(old).decoder_upsampling == "nearest"
-    # a value this emseg does not know is refused with the file named
+    again = ModelCard.from_dict(json.loads(old_card.updated().to_json()))
+    assert again.full_resolution_skip is False and again.decoder_upsampling == "nearest"
+    # an upsampling this emseg does not know is refused with the file named
     folder = model.save(tmp_path / "odd")
     data = json.loads((folder / FOLDER_CARD).read_text())
     data["decoder_upsampling"] = "cubic"
