@@ -12,6 +12,8 @@
     --set KEY=VALUE   change a training setting (a TrainConfig field), e.g. --set border_weight=0
     --augment P=S     augmentation part strength as in `emseg train --augment`, e.g. elastic=0
     --widths W1,..,W5 train a VGG-11-BN U-Net of these encoder widths (decoder: 8x, 4x, 2x, 1x, 1x W1)
+    --convs C1,..,C5  with --widths: 3x3 convolutions per encoder block (VGG-13: 2,2,2,2,2)
+    --decoder D1,..,D5 with --widths: the decoder's widths
     --val-on-heldout  validate (choose the best weights) on the held-out slices, train on all of the
                       training slices (default: hold out the right-hand 20 % strip of every training slice)
     --tag NAME        name of the run (default: the data set), for runs/bench/NAME.json
@@ -313,6 +315,8 @@ def main() -> int:
     parser.add_argument("--augment", action="append", default=[], metavar="PART=STRENGTH",
                         help="augmentation strength, as `emseg train --augment` (repeatable)")
     parser.add_argument("--widths", help="width study: VGG-11-BN encoder widths, e.g. 24,48,96,192,192")
+    parser.add_argument("--convs", default="1,1,2,2,2", help="with --widths: convolutions per encoder block")
+    parser.add_argument("--decoder", help="with --widths: decoder widths (default 8x, 4x, 2x, 1x, 1x the first)")
     parser.add_argument("--val-on-heldout", action="store_true",
                         help="validate on the held-out slices (ISBI: 24-29, the issue's split) and train on all of "
                              "the training slices, instead of holding out a strip of every training slice")
@@ -327,7 +331,9 @@ def main() -> int:
     if args.widths:
         from emseg.models import register_narrow_vgg
         w = tuple(int(v) for v in args.widths.split(","))
-        settings["encoder"] = register_narrow_vgg(w, (8 * w[0], 4 * w[0], 2 * w[0], w[0], w[0]))
+        d = (tuple(int(v) for v in args.decoder.split(",")) if args.decoder
+             else (8 * w[0], 4 * w[0], 2 * w[0], w[0], w[0]))
+        settings["encoder"] = register_narrow_vgg(w, d, tuple(int(v) for v in args.convs.split(",")))
     tag = args.tag or args.dataset
     if not DATA.exists():
         print(f"skipped: the shared data folder {DATA} is absent")

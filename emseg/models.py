@@ -92,30 +92,38 @@ def _densenet_out_channels(init: int, growth: int, blocks: tuple[int, ...]) -> l
     return out
 
 
-def _register_narrow_vgg(name: str, widths: tuple[int, ...]) -> None:
-    """Put a VGG-11-BN with ``widths`` channels per block into smp's table as ``NAME_emseg``."""
+def _register_narrow_vgg(name: str, widths: tuple[int, ...], convs: tuple[int, ...] = (1, 1, 2, 2, 2)) -> None:
+    """Put a narrow VGG-BN (``convs`` 3x3 convolutions of ``widths`` channels per block; VGG-11's
+    1-1-2-2-2 by default) into smp's table as ``NAME_emseg``."""
     _smp_encoders.setdefault(f"{name}_emseg", {
         "encoder": LeanVGGEncoder,
         "pretrained_settings": {},
         "params": {
             "out_channels": [*widths, widths[-1]],
-            "config": _vgg_config(widths, (1, 1, 2, 2, 2)),
+            "config": _vgg_config(widths, convs),
             "batch_norm": True,
         },
     })
 
 
-def register_narrow_vgg(widths: tuple[int, ...], decoder_channels: tuple[int, ...]) -> str:
-    """Register a VGG-11-BN of other widths for this process (width studies); returns its name.
+def register_narrow_vgg(widths: tuple[int, ...], decoder_channels: tuple[int, ...],
+                        convs: tuple[int, ...] = (1, 1, 2, 2, 2)) -> str:
+    """Register a narrow VGG-BN of other widths (and convolutions per block: VGG-11's 1-1-2-2-2 by
+    default, VGG-13's 2-2-2-2-2) for this process (width studies); returns its name.
 
-    The name, ``vgg11_bn_w<widths>``, is known only to the process that registered it, so a model
-    file made with it loads only after the same call.
+    The name, ``vgg<layers>_bn_w<widths>``, is known only to the process that registered it, so a
+    model file made with it loads only after the same call.
     """
-    if len(widths) != 5 or len(decoder_channels) != 5:
-        raise ValueError("a VGG-11 U-Net needs 5 encoder and 5 decoder widths")
-    name = "vgg11_bn_w" + "-".join(map(str, widths))
-    _register_narrow_vgg(name, tuple(widths))
-    ENCODERS.setdefault(name, EncoderSpec(name, "vgg", f"VGG-11-BN, {'-'.join(map(str, widths))} channels",
+    if len(widths) != 5 or len(decoder_channels) != 5 or len(convs) != 5:
+        raise ValueError("a VGG U-Net needs 5 encoder widths, 5 decoder widths and 5 convolution counts")
+    layers = sum(convs) + 3  # VGG counts its three classifier layers
+    name = f"vgg{layers}_bn_w" + "-".join(map(str, widths))
+    if tuple(convs) != _VGG_CONVS.get(layers):
+        name += "_c" + "-".join(map(str, convs))
+    if tuple(decoder_channels) != (8 * widths[0], 4 * widths[0], 2 * widths[0], widths[0], widths[0]):
+        name += "_d" + "-".join(map(str, decoder_channels))
+    _register_narrow_vgg(name, tuple(widths), tuple(convs))
+    ENCODERS.setdefault(name, EncoderSpec(name, "vgg", f"VGG-{layers}-BN, {'-'.join(map(str, widths))} channels",
                                           tuple(decoder_channels)))
     return name
 
@@ -148,6 +156,7 @@ def _register_encoders() -> None:
 _register_encoders()
 
 _VGG_DEPTHS = {"vgg11": 11, "vgg13": 13, "vgg16": 16, "vgg19": 19}
+_VGG_CONVS = {11: (1, 1, 2, 2, 2), 13: (2, 2, 2, 2, 2), 16: (2, 2, 3, 3, 3), 19: (2, 2, 4, 4, 4)}
 _DENSENET_DEPTHS = ("densenet121", "densenet169", "densenet201", "densenet161")
 
 ENCODERS: dict[str, EncoderSpec] = {}

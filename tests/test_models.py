@@ -66,7 +66,13 @@ def test_width_study_encoders_register_and_build_at_their_width():
     with torch.no_grad():
         assert net(torch.randn(1, 1, 64, 64)).shape == (1, 2, 64, 64)
     assert register_narrow_vgg((12, 24, 48, 96, 96), (96, 48, 24, 12, 12)) == name  # idempotent
-    with pytest.raises(ValueError, match="5 encoder and 5 decoder"):
+    deeper = register_narrow_vgg((12, 24, 48, 96, 96), (96, 48, 24, 16, 16), (2, 2, 2, 2, 2))
+    assert deeper == "vgg13_bn_w12-24-48-96-96_d96-48-24-16-16"
+    net = build_unet(deeper, 2)
+    convs = [m for m in net.encoder.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs[:2]] == [12, 12] and len(convs) == 10  # two per block
+    assert net.decoder.blocks[-1].conv2[0].out_channels == 16
+    with pytest.raises(ValueError, match="5 encoder widths"):
         register_narrow_vgg((8, 16), (16, 8))
 
 
