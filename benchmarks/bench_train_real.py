@@ -6,7 +6,8 @@
     python benchmarks/bench_train_real.py finetune [--minutes 5] # ISBI model -> 2 EPFL slices
     python benchmarks/bench_train_real.py isbi-errors --base M   # where M's errors on 24-29 lie, whether
                                                                  # the annotation is offset against the
-                                                                 # images, and docs/img/isbi_errors.png
+                                                                 # images, whether its batch-norm statistics
+                                                                 # hold it back, and docs/img/isbi_errors.png
 
     --tta             also evaluate with test-time augmentation
     --set KEY=VALUE   change a training setting (a TrainConfig field), e.g. --set border_weight=0
@@ -192,6 +193,29 @@ def annotation_against_itself(masks: np.ndarray) -> dict:
     return out
 
 
+def batchnorm_study(model, images: np.ndarray, masks: np.ndarray, train_images: np.ndarray, tmp: Path) -> dict:
+    """Are the batch-norm statistics gathered in training (augmented 256 px crops) what holds the model
+    back? The metrics on the held-out slices with them, and again with the statistics recomputed on the
+    whole, unaugmented training slices ("precise BN": every slice weighted alike). Changes a copy only."""
+    import copy
+    from emseg.preprocess import normalize_page
+    keys = ("pixel_error", "mean_iou", "adapted_rand_error")
+    out = {"trained": {k: evaluate_arrays(model, images, masks, tmp, 4.0)[k] for k in keys}}
+    recomputed = copy.deepcopy(model)
+    norms = [m for m in recomputed.net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the slices
+        m.train()
+    with torch.no_grad():
+        for page in train_images:
+            x = np.ascontiguousarray(normalize_page(page, recomputed.card.normalization), dtype=np.float32)
+            recomputed.net(torch.from_numpy(x)[None, None])
+    recomputed.net.eval()
+    out["recomputed_on_training_slices"] = {k: evaluate_arrays(recomputed, images, masks, tmp, 4.0)[k] for k in keys}
+    return out
+
+
 def errors_figure(image: np.ndarray, mask: np.ndarray, prob: np.ndarray, path: Path, crop: int = 256) -> Path:
     """PNG of one held-out slice: image, annotation, prediction and where the two disagree.
 
@@ -354,6 +378,7 @@ def main() -> int:
             probs = membrane_probs(model, vimg)
             report["error_by_edge_distance"] = error_by_edge_distance(probs, vmsk)
             report["annotation_against_itself"] = annotation_against_itself(vmsk)
+            report["batchnorm_study"] = batchnorm_study(model, vimg, vmsk, timg, tmp)
             if tag == "isbi-errors":  # the docs figure; a study of another model (--tag) leaves it alone
                 report["figure"] = str(errors_figure(vimg[0], vmsk[0], probs[0], ROOT / "docs" / "img" / "isbi_errors.png"))
         elif args.dataset == "finetune":
