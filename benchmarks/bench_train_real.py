@@ -355,8 +355,7 @@ def main() -> int:
     if args.widths:
         from emseg.models import register_narrow_vgg
         w = tuple(int(v) for v in args.widths.split(","))
-        d = (tuple(int(v) for v in args.decoder.split(",")) if args.decoder
-             else (8 * w[0], 4 * w[0], 2 * w[0], w[0], w[0]))
+        d = tuple(int(v) for v in args.decoder.split(",")) if args.decoder else None
         settings["encoder"] = register_narrow_vgg(w, d, tuple(int(v) for v in args.convs.split(",")))
     tag = args.tag or args.dataset
     if not DATA.exists():
@@ -414,6 +413,7 @@ def main() -> int:
                      "fine-tuned on scribbles": scrib.model}, vimg[2], vmsk[2], px,
                     ROOT / "docs" / "img" / "finetune_epfl.png"))
         else:
+            from emseg.summary import measure_cost
             img, msk, vimg, vmsk, classes, px = load(args.dataset)
             result, seconds = train_on(tag, img, msk, classes, px, args.minutes,
                                        val=(vimg, vmsk) if args.val_on_heldout else None, **settings)
@@ -422,6 +422,7 @@ def main() -> int:
             report["steps"] = result.model.card.training["steps"]
             report["encoder"] = result.model.card.encoder
             report["parameters"] = sum(p.numel() for p in result.model.net.parameters())
+            report["gflops_per_megapixel"] = round(measure_cost(result.model.card.encoder).gflops_per_mp, 1)
             report["label_offset"] = result.model.card.training.get("label_offset")
             report["metrics"] = evaluate_arrays(result.model, vimg, vmsk, tmp, px)
             if args.tta:

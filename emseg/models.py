@@ -106,21 +106,24 @@ def _register_narrow_vgg(name: str, widths: tuple[int, ...], convs: tuple[int, .
     })
 
 
-def register_narrow_vgg(widths: tuple[int, ...], decoder_channels: tuple[int, ...],
+def register_narrow_vgg(widths: tuple[int, ...], decoder_channels: tuple[int, ...] | None = None,
                         convs: tuple[int, ...] = (1, 1, 2, 2, 2)) -> str:
     """Register a narrow VGG-BN of other widths (and convolutions per block: VGG-11's 1-1-2-2-2 by
-    default, VGG-13's 2-2-2-2-2) for this process (width studies); returns its name.
+    default, VGG-13's 2-2-2-2-2) for this process (width studies); returns its name. The decoder's
+    widths default to 8, 4, 2, 1 and 1 times the first encoder width, as vgg11_bn_slim's.
 
     The name, ``vgg<layers>_bn_w<widths>``, is known only to the process that registered it, so a
     model file made with it loads only after the same call.
     """
+    default_decoder = (8 * widths[0], 4 * widths[0], 2 * widths[0], widths[0], widths[0]) if widths else ()
+    decoder_channels = tuple(decoder_channels or default_decoder)
     if len(widths) != 5 or len(decoder_channels) != 5 or len(convs) != 5:
         raise ValueError("a VGG U-Net needs 5 encoder widths, 5 decoder widths and 5 convolution counts")
     layers = sum(convs) + 3  # VGG counts its three classifier layers
     name = f"vgg{layers}_bn_w" + "-".join(map(str, widths))
     if tuple(convs) != _VGG_CONVS.get(layers):
         name += "_c" + "-".join(map(str, convs))
-    if tuple(decoder_channels) != (8 * widths[0], 4 * widths[0], 2 * widths[0], widths[0], widths[0]):
+    if decoder_channels != default_decoder:
         name += "_d" + "-".join(map(str, decoder_channels))
     _register_narrow_vgg(name, tuple(widths), tuple(convs))
     ENCODERS.setdefault(name, EncoderSpec(name, "vgg", f"VGG-{layers}-BN, {'-'.join(map(str, widths))} channels",
