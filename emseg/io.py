@@ -247,7 +247,7 @@ def _open_tiff(path: Path) -> ImageSource:
         with _catch_tifffile_warnings() as warned:
             tif = tifffile.TiffFile(path)
             series = tif.series[0]
-            axes, shape = series.get_axes(False), series.get_shape(False)
+            axes, shape = _unsqueezed(tif, series)
     except Exception as err:  # noqa: BLE001
         if tif is not None:
             tif.close()
@@ -264,6 +264,17 @@ def _open_tiff(path: Path) -> ImageSource:
     except BaseException:
         tif.close()
         raise
+
+
+def _unsqueezed(tif, series) -> tuple[str, tuple[int, ...]]:
+    """Axes and shape of the first series with its length-1 dimensions kept.
+
+    tifffile 2026.5.2 removed ``TiffPageSeries.get_axes``/``get_shape``: there a series is asked for
+    unsqueezed through ``TiffFile.series(squeeze=False)``; Python 3.11 stops at tifffile 2026.3.3."""
+    if hasattr(series, "get_axes"):
+        return series.get_axes(False), tuple(series.get_shape(False))
+    full = tif.series(squeeze=False)[0]
+    return full.axes, tuple(full.shape)
 
 
 def _tiff_source(path, tif, series, axes: str, shape: tuple[int, ...]) -> ImageSource:
