@@ -22,7 +22,8 @@
 Each run trains with `emseg.training.train` and the defaults of `emseg train` (only the classes,
 the held-out data and the time limit are set), then evaluates the held-out slices with the same code
 as `emseg evaluate` and prints the metrics as JSON and a Markdown row for docs/training.md.
-Skips with a message when ../shared/data is absent.
+Skips with a message when ../shared/data is absent. The environment variables EMSEG_BENCH_DATA (a folder
+laid out as ../shared/data) and EMSEG_BENCH_RUNS (default runs/bench) move the data and the results.
 """
 
 from __future__ import annotations
@@ -41,8 +42,9 @@ import tifffile
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
-RUNS = ROOT / "runs" / "bench"
+# EMSEG_BENCH_DATA and EMSEG_BENCH_RUNS move the data and the results (benchmarks/gpu_check.sh uses them)
+DATA = Path(os.environ.get("EMSEG_BENCH_DATA", ROOT.parent / "shared" / "data"))
+RUNS = Path(os.environ.get("EMSEG_BENCH_RUNS", ROOT / "runs" / "bench"))
 
 
 def _machine() -> str:

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Run HERE, before a GPU check: put in .gpu/ (git-ignored through .git/info/exclude) what
+# benchmarks/gpu_check.sh needs on a lent GPU machine, which reaches no package index and no ../shared:
+#   .gpu/whl/   wheels for Python 3.12 of emseg's dependencies that the machine's image lacks (it has
+#               torch, torchvision, timm, numpy, scipy, scikit-image, tifffile, OpenCV, matplotlib, ...),
+#               and MONAI for the inference benchmark
+#   .gpu/data/  ISBI 2012's training volume and membranes, from ../shared/data (15 MB; never committed)
+# The versions are this checkout's .venv's, so the check runs the code the CPU runs were measured with.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+exclude="$(git rev-parse --git-path info/exclude)"
+grep -qx '/.gpu/' "$exclude" 2>/dev/null || echo '/.gpu/' >> "$exclude"
+src=../shared/data/isbi2012
+[ -f "$src/train-volume.tif" ] || { echo "gpu_kit: $src/train-volume.tif is missing; the check needs ISBI 2012" >&2; exit 1; }
+rm -rf .gpu && mkdir -p .gpu/whl .gpu/data/isbi2012
+cp "$src/train-volume.tif" "$src/train-membranes.tif" .gpu/data/isbi2012/
+PY=${PYTHON:-.venv/bin/python}
+pins=$("$PY" -m pip freeze 2>/dev/null | grep -i -E '^(segmentation.models.pytorch|albumentations|albucore|pydantic|pydantic.core|annotated.types|typing.inspection|simsimd|stringzilla|torchinfo|monai)==')
+[ "$(echo "$pins" | wc -l)" -eq 11 ] || { echo "gpu_kit: expected 11 pinned packages in $PY's environment, got:" >&2; echo "$pins" >&2; exit 1; }
+platforms=()
+for n in 28 27 17; do platforms+=(--platform "manylinux_2_${n}_x86_64"); done
+# shellcheck disable=SC2086
+"$PY" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    "${platforms[@]}" --platform manylinux2014_x86_64 -d .gpu/whl $pins
+du -sh .gpu
