@@ -17,7 +17,7 @@ export EMSEG_BENCH_DATA=$PWD/.gpu/data EMSEG_BENCH_RUNS=/tmp/gpu_runs
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" 2>&1
 
-run() {  # run TAG MINUTES_LIMIT_FOR_TIMEOUT ARGS...: one benchmark, its report, log and curves into $OUT
+run() {  # run TAG TIMEOUT_SECONDS ARGS...: one benchmark, its report, log and curves into $OUT
     local tag=$1 cap=$2; shift 2
     timeout "$cap" "$PY" benchmarks/bench_train_real.py isbi --tta --tag "$tag" "$@" > "$OUT/$tag.log" 2>&1
     echo "$tag: exit $?"
