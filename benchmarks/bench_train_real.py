@@ -330,8 +330,9 @@ def fit_study(minutes: float, n_slices: int, tmp: Path, **settings) -> dict:
     """How closely can the network draw the membranes of the slices it is trained on? Trained on ISBI slices
     0..n-1, whole, with no augmentation at all and the annotation itself as the target (no border weights),
     validated on slices 24-25 only to keep the weights (no early stop), then scored on the slices it was
-    trained on and on slices 24-29. A floor on the trained slices far below the test slices' error means that
-    the annotation's edges can be learnt from the image; near it, that they are noise the image does not show."""
+    trained on and on slices 24-29. An error on the trained slices far below the test slices' says that the
+    network can place the annotation's edges on slices it has seen often enough (by learning or memorising:
+    a few slices cannot tell); near it, that it cannot, even there."""
     from emseg.augment import PRESETS
     img, msk, vimg, vmsk, classes, px = load("isbi")
     settings = {"augment": PRESETS["none"], "border_weight": 0.0, "patience": 10_000, "ema_decay": 0.0,
