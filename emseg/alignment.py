@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import numpy as np
+import torch
 from scipy import ndimage as ndi
 
 from .metrics import IGNORE
@@ -100,10 +101,27 @@ def shift_image(image: np.ndarray, offset, pad: int = 16) -> np.ndarray:
     return np.clip(moved, image.min(), image.max()).astype(image.dtype, copy=False)
 
 
-def shift_probabilities(probs: np.ndarray, offset, scale: float = 1.0) -> np.ndarray:
+def _shift_axis(t: torch.Tensor, shift: float, dim: int) -> torch.Tensor:
+    """``t`` moved by ``shift`` pixels along ``dim``: linear interpolation, edges repeating their value."""
+    n = t.shape[dim]
+    where = (torch.arange(n, dtype=torch.float64, device=t.device) - shift).clamp_(0, n - 1)  # made on the device
+    below = where.floor()
+    frac = (where - below).to(t.dtype)
+    below = below.long()
+    above = (below + 1).clamp_(max=n - 1)
+    shape = [1] * t.ndim
+    shape[dim] = n
+    return torch.lerp(t.index_select(dim, below), t.index_select(dim, above), frac.view(shape))
+
+
+def shift_probabilities(probs, offset, scale: float = 1.0):
     """``probs`` (K, H, W) moved by ``offset`` (rows, columns) times ``scale`` pixels, by linear
-    interpolation (each pixel's probabilities still sum to one); edges repeat their nearest value."""
+    interpolation (each pixel's probabilities still sum to one); edges repeat their nearest value, as
+    ``scipy.ndimage.shift(order=1, mode="nearest")``. A torch tensor is moved on its device; a numpy
+    array gives a numpy array."""
     if not is_offset(offset):
         return probs
     dy, dx = (float(o) * scale for o in offset)
-    return np.stack([ndi.shift(p, (dy, dx), order=1, mode="nearest") for p in probs]).astype(probs.dtype, copy=False)
+    t = torch.as_tensor(probs)
+    moved = _shift_axis(_shift_axis(t, dy, t.ndim - 2), dx, t.ndim - 1)
+    return moved if isinstance(probs, torch.Tensor) else moved.numpy()

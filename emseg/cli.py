@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .errors import EmsegError
+from .errors import EmsegError, OptionError
 
 log = logging.getLogger("emseg")
 
@@ -238,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose, args.quiet)
     try:
         return args.func(args)
+    except OptionError as exc:  # an option value the core rejects: a usage error
+        log.error("%s", exc, exc_info=args.verbose)
+        return 2
     except EmsegError as exc:
         log.error("%s", exc, exc_info=args.verbose)
         return 1

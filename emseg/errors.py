@@ -17,3 +17,7 @@ class InputError(EmsegError):
 
 class ModelFileError(EmsegError):
     """A model file that is missing, not a model, or inconsistent."""
+
+
+class OptionError(InputError, ValueError):
+    """An option value (tile size, batch size, device, ...) that cannot be used; the CLI exits with 2."""

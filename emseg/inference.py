@@ -1,19 +1,27 @@
-"""Seamless tiled inference of a model over pages and stacks.
+"""Seamless tiled inference of a model over pages and stacks, on the GPU when there is one.
 
-Data flow for each page: normalise (card) -> rescale to the model's pixel size -> overlapping tiles
--> network (optionally over the 8 flips/rotations) -> softmax -> Gaussian blending -> rescale back
-to the page grid -> argmax. Pages are processed one at a time, so memory does not grow with the
-number of pages; :meth:`Predictor.iter_pages` yields each page's result as soon as it is done.
+Data flow for each page, all of it on the predictor's device after one upload: the raw page (its
+own dtype, e.g. uint16) -> normalise (card) -> rescale to the model's pixel size -> mirror padding
+-> overlapping tiles -> network (optionally over the 8 flips/rotations) -> softmax -> Gaussian
+blending into a canvas reused from page to page -> rescale back to the page grid -> the annotation
+offset's sub-pixel shift (models that have one) -> argmax; only the labels (uint8) come back to the
+host, and the probabilities only when asked for. With two classes and nothing to rescale or shift,
+the argmax compares the unnormalised weighted sums (the same order per pixel).
+
+Pages are processed one at a time, so memory does not grow with the number of pages;
+:meth:`Predictor.iter_pages` reads the next page in a background thread (into pinned memory on
+CUDA, uploaded on a side stream) and, on CUDA, queues each page's work before it waits for the
+previous page's labels, so the GPU never waits for the host between pages.
 
 Performance (measured in docs/performance.md): the network runs with every batch norm that follows
 a convolution folded into it (on a copy: the model's own network is left as it is) and in
-channels-last memory format (faster convolutions on CPU and GPU; both give the same results up to
-float rounding); mixed precision (autocast)
-is on for CUDA only (bf16 autocast on a CPU without bf16 units was ~40x slower); the next page is
-read and normalised in a background thread while the current one is inferred. On CUDA,
-``batch_size="auto"`` picks the batch from free GPU memory, and a batch that runs out of memory is
-split in halves and retried (the smaller batch is kept for the rest of the run) instead of
-ending a long run.
+channels-last memory format; mixed precision (bf16 autocast, fp16 where bf16 is missing) and
+cudnn's benchmark mode are on for CUDA only (bf16 autocast on a CPU without bf16 units was ~40x
+slower). On CUDA, ``batch_size="auto"`` picks the batch from measured throughput among the sizes
+that fit the free memory (the page's canvas counted), and a batch that runs out of memory is split
+in halves and retried (the smaller batch is kept for the rest of the run) instead of ending a long
+run. ``compile=True`` runs the network through ``torch.compile`` and falls back to eager mode when
+compiling fails.
 """
 
 from __future__ import annotations
@@ -21,7 +29,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import numbers
+import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,9 +38,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .alignment import shift_probabilities
-from .preprocess import normalize_page, rescale_factor, resize, scaled_shape
-from .tiling import DIVISOR, sliding_window
+from .alignment import is_offset, shift_probabilities
+from .errors import InputError, OptionError
+from .preprocess import normalize_tensor, rescale_factor, resize, scaled_shape
+from .tiling import TileCanvas, TileGrid, check_batch_size, check_tiling, mirror_fill_
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +59,18 @@ AUTO_MEMORY_FRACTION = 0.6
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``auto`` picks CUDA, then Apple MPS, then the CPU; anything else is passed to torch."""
     if str(device) != "auto":
-        dev = torch.device(device)
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError, ValueError):
+            raise OptionError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from None
         if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} asked for, but torch sees no CUDA GPU; use --device cpu or auto")
+            raise OptionError(f"device {device!r} asked for, but torch sees no CUDA GPU; use --device cpu or auto")
+        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise OptionError(f"device {device!r} asked for, but torch sees {torch.cuda.device_count()} CUDA GPU(s)")
+        if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise OptionError(f"device {device!r} asked for, but Apple MPS is not available; use --device cpu or auto")
+        if dev.type not in ("cpu", "cuda", "mps"):
+            raise OptionError(f"device {device!r} is not supported; use auto, cpu, cuda, cuda:N or mps")
         return dev
     if torch.cuda.is_available():
         return torch.device("cuda")
@@ -119,50 +138,109 @@ class PageResult:
     probabilities: np.ndarray | None = None
 
 
+def argmax_classes(probs: torch.Tensor) -> torch.Tensor:
+    """Index of the largest of ``probs (K, H, W)`` per pixel (the first on ties, as ``argmax``), uint8
+    for up to 256 classes (int32 beyond); on the tensor's device, without torch's argmax over the
+    leading dimension, which is slow on the CPU."""
+    k = probs.shape[0]
+    if k == 2:
+        return torch.gt(probs[1], probs[0]).view(torch.uint8)
+    labels = torch.zeros(probs.shape[1:], dtype=torch.uint8 if k <= 256 else torch.int32, device=probs.device)
+    best = probs[0].clone()
+    for c in range(1, k):
+        labels.masked_fill_(probs[c] > best, c)
+        torch.maximum(best, probs[c], out=best)
+    return labels
+
+
+def host_page(page: np.ndarray, *, pin: bool = False) -> torch.Tensor:
+    """A raw 2D page as a CPU tensor in its own dtype (booleans as uint8, native byte order), pinned
+    for an asynchronous upload when ``pin``."""
+    a = np.asarray(page)
+    if a.ndim != 2:
+        raise InputError(f"expected a 2D page, got shape {a.shape}")
+    if a.dtype == bool:
+        a = a.view(np.uint8)
+    if a.dtype.kind not in "uif":
+        raise InputError(f"pages must hold real numbers, got dtype {a.dtype}")
+    if not a.dtype.isnative:
+        a = a.astype(a.dtype.newbyteorder("="))
+    a = np.ascontiguousarray(a)
+    if not a.flags.writeable:  # torch warns about read-only memory; tensors are never written here
+        a = a.copy()
+    t = torch.from_numpy(a)
+    return t.pin_memory() if pin else t
+
+
+class _Workspace:
+    """The device buffers of one page geometry, reused from page to page: the padded input and the
+    blending canvas."""
+
+    def __init__(self, grid: TileGrid, in_channels: int, classes: int, device: torch.device):
+        self.grid = grid
+        self.padded = torch.empty((in_channels, *grid.padded_shape), dtype=torch.float32, device=device)
+        self.canvas = TileCanvas(grid, _blended_channels(classes), device)
+
+    @staticmethod
+    def nbytes(grid: TileGrid, in_channels: int, classes: int) -> int:
+        ph, pw = grid.padded_shape
+        return 4 * in_channels * ph * pw + TileCanvas.nbytes(grid, _blended_channels(classes))
+
+
+def _blended_channels(classes: int) -> int:
+    """Channels blended per page: one for two classes (class 1's probability, centred), else all."""
+    return 1 if classes == 2 else classes
+
+
 class Predictor:
     """Tiled inference configured once (device, tiling, TTA) and applied to many pages."""
 
     def __init__(self, model, *, tile: int | None = None, overlap: int | None = None,
                  batch_size: int | str = 4, tta: bool = False, device: str | torch.device = "auto",
                  amp: bool | None = None, channels_last: bool | None = None, fold_bn: bool = True,
-                 prefetch: bool = True):
+                 prefetch: bool = True, compile: bool = False):
         """
         Args:
             model: an :class:`emseg.modelfile.Model`. Without batch norms to fold (or with
                 ``fold_bn=False``) its ``net`` itself is moved to ``device``, set to eval mode and, with
                 ``channels_last``, converted to that memory format; otherwise a folded copy is.
-            tile, overlap: tiling in pixels (defaults from the card).
-            batch_size: tiles per forward pass, or ``"auto"``: from free GPU memory on CUDA
-                (measured with one probe tile on first use), :data:`CPU_AUTO_BATCH` elsewhere.
+            tile, overlap: tiling in pixels (None: the card's).
+            batch_size: tiles per forward pass, or ``"auto"``: on CUDA the size of best measured
+                throughput among those that fit the free memory (measured once, on the first page),
+                :data:`CPU_AUTO_BATCH` elsewhere.
             tta: average over the 8 flips/rotations.
             device: ``auto`` (CUDA, then MPS, then CPU) or a torch device string.
             amp: autocast (bf16 where supported, else fp16); default on for CUDA only.
             channels_last: run the network in channels-last memory format; default on except on MPS.
             fold_bn: run a copy of the network with batch norms folded into convolutions (:func:`fold_batchnorm`).
-            prefetch: read and normalise the next page in a background thread in :meth:`iter_pages`.
+            prefetch: read the next page in a background thread in :meth:`iter_pages`.
+            compile: run the network through ``torch.compile`` (eager mode if compiling fails).
         """
         self.card = model.card
+        self.tile, self.overlap = check_tiling(self.card.tile_size if tile is None else tile,
+                                               self.card.overlap if overlap is None else overlap)
+        self._auto_batch = isinstance(batch_size, str)
+        if self._auto_batch and batch_size != "auto":
+            raise OptionError(f"batch size must be a positive integer or 'auto', got {batch_size!r}")
+        self.batch_size = CPU_AUTO_BATCH if self._auto_batch else check_batch_size(batch_size)
         self.device = resolve_device(device)
         self.channels_last = (self.device.type != "mps") if channels_last is None else bool(channels_last)
         net = (fold_batchnorm(model.net) if fold_bn else model.net).to(self.device).eval()
         self.net = net.to(memory_format=torch.channels_last) if self.channels_last else net
-        self.tile = int(tile or self.card.tile_size)
-        self.overlap = int(self.card.overlap if overlap is None else overlap)
-        if self.tile % DIVISOR or self.tile <= 0:
-            raise ValueError(f"tile size must be a positive multiple of {DIVISOR}, got {self.tile}")
-        if not 0 <= self.overlap < self.tile:
-            raise ValueError(f"overlap must be at least 0 and smaller than the tile ({self.tile}), got {self.overlap}")
-        self._auto_batch = isinstance(batch_size, str)
-        if self._auto_batch:
-            if batch_size != "auto":
-                raise ValueError(f"batch size must be a positive integer or 'auto', got {batch_size!r}")
-            batch_size = CPU_AUTO_BATCH
-        if not isinstance(batch_size, numbers.Integral) or batch_size < 1:
-            raise ValueError(f"batch size must be at least 1, got {batch_size}")
-        self.batch_size = int(batch_size)
         self.tta = tta
         self.amp = (self.device.type == "cuda") if amp is None else amp
         self.prefetch = prefetch
+        self._run = self.net
+        if compile:
+            try:
+                self._run = torch.compile(self.net)
+            except Exception as exc:  # noqa: BLE001 - compiling is an optimisation; eager mode always works
+                log.warning("torch.compile is not available here (%s); running the network eagerly", exc)
+        self._local = threading.local()  # each thread's _Workspace: dask runs pages of one predictor in threads
+        self._copy_stream = None
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed tile shapes: cudnn picks its fastest kernels once
+            self._copy_stream = torch.cuda.Stream(self.device)
 
     def _autocast(self):
         if not self.amp:
@@ -189,124 +267,269 @@ class Predictor:
         torch.cuda.synchronize(self.device)
         return max(1, int(torch.cuda.max_memory_allocated(self.device) - before))
 
-    def resolve_batch_size(self) -> int:
-        """For ``batch_size="auto"``: fix the batch size from free accelerator memory (once)."""
-        if self._auto_batch:
-            self._auto_batch = False
-            free = self._free_memory()
-            if free is not None:
-                per_tile = self._bytes_per_tile()
-                free = self._free_memory() or free
-                self.batch_size = auto_batch_size(free, per_tile)
-                log.info("automatic batch size %d (%.0f MiB free, %.0f MiB per %d px tile)", self.batch_size,
-                         free / 2**20, per_tile / 2**20, self.tile)
+    def _tiles_per_second(self, batch: int, repeats: int = 3) -> float:
+        """Measured forward throughput at ``batch`` tiles per pass (CUDA)."""
+        x = torch.zeros((batch, self.card.in_channels, self.tile, self.tile), device=self.device)
+        self._forward_once(x)  # warm-up: cudnn's benchmark mode picks its kernels for this shape here
+        torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            self._forward_once(x)
+        torch.cuda.synchronize(self.device)
+        return batch * repeats / (time.perf_counter() - start)
+
+    def resolve_batch_size(self, grid: TileGrid | None = None) -> int:
+        """For ``batch_size="auto"`` on CUDA: fix the batch size once, to the fastest measured among
+        the powers of two (and the largest size) that fit the free memory less the page's buffers."""
+        if not self._auto_batch:
+            return self.batch_size
+        self._auto_batch = False
+        free = self._free_memory()
+        if free is None:
+            return self.batch_size
+        per_tile = self._bytes_per_tile()
+        free = self._free_memory() or free
+        buffers = _Workspace.nbytes(grid, self.card.in_channels, self.card.num_classes) if grid else 0
+        cap = auto_batch_size(max(0, free - buffers), per_tile)
+        candidates = sorted({b for b in (1, 2, 4, 8, 16, 32, 64) if b <= cap} | {cap})
+        rates = {}
+        for b in candidates:
+            try:
+                rates[b] = self._tiles_per_second(b)
+            except Exception as exc:  # noqa: BLE001 - a size that runs out of memory is not a candidate
+                if not is_out_of_memory(exc):
+                    raise
+                break
+            finally:
+                self._release_memory()
+        best = max(rates.values())
+        self.batch_size = min(b for b, r in rates.items() if r >= 0.95 * best)  # smallest within 5 % of the best
+        log.info("automatic batch size %d: %s tiles/s measured at batch %s (%.0f MiB free, %.0f MiB per %d px "
+                 "tile, %.0f MiB for the page's buffers)", self.batch_size, "/".join(f"{r:.0f}" for r in rates.values()),
+                 "/".join(map(str, rates)), free / 2**20, per_tile / 2**20, self.tile, buffers / 2**20)
         return self.batch_size
 
     def _release_memory(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _forward_once(self, batch: torch.Tensor) -> torch.Tensor:
-        """Class probabilities of one batch, no memory recovery."""
+    def _network(self, x: torch.Tensor) -> torch.Tensor:
+        """The network's logits as float32, compiled where that works (eager from the first failure on)."""
+        if self._run is not self.net:
+            try:
+                return self._run(x).float()
+            except Exception as exc:  # noqa: BLE001 - fall back to the eager network
+                if is_out_of_memory(exc):
+                    raise
+                log.warning("torch.compile failed (%s: %s); running the network eagerly", type(exc).__name__, exc)
+                self._run = self.net
+        return self.net(x).float()
+
+    def _probabilities(self, logits: torch.Tensor, centred: bool) -> torch.Tensor:
+        """Softmax over the classes; with ``centred`` (two classes) only class 1's probability less
+        one half, ``sigmoid(l1 - l0) - 0.5`` ``(N, 1, h, w)``: half the blending work, and its sign is
+        the label."""
+        if not centred:
+            return torch.softmax(logits, dim=1)
+        return torch.sub(logits[:, 1:2], logits[:, 0:1]).sigmoid_().sub_(0.5)
+
+    def _forward_once(self, batch: torch.Tensor, centred: bool = False) -> torch.Tensor:
+        """Class probabilities of one batch (see :meth:`_probabilities`), no memory recovery."""
         if self.channels_last and batch.ndim == 4:
             batch = batch.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), self._autocast():
             if not self.tta:
-                return torch.softmax(self.net(batch).float(), dim=1)
+                return self._probabilities(self._network(batch), centred)
             total = None
             for k in range(4):
                 for flip in (False, True):
                     x = torch.rot90(batch, k, dims=(2, 3))
                     x = torch.flip(x, dims=(3,)) if flip else x
-                    y = torch.softmax(self.net(x).float(), dim=1)
+                    y = self._probabilities(self._network(x), centred)
                     y = torch.flip(y, dims=(3,)) if flip else y
                     y = torch.rot90(y, -k, dims=(2, 3))
                     total = y if total is None else total + y
             return total / 8
 
-    def forward(self, batch: torch.Tensor) -> torch.Tensor:
-        """Class probabilities ``(N, K, h, w)`` float32 for a normalised batch ``(N, C, h, w)``.
+    def forward(self, batch: torch.Tensor, *, centred: bool = False) -> torch.Tensor:
+        """Class probabilities ``(N, K, h, w)`` float32 for a normalised batch ``(N, C, h, w)``
+        (with ``centred``, for two classes: class 1's probability less one half, ``(N, 1, h, w)``).
 
         On an out-of-memory error the batch is split in halves and retried, and ``batch_size`` is
         lowered for the rest of the run; a single tile that does not fit raises the original error.
         """
         if len(batch) > self.batch_size:  # lowered after an out-of-memory error earlier in this page
-            return torch.cat([self.forward(part) for part in torch.split(batch, self.batch_size)])
+            return torch.cat([self.forward(part, centred=centred) for part in torch.split(batch, self.batch_size)])
         try:
-            return self._forward_once(batch)
+            out = self._forward_once(batch, centred)
         except Exception as exc:  # noqa: BLE001 - only out-of-memory errors are handled
             if not is_out_of_memory(exc) or len(batch) <= 1:
                 raise
             smaller = len(batch) // 2
             log.warning("out of %s memory with %d tiles per batch; continuing with %d", self.device.type,
                         len(batch), smaller)
+        else:
+            if out.ndim != 4 or len(out) != len(batch) or out.shape[2:] != batch.shape[2:]:
+                raise RuntimeError(f"the network returned shape {tuple(out.shape)} for a batch of shape "
+                                   f"{tuple(batch.shape)}; it must return (tiles, classes, height, width) with "
+                                   "one output per tile, the size of the tile")
+            return out
         self.batch_size = smaller  # outside the except block: its traceback holds the GPU memory
         self._release_memory()
-        return self.forward(batch)
+        return self.forward(batch, centred=centred)
 
-    def prepare_page(self, page: np.ndarray, pixel_size_nm: float | None = None) -> tuple[np.ndarray, float]:
-        """Normalised page rescaled to the model's pixel size (float32 ``(h, w)``) and the zoom factor."""
-        if page.ndim != 2:
-            raise ValueError(f"predict_page expects a 2D page, got shape {page.shape}")
-        x = normalize_page(page, self.card.normalization)
+    # ------------------------------------------------------------ one page on the device
+
+    def _upload(self, host: torch.Tensor) -> tuple[torch.Tensor, object]:
+        """Start copying a host page to the device (a side stream on CUDA); returns the device tensor
+        and what :meth:`_ready` waits for."""
+        if self._copy_stream is None:
+            return host.to(self.device), None
+        with torch.cuda.stream(self._copy_stream):
+            page = host.to(self.device, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        return page, event
+
+    def _ready(self, page: torch.Tensor, event) -> torch.Tensor:
+        """The uploaded page, usable on the current stream."""
+        if event is not None:
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(event)
+            page.record_stream(stream)  # the allocator must not reuse it before this stream is done
+        return page
+
+    def _workspace_for(self, shape: tuple[int, int]) -> _Workspace:
+        """This thread's buffers for pages of ``shape`` (made anew when the shape changes)."""
+        ws = getattr(self._local, "workspace", None)
+        if ws is None or (ws.grid.height, ws.grid.width) != shape:
+            grid = TileGrid(*shape, self.tile, self.overlap)
+            grid.check_size()
+            self.resolve_batch_size(grid)
+            self._local.workspace = None  # free the old buffers first
+            ws = self._local.workspace = _Workspace(grid, self.card.in_channels, self.card.num_classes, self.device)
+        return ws
+
+    def _infer(self, page: torch.Tensor, pixel_size_nm: float | None, keep_probabilities: bool,
+               progress: TileProgress | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Labels ``(H, W)`` and, when kept, probabilities ``(K, H, W)`` of one raw page on the device."""
+        norm = self.card.normalization
         factor = rescale_factor(pixel_size_nm, self.card.pixel_size_nm)
+        shape = tuple(page.shape)
+        size = shape if factor == 1.0 else scaled_shape(shape, factor)
+        ws = self._workspace_for(size)
+        grid = ws.grid
+        (top, _), (left, _) = grid.padding
+        interior = ws.padded[0, top:top + size[0], left:left + size[1]]
+        if factor == 1.0:
+            normalize_tensor(page, norm, out=interior)
+        else:
+            interior.copy_(resize(normalize_tensor(page, norm), size))
+            log.debug("page rescaled by %.3f to the model's %.3g nm/px: %s", factor, self.card.pixel_size_nm, size)
+        mirror_fill_(ws.padded, top, left, *size)
+        canvas = ws.canvas
+        canvas.reset()
+        binary = self.card.num_classes == 2
+        for first, count in grid.batches(self.batch_size):
+            canvas.add(first, self.forward(grid.gather(ws.padded, first, count), centred=binary))
+            if progress is not None:
+                progress(first + count, len(grid))
+        shifted = is_offset(self.card.label_offset)
+        if not (keep_probabilities or factor != 1.0 or shifted):
+            if binary:  # class 1 where its blended probability exceeds one half: the weighted sum's sign
+                return torch.gt(canvas.unnormalised()[0], 0).view(torch.uint8), None
+            return argmax_classes(canvas.unnormalised()), None
+        probs = canvas.blended()
+        if binary:
+            p1 = probs.add(0.5)
+            probs = torch.cat([torch.sub(1.0, p1), p1])
         if factor != 1.0:
-            x = resize(x, scaled_shape(x.shape, factor)).numpy()
-            log.debug("page rescaled by %.3f to the model's %.3g nm/px: %s", factor, self.card.pixel_size_nm, x.shape)
-        return x, factor
-
-    def _infer_prepared(self, x: np.ndarray, factor: float, shape: tuple[int, int],
-                        progress: TileProgress | None = None) -> np.ndarray:
-        probs = sliding_window(x[None], self.forward, tile=self.tile, overlap=self.overlap,
-                               batch_size=self.resolve_batch_size(), device=self.device, progress=progress)
-        if factor != 1.0:
-            probs = resize(probs, shape).numpy()
+            probs = resize(probs, shape)
         # the card's offset is in the model's pixels: 1 / factor page pixels each
-        return shift_probabilities(probs, self.card.label_offset, 1.0 / factor)
+        probs = shift_probabilities(probs, self.card.label_offset, 1.0 / factor)
+        return argmax_classes(probs), (probs if keep_probabilities else None)
+
+    def _to_host(self, labels: torch.Tensor, probs: torch.Tensor | None):
+        """Start copying a page's outputs to the host; returns a function that waits and gives them."""
+        dtype = labels_dtype(self.card.num_classes)
+        if self.device.type != "cuda":
+            def done():
+                out = labels.cpu().numpy()
+                return out.astype(dtype, copy=False), (None if probs is None else probs.to("cpu", copy=True).numpy())
+            return done
+        host_labels = torch.empty(labels.shape, dtype=labels.dtype, pin_memory=True)
+        host_labels.copy_(labels, non_blocking=True)
+        host_probs = None
+        if probs is not None:
+            host_probs = torch.empty(probs.shape, dtype=torch.float32, pin_memory=True)
+            host_probs.copy_(probs, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+
+        def wait():
+            event.synchronize()
+            return (host_labels.numpy().astype(dtype, copy=False),
+                    None if host_probs is None else host_probs.numpy())
+        return wait
+
+    # ------------------------------------------------------------ public
 
     def predict_page(self, page: np.ndarray, *, pixel_size_nm: float | None = None,
                      progress: TileProgress | None = None) -> np.ndarray:
         """Per-class probabilities ``(K, H, W)`` float32 for one raw 2D page."""
-        x, factor = self.prepare_page(page, pixel_size_nm)
-        return self._infer_prepared(x, factor, page.shape, progress)
+        return self.page_result(0, page, pixel_size_nm=pixel_size_nm, keep_probabilities=True,
+                                progress=progress).probabilities
 
     def page_result(self, index: int, page: np.ndarray, *, pixel_size_nm: float | None = None,
                     keep_probabilities: bool = False, progress: TileProgress | None = None) -> PageResult:
         """One page's :class:`PageResult` (labels = argmax of the probabilities, as in :meth:`iter_pages`)."""
-        probs = self.predict_page(page, pixel_size_nm=pixel_size_nm, progress=progress)
-        return self._result(index, probs, keep_probabilities)
-
-    def _result(self, index: int, probs: np.ndarray, keep_probabilities: bool) -> PageResult:
-        labels = probs.argmax(axis=0).astype(labels_dtype(self.card.num_classes))
-        return PageResult(index, labels, probs if keep_probabilities else None)
+        device_page = self._ready(*self._upload(host_page(page, pin=self._copy_stream is not None)))
+        labels, probs = self._to_host(*self._infer(device_page, pixel_size_nm, keep_probabilities, progress))()
+        return PageResult(index, labels, probs)
 
     def iter_pages(self, source, *, keep_probabilities: bool = False,
                    progress: PageTileProgress | None = None) -> Iterator[PageResult]:
         """Yield a :class:`PageResult` per page of an :class:`emseg.io.ImageSource`, in order.
 
         ``progress`` is called with ``(page_index, tiles_done, tiles_total)`` within each page.
-        With ``prefetch``, page ``i + 1`` is read and normalised in a background thread while page
-        ``i`` is inferred (at most one page ahead, so memory stays that of two pages).
+        With ``prefetch``, page ``i + 1`` is read in a background thread while page ``i`` is inferred
+        (at most one page ahead, so memory stays that of two pages). On CUDA, page ``i + 1`` is
+        uploaded while page ``i`` is inferred, and page ``i``'s labels are waited for only once page
+        ``i + 1``'s work is queued.
         """
-        def load(i: int):
-            page = source.page(i)
-            x, factor = self.prepare_page(page, source.pixel_size_nm)
-            return page.shape, x, factor
+        pin = self._copy_stream is not None
+
+        def read(i: int) -> torch.Tensor:
+            return host_page(source.page(i), pin=pin)
 
         n = len(source)
         pool = ThreadPoolExecutor(1, thread_name_prefix="emseg-prefetch") if self.prefetch and n > 1 else None
+        pending = None  # (index, wait) of the page whose outputs are on their way to the host
         try:
-            pending = pool.submit(load, 0) if pool else None
+            reading = pool.submit(read, 0) if pool else None
+            upload = None
             for i in range(n):
-                if pool:
-                    shape, x, factor = pending.result()
-                    pending = pool.submit(load, i + 1) if i + 1 < n else None
-                else:
-                    shape, x, factor = load(i)
+                if upload is None:
+                    upload = self._upload(reading.result() if pool else read(i))
+                current = upload
+                upload = None
+                if pool and i + 1 < n:
+                    reading = pool.submit(read, i + 1)
+                page = self._ready(*current)
                 tile_progress = (lambda done, total, _i=i: progress(_i, done, total)) if progress else None
-                probs = self._infer_prepared(x, factor, shape, tile_progress)
-                del x
-                yield self._result(i, probs, keep_probabilities)
+                outputs = self._to_host(*self._infer(page, source.pixel_size_nm, keep_probabilities, tile_progress))
+                del page, current
+                if pending is not None:
+                    yield PageResult(pending[0], *pending[1]())
+                    pending = None
+                if self._copy_stream is None:
+                    yield PageResult(i, *outputs())
+                else:  # queue the next page's upload, then hand over this page once the next one is queued
+                    pending = (i, outputs)
+                    if pool and i + 1 < n:
+                        upload = self._upload(reading.result())
+            if pending is not None:
+                yield PageResult(pending[0], *pending[1]())
         finally:
             if pool:
                 pool.shutdown(wait=True, cancel_futures=True)

@@ -1,17 +1,28 @@
-"""Overlap-tile geometry and seamless blending, independent of any network.
+"""Overlap-tile geometry and seamless blending on any torch device, independent of any network.
 
-Contract: :func:`sliding_window` takes a page ``(C, H, W)`` float32 array and a function mapping a
-batch ``(N, C, th, tw)`` float32 tensor to ``(N, K, th, tw)``; it returns ``(K, H, W)`` float32.
-The page is mirror-padded (``reflect``) by half the overlap on every side, as in the U-Net
-overlap-tile strategy, then padded further to at least one tile. Tiles are laid evenly so that they
-cover the padded page exactly, and their outputs are blended with a separable Gaussian importance
-map, so that each output pixel is a weighted mean of every tile covering it and no seam shows.
-Stitching the identity returns the input (up to float rounding) for any shape, tile and overlap.
+Geometry (:class:`TileGrid`, pure): the page is mirror-padded (``reflect``) by at least half the
+overlap on every side, as in the U-Net overlap-tile strategy, and covered by tiles at one constant
+stride per axis, neighbours sharing at least ``overlap`` pixels. The padded extent is the smallest
+that the tiles cover exactly; the page sits in its centre, so every page edge has the same mirrored
+context (a page smaller than one tile gets a smaller tile, rounded up to a multiple of 32).
+
+Blending (:class:`TileCanvas`): each tile's output is multiplied by a separable Gaussian importance
+map and added into a canvas of the padded page on the tiles' device; dividing by the summed weights
+gives every output pixel the weighted mean of the tiles covering it, so no seam shows. Tiles of one
+row of the grid that do not overlap are added in one strided operation, so the work per batch is a
+few tensor operations whatever the batch size. The Gaussian is not floored: where two tiles cover a
+pixel, the one that sees it nearer its centre (with more context) dominates by the Gaussian's ratio.
+
+:func:`sliding_window` is the pure function over any callable: a page ``(C, H, W)`` and a function
+mapping a batch ``(N, C, th, tw)`` to ``(N, K, th, tw)`` give ``(K, H, W)`` float32. Stitching the
+identity returns the input (up to float rounding) for any shape, tile and overlap.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import numbers
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -19,7 +30,16 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from .errors import InputError, OptionError
+
+log = logging.getLogger(__name__)
+
 DIVISOR = 32  # a U-Net with 5 poolings needs sides divisible by 2**5
+#: blend weight below which a tile's contribution is dropped (relative to its centre weight of 1);
+#: the Gaussian with sigma = side / 8 falls to 3e-4 at an edge centre and 1e-7 in a corner
+WEIGHT_FLOOR = 1e-12
+#: an overlap that multiplies the tiles of a page by more than this is warned about (:meth:`TileGrid.check_size`)
+OVERLAP_COST = 16
 
 ProgressFn = Callable[[int, int], None]
 
@@ -29,40 +49,84 @@ def round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
-    """Start offsets of tiles of size ``tile`` covering ``[0, length)`` with at least ``overlap`` overlap.
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
-    Tiles are spread evenly (the last one ends exactly at ``length``); ``length >= tile`` is required.
+
+def check_tiling(tile, overlap, *, what: str = "tile") -> tuple[int, int]:
+    """``(tile, overlap)`` as ints, or an :class:`InputError` saying what is wrong with them."""
+    if not _is_int(tile) or tile <= 0 or tile % DIVISOR:
+        raise OptionError(f"{what} size must be a positive whole multiple of {DIVISOR} pixels (e.g. 256 or 512), "
+                         f"got {tile!r}")
+    if not _is_int(overlap) or not 0 <= overlap < tile:
+        raise OptionError(f"overlap must be a whole number of pixels, at least 0 and smaller than the {what} "
+                         f"({tile}), got {overlap!r}")
+    return int(tile), int(overlap)
+
+
+def check_batch_size(batch_size) -> int:
+    """A positive int, or an :class:`InputError`."""
+    if not _is_int(batch_size) or batch_size < 1:
+        raise OptionError(f"batch size must be a whole number of tiles, at least 1, got {batch_size!r}")
+    return int(batch_size)
+
+
+def axis_layout(length: int, tile: int, overlap: int) -> tuple[int, int, int]:
+    """``(count, stride, extent)`` of tiles covering ``length`` pixels along one axis.
+
+    The fewest tiles of side ``tile`` at one constant ``stride <= tile - overlap`` (so neighbours
+    share at least ``overlap`` pixels) whose ``extent = (count - 1) * stride + tile`` is at least
+    ``length``; the extent exceeds ``length`` by less than ``count - 1`` pixels. One tile (stride
+    ``tile``) when ``length <= tile``.
     """
-    if length < tile:
-        raise ValueError(f"length {length} is shorter than the tile {tile}")
-    if not 0 <= overlap < tile:
-        raise ValueError(f"overlap must be in [0, tile), got {overlap} for tile {tile}")
-    if length == tile:
-        return [0]
-    n = math.ceil((length - tile) / (tile - overlap)) + 1
-    return [round(i * (length - tile) / (n - 1)) for i in range(n)]
+    if length <= tile:
+        return 1, tile, tile
+    count = math.ceil((length - tile) / (tile - overlap)) + 1
+    stride = math.ceil((length - tile) / (count - 1))
+    return count, stride, (count - 1) * stride + tile
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets of the tiles of :func:`axis_layout` (the last one ends at its extent)."""
+    count, stride, _ = axis_layout(length, tile, overlap)
+    return [i * stride for i in range(count)]
 
 
 @lru_cache(maxsize=16)
-def blend_weights(height: int, width: int, sigma_scale: float = 0.125, floor: float = 1e-4) -> np.ndarray:
+def blend_weights(height: int, width: int, sigma_scale: float = 0.125) -> np.ndarray:
     """A separable Gaussian importance map ``(height, width)`` peaking at 1 in the tile centre.
 
-    ``sigma = sigma_scale * side`` as in nnU-Net; values are floored at ``floor`` so that every
-    pixel keeps a positive weight. The returned array is read-only (it is cached).
+    ``sigma = sigma_scale * side`` as in nnU-Net. Not floored (a floor lets a tile that sees a
+    pixel at its very edge weigh as much as one that sees it with context); every value stays above
+    :data:`WEIGHT_FLOOR`. The returned array is read-only (it is cached).
     """
     def axis(n: int) -> np.ndarray:
         x = np.arange(n, dtype=np.float64) - (n - 1) / 2
         return np.exp(-0.5 * (x / (sigma_scale * n)) ** 2)
 
-    w = np.maximum(np.outer(axis(height), axis(width)), floor).astype(np.float32)
+    w = np.maximum(np.outer(axis(height), axis(width)), WEIGHT_FLOOR).astype(np.float32)
     w.flags.writeable = False
     return w
 
 
+def mirror_index(count: int, before: int, length: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Indices into ``length`` samples that mirror-pad them (numpy's ``reflect``) to ``count`` samples
+    starting ``before`` samples before the first one; any amount of padding (reflected repeatedly).
+    Made on ``device`` (no host-to-device copy, so no synchronisation)."""
+    i = torch.arange(-before, count - before, device=device)
+    if length == 1:
+        return torch.zeros_like(i)
+    period = 2 * (length - 1)
+    i = torch.remainder(i, period)
+    return torch.where(i >= length, period - i, i)
+
+
 @dataclass(frozen=True)
 class TileGrid:
-    """Where the tiles of one page go: padding, tile shape and every tile's top-left corner."""
+    """Where the tiles of one page go: padding, tile shape, stride and every tile's top-left corner.
+
+    Tiles are numbered row by row: tile ``k`` is in row ``k // cols`` and column ``k % cols``.
+    """
 
     height: int
     width: int
@@ -70,63 +134,204 @@ class TileGrid:
     overlap: int
 
     def __post_init__(self):
-        if self.tile % DIVISOR or self.tile <= 0:
-            raise ValueError(f"tile size must be a positive multiple of {DIVISOR}, got {self.tile}")
-        if not 0 <= self.overlap < self.tile:
-            raise ValueError(f"overlap must be in [0, tile), got {self.overlap} for tile {self.tile}")
-        if self.height < 1 or self.width < 1:
-            raise ValueError(f"cannot tile an empty page of shape ({self.height}, {self.width})")
+        check_tiling(self.tile, self.overlap)
+        if not (_is_int(self.height) and _is_int(self.width)) or self.height < 1 or self.width < 1:
+            raise InputError(f"cannot tile an empty page of shape ({self.height}, {self.width})")
 
     @property
     def margin(self) -> int:
-        """Mirror padding on every side, so border pixels get the context interior ones have."""
+        """Least mirror padding on every side, so border pixels get the context interior ones have."""
         return self.overlap // 2
+
+    def _axis(self, length: int) -> tuple[int, int, int, int]:
+        """``(tile side, count, stride, extent)`` along an axis of ``length`` page pixels."""
+        needed = length + 2 * self.margin
+        if needed <= self.tile:  # one tile, no larger than the page needs
+            side = round_up(needed, DIVISOR)
+            return side, 1, side, side
+        count, stride, extent = axis_layout(needed, self.tile, self.overlap)
+        return self.tile, count, stride, extent
 
     @property
     def tile_shape(self) -> tuple[int, int]:
         """Tile (height, width): the tile size, or less for a page smaller than one tile."""
-        m2 = 2 * self.margin
-        return (min(self.tile, round_up(self.height + m2, DIVISOR)),
-                min(self.tile, round_up(self.width + m2, DIVISOR)))
+        return self._axis(self.height)[0], self._axis(self.width)[0]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Tiles per column and per row: ``(rows, cols)``."""
+        return self._axis(self.height)[1], self._axis(self.width)[1]
+
+    @property
+    def strides(self) -> tuple[int, int]:
+        """Pixels from one tile to the next down and across (the tile side where there is one tile)."""
+        return self._axis(self.height)[2], self._axis(self.width)[2]
 
     @property
     def padded_shape(self) -> tuple[int, int]:
-        """Shape after mirror padding: the page plus margins, and at least one tile."""
-        th, tw = self.tile_shape
-        m2 = 2 * self.margin
-        return max(self.height + m2, th), max(self.width + m2, tw)
+        """Shape of the mirror-padded page, which the tiles cover exactly."""
+        return self._axis(self.height)[3], self._axis(self.width)[3]
 
     @property
     def padding(self) -> tuple[tuple[int, int], tuple[int, int]]:
-        """``np.pad`` widths ((top, bottom), (left, right)) turning the page into the padded page."""
-        ph, pw = self.padded_shape
-        m = self.margin
-        return (m, ph - self.height - m), (m, pw - self.width - m)
+        """``np.pad`` widths ((top, bottom), (left, right)): the page centred in the padded page."""
+        (ph, pw), h, w = self.padded_shape, self.height, self.width
+        top, left = (ph - h) // 2, (pw - w) // 2
+        return (top, ph - h - top), (left, pw - w - left)
 
     @property
     def origins(self) -> list[tuple[int, int]]:
         """Top-left corner of every tile in padded-page coordinates, row by row."""
-        (ph, pw), (th, tw) = self.padded_shape, self.tile_shape
-        ov_h, ov_w = min(self.overlap, th - 1), min(self.overlap, tw - 1)
-        return [(y, x) for y in tile_starts(ph, th, ov_h) for x in tile_starts(pw, tw, ov_w)]
+        (rows, cols), (sy, sx) = self.shape, self.strides
+        return [(r * sy, c * sx) for r in range(rows) for c in range(cols)]
 
     def __len__(self) -> int:
-        return len(self.origins)
+        rows, cols = self.shape
+        return rows * cols
 
-    def batches(self, batch_size: int) -> Iterator[list[tuple[int, int]]]:
-        """Tile origins in groups of at most ``batch_size``."""
-        origins = self.origins
-        for i in range(0, len(origins), batch_size):
-            yield origins[i:i + batch_size]
+    def batches(self, batch_size: int) -> Iterator[tuple[int, int]]:
+        """``(first tile, number of tiles)`` of each batch of at most ``batch_size`` tiles."""
+        n = len(self)
+        for first in range(0, n, batch_size):
+            yield first, min(batch_size, n - first)
+
+    def segments(self, first: int, count: int) -> Iterator[tuple[int, int, int, int]]:
+        """Split tiles ``first .. first + count - 1`` into runs within one row of the grid:
+        ``(offset in the batch, row, first column, tiles)`` each."""
+        cols = self.shape[1]
+        done = 0
+        while done < count:
+            row, col = divmod(first + done, cols)
+            run = min(count - done, cols - col)
+            yield done, row, col, run
+            done += run
+
+    def pad(self, page: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The ``(C, H, W)`` page mirror-padded to ``(C, *padded_shape)``, into ``out`` if given."""
+        if out is None:
+            out = page.new_empty((page.shape[0], *self.padded_shape))
+        (top, _), (left, _) = self.padding
+        out[:, top:top + self.height, left:left + self.width] = page
+        mirror_fill_(out, top, left, self.height, self.width)
+        return out
+
+    def gather(self, padded: torch.Tensor, first: int, count: int) -> torch.Tensor:
+        """Tiles ``first .. first + count - 1`` of a padded page ``(C, ph, pw)`` as one contiguous
+        batch ``(count, C, th, tw)`` (one copy per row of the grid the batch touches)."""
+        (th, tw), (sy, sx) = self.tile_shape, self.strides
+        windows = padded.unfold(1, th, sy).unfold(2, tw, sx)  # (C, rows, cols, th, tw), a view
+        parts = [windows[:, row, col:col + run].transpose(0, 1) for _, row, col, run in self.segments(first, count)]
+        return parts[0].contiguous() if len(parts) == 1 else torch.cat(parts)
+
+    def check_size(self) -> None:
+        """Warn when the overlap multiplies the work: more than :data:`OVERLAP_COST` times the tiles
+        that the page would take without overlap (an overlap of tile - 1 takes one tile per pixel)."""
+        plain = len(TileGrid(self.height, self.width, self.tile, 0))
+        if len(self) > OVERLAP_COST * plain:
+            th, tw = self.tile_shape
+            log.warning("a %d x %d page takes %s tiles of %d x %d with an overlap of %d px, %.0fx the %d tiles it "
+                        "needs without overlap; an overlap of a quarter of the tile (%d px) is usually enough",
+                        self.height, self.width, f"{len(self):,}", th, tw, self.overlap, len(self) / plain, plain,
+                        self.tile // 4)
 
 
-def pad_page(page: np.ndarray, grid: TileGrid) -> np.ndarray:
-    """Mirror-pad a ``(C, H, W)`` page to the grid's padded shape."""
-    return np.pad(page, ((0, 0), *grid.padding), mode="reflect")
+def mirror_fill_(padded: torch.Tensor, top: int, left: int, height: int, width: int) -> torch.Tensor:
+    """Fill the border of ``padded (C, ph, pw)`` around the page at ``[top:top+height, left:left+width]``
+    with its mirror image (numpy's ``reflect``), in place; returns ``padded``."""
+    ph, pw = padded.shape[-2:]
+    rows = mirror_index(ph, top, height, padded.device) + top
+    cols = mirror_index(pw, left, width, padded.device) + left
+    band = slice(left, left + width)
+    if top:  # whole rows of the (contiguous) padded page are gathered, then the page's columns kept
+        padded[:, :top, band] = padded.index_select(1, rows[:top])[:, :, band]
+    if ph - top - height:
+        padded[:, top + height:, band] = padded.index_select(1, rows[top + height:])[:, :, band]
+    if left:
+        padded[:, :, :left] = padded.index_select(2, cols[:left])
+    if pw - left - width:
+        padded[:, :, left + width:] = padded.index_select(2, cols[left + width:])
+    return padded
+
+
+def accumulate_(canvas: torch.Tensor, tiles: torch.Tensor, grid: TileGrid, first: int,
+                weight: torch.Tensor | None = None) -> None:
+    """Add tiles ``first ..`` (``(n, K, th, tw)``, times ``weight (th, tw)`` if given) into ``canvas
+    (K, ph, pw)`` at their places, in place. Tiles of a row that do not overlap each other go in one
+    strided operation (``ceil(tw / stride)`` of them per row)."""
+    (th, tw), (sy, sx) = grid.tile_shape, grid.strides
+    cols = grid.shape[1]
+    step = 1 if cols == 1 else math.ceil(tw / sx)  # tiles this far apart in a row do not overlap
+    sk, sh, sw = canvas.stride()
+    for offset, row, col, run in grid.segments(first, len(tiles)):
+        for p in range(min(step, run)):
+            part = tiles[offset + p:offset + run:step]
+            view = canvas.as_strided((len(part), canvas.shape[0], th, tw), (step * sx * sw, sk, sh, sw),
+                                     canvas.storage_offset() + row * sy * sh + (col + p) * sx * sw)
+            if weight is None:
+                view.add_(part)
+            else:
+                view.addcmul_(part, weight)
+
+
+class TileCanvas:
+    """Blends the tile outputs of pages of one :class:`TileGrid` on one device; reuse it across pages.
+
+    Holds the weighted sum ``(K, ph, pw)`` and, computed once, the reciprocal of the summed weights.
+    ``reset()`` before each page, ``add()`` each batch, then ``blended()`` (the page's weighted means,
+    normalised in place) or ``unnormalised()`` (same order of classes per pixel, for an argmax).
+    """
+
+    def __init__(self, grid: TileGrid, channels: int, device: torch.device | str,
+                 weights: np.ndarray | None = None):
+        self.grid, self.channels, self.device = grid, channels, torch.device(device)
+        w = blend_weights(*grid.tile_shape) if weights is None else weights
+        self.weight = torch.from_numpy(np.array(w, np.float32)).to(self.device)
+        self.sum = torch.zeros((channels, *grid.padded_shape), dtype=torch.float32, device=self.device)
+        total = torch.zeros((1, *grid.padded_shape), dtype=torch.float32, device=self.device)
+        accumulate_(total, self.weight.expand(len(grid), 1, *self.weight.shape), grid, 0)
+        self.inverse = self._interior(total).reciprocal()  # contiguous (1, H, W)
+        self._normalised = False
+
+    @staticmethod
+    def nbytes(grid: TileGrid, channels: int) -> int:
+        """Device memory of a canvas (sum and reciprocal weights) for ``grid``."""
+        ph, pw = grid.padded_shape
+        return 4 * (channels * ph * pw + grid.height * grid.width)
+
+    def _interior(self, t: torch.Tensor) -> torch.Tensor:
+        (top, _), (left, _) = self.grid.padding
+        return t[:, top:top + self.grid.height, left:left + self.grid.width]
+
+    def reset(self) -> None:
+        self.sum.zero_()
+        self._normalised = False
+
+    def add(self, first: int, tiles: torch.Tensor) -> None:
+        """Add a batch of tile outputs ``(n, K, th, tw)``, tiles ``first .. first + n - 1`` of the grid."""
+        expected = (self.channels, *self.grid.tile_shape)
+        if tiles.ndim != 4 or tuple(tiles.shape[1:]) != expected:
+            raise RuntimeError(f"the network returned tiles of shape {tuple(tiles.shape)} for a batch of "
+                               f"{tiles.shape[0] if tiles.ndim else 0} tiles; expected (n, {', '.join(map(str, expected))})")
+        if self._normalised:
+            raise RuntimeError("TileCanvas.add() after blended(); call reset() first")
+        accumulate_(self.sum, tiles, self.grid, first, self.weight)
+
+    def unnormalised(self) -> torch.Tensor:
+        """The page's weighted sums ``(K, H, W)`` (a view): the classes in the same order per pixel
+        as :meth:`blended`, since each pixel's weights sum to one positive number."""
+        return self._interior(self.sum)
+
+    def blended(self) -> torch.Tensor:
+        """The page's blended output ``(K, H, W)``: a view, normalised in place, valid until ``reset()``."""
+        out = self._interior(self.sum)
+        if not self._normalised:
+            out.mul_(self.inverse)
+            self._normalised = True
+        return out
 
 
 def sliding_window(
-    page: np.ndarray,
+    page: np.ndarray | torch.Tensor,
     fn: Callable[[torch.Tensor], torch.Tensor],
     *,
     tile: int = 512,
@@ -138,40 +343,34 @@ def sliding_window(
     """Run ``fn`` over overlapping tiles of ``page`` and blend the outputs into one array.
 
     Args:
-        page: ``(C, H, W)`` float32 array (already normalised).
+        page: ``(C, H, W)`` float array (already normalised), numpy or torch.
         fn: maps a ``(N, C, th, tw)`` tensor on ``device`` to ``(N, K, th, tw)``.
         tile: tile side, a multiple of 32.
-        overlap: pixels shared by neighbouring tiles (half of it is also mirrored at the border).
+        overlap: pixels shared by neighbouring tiles (at least half of it is also mirrored at the border).
         batch_size: tiles per call of ``fn``.
-        device: where ``fn`` runs; the blending canvas lives there too.
+        device: where ``fn`` runs; the padded page and the blending canvas live there too.
         progress: called with ``(tiles_done, tiles_total)`` after every batch.
 
     Returns:
         ``(K, H, W)`` float32 array on the CPU.
     """
     if page.ndim != 3:
-        raise ValueError(f"sliding_window expects a (C, H, W) page, got shape {page.shape}")
+        raise InputError(f"sliding_window expects a (C, H, W) page, got shape {tuple(page.shape)}")
+    batch_size = check_batch_size(batch_size)
     device = torch.device(device)
-    grid = TileGrid(page.shape[1], page.shape[2], tile, overlap)
-    padded = torch.from_numpy(np.ascontiguousarray(pad_page(page.astype(np.float32, copy=False), grid)))
-    if device.type == "cuda":
-        padded = padded.pin_memory()
-    th, tw = grid.tile_shape
-    weight = torch.from_numpy(blend_weights(th, tw).copy()).to(device)
-    canvas = weight_sum = None
-    done, total = 0, len(grid)
-    for origins in grid.batches(batch_size):
-        batch = torch.stack([padded[:, y:y + th, x:x + tw] for y, x in origins])
-        out = fn(batch.to(device, non_blocking=True)).float()
+    grid = TileGrid(int(page.shape[1]), int(page.shape[2]), tile, overlap)
+    grid.check_size()
+    padded = grid.pad(torch.as_tensor(page).to(device=device, dtype=torch.float32))
+    canvas = None
+    for first, count in grid.batches(batch_size):
+        out = fn(grid.gather(padded, first, count))
         if canvas is None:
-            canvas = torch.zeros((out.shape[1], *grid.padded_shape), dtype=torch.float32, device=device)
-            weight_sum = torch.zeros(grid.padded_shape, dtype=torch.float32, device=device)
-        for (y, x), tile_out in zip(origins, out):
-            canvas[:, y:y + th, x:x + tw] += tile_out * weight
-            weight_sum[y:y + th, x:x + tw] += weight
-        done += len(origins)
+            if out.ndim != 4:
+                raise RuntimeError(f"the network returned shape {tuple(out.shape)}; expected (n, classes, h, w)")
+            canvas = TileCanvas(grid, out.shape[1], device)
+        if len(out) != count:
+            raise RuntimeError(f"the network returned {len(out)} tiles for a batch of {count}")
+        canvas.add(first, out.float())
         if progress is not None:
-            progress(done, total)
-    (top, _), (left, _) = grid.padding
-    canvas /= weight_sum
-    return canvas[:, top:top + grid.height, left:left + grid.width].cpu().numpy()
+            progress(first + count, len(grid))
+    return canvas.blended().cpu().numpy().copy()

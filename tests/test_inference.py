@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from emseg.card import ModelCard
+from emseg.errors import InputError
 from emseg.inference import resolve_device
 from emseg.modelfile import Model
 from emseg.tiling import TileGrid
@@ -126,12 +127,18 @@ def test_batches_hold_several_tiles(rng):
 
 
 def test_invalid_options_are_explained(tiny_model):
-    with pytest.raises(ValueError, match="multiple of 32"):
+    with pytest.raises(InputError, match="multiple of 32"):
         tiny_model.predictor(tile=100)
-    with pytest.raises(ValueError, match="overlap"):
+    for tile in (0, -512, 64.0):  # 0 is not "the card's tile": that is None
+        with pytest.raises(InputError, match="multiple of 32"):
+            tiny_model.predictor(tile=tile)
+    with pytest.raises(InputError, match="overlap"):
         tiny_model.predictor(tile=64, overlap=64)
-    with pytest.raises(ValueError, match="batch size"):
+    with pytest.raises(InputError, match="batch size"):
         tiny_model.predictor(batch_size=0)
+    for device in ("bogus", "cuda:x", "tpu"):
+        with pytest.raises(InputError, match="device"):
+            tiny_model.predictor(device=device)
 
 
 def test_auto_device_without_gpu_is_the_cpu():
@@ -139,7 +146,7 @@ def test_auto_device_without_gpu_is_the_cpu():
         assert resolve_device("auto").type == "cuda"
     else:
         assert resolve_device("auto").type in ("cpu", "mps")
-        with pytest.raises(ValueError, match="no CUDA"):
+        with pytest.raises(InputError, match="no CUDA"):
             resolve_device("cuda")
 
 
