@@ -1,13 +1,14 @@
-"""How fast the training batches are made with 1, 2, ... loader threads (emseg's defaults).
+"""How fast the training batches are made: albumentations in 1, 2, ... loader threads (the CPU
+path), and the batched torch augmentation of emseg.augment_torch (the GPU path) on a device.
 
-    python benchmarks/bench_loader.py [--threads 1,2,4,8] [--batches 60]
+    python benchmarks/bench_loader.py [--threads 1,2,4,8] [--batches 60] [--device cpu|cuda]
 
 Makes batches of 8 x 256 px crops with the EM augmentation preset and the border weight maps, as
-`emseg train` does on membrane data, and prints batches per second for every thread count (nothing
-else running). A GPU training step of the default model takes far less than one thread needs for a
-batch, so this rate, not the GPU, sets the pace of GPU training; `TrainConfig.loader_workers` (the
-`--loader-workers` flag) picks the thread count. Uses ISBI 2012 slices 0-23 from ../shared/data
-when present, else a synthetic stack of the same size.
+`emseg train` does on membrane data, and prints batches per second for every thread count of the
+CPU path and for the device path (nothing else running). The device path on the CPU runs on one
+torch thread, so its figure is batches per second per core, comparable with one loader thread; on a
+GPU it is the rate at which the GPU makes batches between steps. Uses ISBI 2012 slices 0-23 from
+../shared/data when present, else a synthetic stack of the same size.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", default=None, help="comma-separated thread counts (default 1, 2, 4, ... up to the cores)")
     parser.add_argument("--batches", type=int, default=60, help="batches timed per thread count")
+    parser.add_argument("--device", default="cpu", help="where the device path runs (default cpu)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -72,6 +74,24 @@ def main() -> int:
         results.append({"threads": n, "batches_per_s": rate, "ms_per_batch": 1000 / rate})
         print(f"{n:2d} thread(s): {rate:6.1f} batches/s ({1000 / rate:5.0f} ms per batch, "
               f"{rate / results[0]['batches_per_s']:.2f}x one thread)")
+    from emseg.augment_torch import DeviceCropSampler
+    from emseg.dataset import border_weights
+    device = torch.device(args.device)
+    maps = [border_weights(it.target, 1, config.border_weight, config.border_sigma) for it in items]
+    on_device = DeviceCropSampler(items, config.tile_size, config=AugmentConfig(), device=device, seed=0,
+                                  bias=0.5, border_maps=maps)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(3):
+        on_device.batch(config.batch_size)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(args.batches):
+        on_device.batch(config.batch_size)
+    sync()
+    rate = args.batches / (time.perf_counter() - t0)
+    results.append({"device_path": str(device), "batches_per_s": rate, "ms_per_batch": 1000 / rate})
+    print(f"device path on {device} ({torch.get_num_threads()} torch thread(s)): {rate:6.1f} batches/s "
+          f"({1000 / rate:5.0f} ms per batch, {rate / results[0]['batches_per_s']:.2f}x one albumentations thread)")
     if args.json:
         args.json.write_text(json.dumps({"source": source, "cores": cores, "results": results}, indent=1))
     return 0

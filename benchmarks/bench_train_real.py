@@ -320,7 +320,7 @@ def train_on(name, images, masks, classes, pixel_nm, minutes, *, base=None, spar
     val_items = None if val is None else annotations_from_arrays(*val, sparse=False, pixel_size_nm=pixel_nm,
                                                                  name=f"{name} held out", norm=norm)
     config = TrainConfig(classes=classes, pixel_size_nm=pixel_nm, time_limit_minutes=minutes, sparse=sparse,
-                         steps=steps or TrainConfig.steps, name=f"bench {name}", **settings)
+                         steps=steps, name=f"bench {name}", **settings)
     start = time.perf_counter()
     result = train(items, config, RUNS / name, base=base, val_data=val_items)
     return result, time.perf_counter() - start

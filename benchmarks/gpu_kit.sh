@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
-# Run HERE, before a GPU check: put in .gpu/ (git-ignored through .git/info/exclude) what
-# benchmarks/gpu_check.sh needs on a lent GPU machine, which reaches no package index and no ../shared:
+# Run HERE, before a GPU check: put in .gpu/ (git-ignored) what benchmarks/gpu_check.sh needs on a lent GPU
+# machine, which reaches no package index and no ../shared:
 #   .gpu/whl/   wheels for Python 3.12 of emseg's dependencies that the machine's image lacks (it has
 #               torch, torchvision, timm, numpy, scipy, scikit-image, tifffile, OpenCV, matplotlib, ...),
 #               and MONAI for the inference benchmark
-#   .gpu/data/  ISBI 2012's training volume and membranes, from ../shared/data (15 MB; never committed)
+#   .gpu/data/  ISBI 2012's training volume and membranes (15 MB; never committed)
+#
+#   bash benchmarks/gpu_kit.sh [ISBI_DIR]     # ISBI_DIR: a folder holding train-volume.tif and
+#                                             # train-membranes.tif (default ../shared/data/isbi2012)
 # The versions are this checkout's .venv's, so the check runs the code the CPU runs were measured with.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exclude="$(git rev-parse --git-path info/exclude)"
-grep -qx '/.gpu/' "$exclude" 2>/dev/null || echo '/.gpu/' >> "$exclude"
-src=../shared/data/isbi2012
-[ -f "$src/train-volume.tif" ] || { echo "gpu_kit: $src/train-volume.tif is missing; the check needs ISBI 2012" >&2; exit 1; }
+src=${1:-../shared/data/isbi2012}
+[ -f "$src/train-volume.tif" ] && [ -f "$src/train-membranes.tif" ] \
+    || { echo "gpu_kit: $src has no train-volume.tif and train-membranes.tif (ISBI 2012); give its folder" >&2; exit 1; }
+if exclude="$(git rev-parse --git-path info/exclude 2>/dev/null)"; then  # a plain copy has no .git: nothing to ignore
+    grep -qx '/.gpu/' "$exclude" 2>/dev/null || echo '/.gpu/' >> "$exclude"
+fi
 rm -rf .gpu && mkdir -p .gpu/whl .gpu/data/isbi2012
 cp "$src/train-volume.tif" "$src/train-membranes.tif" .gpu/data/isbi2012/
 PY=${PYTHON:-.venv/bin/python}

@@ -79,7 +79,7 @@ def main() -> int:
             t = [time.perf_counter()]
             out = net(x)
             t.append(time.perf_counter())
-            loss = loss_fn(out, y, w)
+            loss = loss_fn(out, y.long(), w)
             t.append(time.perf_counter())
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -102,7 +102,7 @@ def main() -> int:
     opt = torch.optim.AdamW(net.parameters(), lr=config.lr)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for x, y, w in batches[:3]:
-            loss = loss_fn(net(x.contiguous(memory_format=torch.channels_last)), y, w)
+            loss = loss_fn(net(x.contiguous(memory_format=torch.channels_last)), y.long(), w)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -52,11 +52,10 @@ def checkpoint_classes(folder: Path) -> tuple[str, ...] | None:
         return None
 
 
-def save_checkpoint(folder: Path, net, optimizer, scheduler, config, state: dict, best_weights: dict,
-                    classes: tuple[str, ...], averaged=None) -> None:
-    """Write the checkpoint atomically (see the module docstring); ``averaged``: the moving average
-    of the weights (a ``torch.optim.swa_utils.AveragedModel``), if the run keeps one."""
-    folder.mkdir(parents=True, exist_ok=True)
+def checkpoint_payload(net, optimizer, scheduler, config, state: dict, best_weights: dict,
+                       classes: tuple[str, ...], averaged=None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Host copies of everything a checkpoint holds: ``(tensors, meta)`` for :func:`write_checkpoint`;
+    ``averaged``: the moving average of the weights (``emseg.training.WeightAverage``), if kept."""
     tensors = {f"net.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     if averaged is not None:
         tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in averaged.state_dict().items()})
@@ -64,14 +63,28 @@ def save_checkpoint(folder: Path, net, optimizer, scheduler, config, state: dict
     opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
     tensors.update(opt_tensors)
     tensors["rng.torch"] = torch.get_rng_state()
-    meta = {"state": state, "optimizer": opt_meta, "scheduler": scheduler.state_dict(),
+    meta = {"state": json.loads(json.dumps(state, default=str)), "optimizer": opt_meta,
+            "scheduler": scheduler.state_dict(),
             "config": {"encoder": config.encoder, "steps": config.steps, "seed": config.seed,
                        "classes": list(classes)}}
+    return tensors, meta
+
+
+def write_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Write a checkpoint atomically (see the module docstring)."""
+    folder.mkdir(parents=True, exist_ok=True)
     tmp_t, tmp_j = folder / ".tensors.partial", folder / ".state.partial"
     save_file(tensors, str(tmp_t))
     tmp_j.write_text(json.dumps(meta, default=str))
     os.replace(tmp_t, folder / "tensors.safetensors")
     os.replace(tmp_j, folder / "state.json")
+
+
+def save_checkpoint(folder: Path, net, optimizer, scheduler, config, state: dict, best_weights: dict,
+                    classes: tuple[str, ...], averaged=None) -> None:
+    """Write the checkpoint atomically, on this thread (:func:`checkpoint_payload`, :func:`write_checkpoint`)."""
+    write_checkpoint(folder, *checkpoint_payload(net, optimizer, scheduler, config, state, best_weights, classes,
+                                                 averaged))
 
 
 def load_checkpoint(folder: Path, net, optimizer, scheduler, config, averaged=None) -> dict:

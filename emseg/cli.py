@@ -39,6 +39,9 @@ def _add_tiling(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--device", default="auto",
                        help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps (default auto)")
     group.add_argument("--tta", action="store_true", help="test-time augmentation over 8 flips/rotations (8x slower)")
+    group.add_argument("--compile", action="store_true",
+                       help="run the network through torch.compile (worth it on a GPU for long runs; the first "
+                            "tiles wait for the compiler; falls back to plain PyTorch if compiling fails)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,7 +151,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         from .distributed import cmd_predict_distributed
         return cmd_predict_distributed(args, paths, model, failed=len(errors))
     predictor = model.predictor(tile=args.tile, overlap=args.overlap, batch_size=args.batch_size,
-                                tta=args.tta, device=args.device)
+                                tta=args.tta, device=args.device, compile=args.compile)
     log.info("model %s (%s, classes %s) on %s, tile %d, overlap %d%s", model.path, model.card.encoder,
              ", ".join(model.classes), predictor.device, predictor.tile, predictor.overlap,
              ", TTA" if args.tta else "")

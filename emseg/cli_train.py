@@ -40,9 +40,10 @@ def _add_training(p: argparse.ArgumentParser, *, steps: int, lr: float) -> None:
     g.add_argument("--classes", help="comma-separated class names, background first (default: from the masks)")
     g.add_argument("--tile-size", type=int, help="training crop side in pixels, multiple of 32 (default 256)")
     g.add_argument("--batch-size", type=int, help="crops per step (default 8)")
-    g.add_argument("--steps", type=int, help=f"optimiser steps (default {steps})")
+    g.add_argument("--steps", type=int, help=f"optimiser steps (default {steps}; with --time-limit: as many as fit)")
     g.add_argument("--time-limit", type=float, dest="time_limit_minutes", metavar="MIN",
-                   help="fit the run (and its learning-rate schedule) into this many minutes; it never runs more than --steps")
+                   help="fit the run (and its learning-rate schedule) into this many minutes: without --steps "
+                        "it makes as many steps as fit (thousands on a GPU), with --steps at most that many")
     g.add_argument("--val-every", type=int, help="validate and checkpoint every N steps (default 100)")
     g.add_argument("--lr", type=float, help=f"peak learning rate of AdamW (default {lr:g})")
     g.add_argument("--patience", type=int, help="stop after N validations without improvement (default 10)")
@@ -62,8 +63,11 @@ def _add_training(p: argparse.ArgumentParser, *, steps: int, lr: float) -> None:
     g.add_argument("--val-masks", nargs="+", metavar="PATH", help="their masks")
     g.add_argument("--seed", type=int, help="random seed (default 0)")
     g.add_argument("--device", help="auto, cpu, cuda, mps (default auto)")
+    g.add_argument("--augment-on", choices=["auto", "cpu", "device"],
+                   help="where training batches are cut and augmented: cpu (albumentations, in threads) or the "
+                        "training device (batched torch operations); auto: the device on a GPU, else the CPU")
     g.add_argument("--loader-workers", type=int, metavar="N",
-                   help="threads making augmented batches (default 0: 1 on the CPU, up to 8 on a GPU)")
+                   help="threads making augmented batches on the CPU (default 0: 1 on the CPU, up to 8 on a GPU)")
     g.add_argument("--name", help="model name written into the model card")
     g.add_argument("--resume", action="store_true", help="continue an interrupted run from OUTDIR/checkpoint")
     a = p.add_argument_group("augmentation")
@@ -172,14 +176,15 @@ def train_config(args) -> "TrainConfig":
     if unknown:
         raise InputError(f"{args.config}: unknown option(s) {unknown}; valid: {sorted(known)}")
     values = {k: v for k, v in yaml_data.items() if k in known and k != "augment"}
-    if args.finetune:
+    time_limited = args.time_limit_minutes is not None or yaml_data.get("time_limit_minutes") is not None
+    if args.finetune and not time_limited:
         values.setdefault("steps", 500)
         values.setdefault("lr", 3e-4)
         if args.freeze_bn != "auto":
             values["freeze_bn"] = args.freeze_bn == "yes"
         values["freeze_encoder"] = args.freeze_encoder or values.get("freeze_encoder", False)
     for name in ("encoder", "tile_size", "batch_size", "steps", "val_every", "lr", "patience", "val_fraction",
-                 "seed", "device", "loader_workers", "name", "time_limit_minutes", "border_weight",
+                 "seed", "device", "loader_workers", "augment_on", "name", "time_limit_minutes", "border_weight",
                  "label_offset", "ema_decay", "full_resolution_skip", "decoder_upsampling"):
         value = getattr(args, name, None)
         if value is not None:
@@ -202,7 +207,7 @@ def _progress_bar(total: int, quiet: bool):
     state = {"metric": None}
 
     def update(event) -> None:
-        if bar.total != event.total_steps:  # a time limit shortened the run
+        if bar.total != event.total_steps:  # a time limit changed the run's length
             bar.total = event.total_steps
         bar.update(event.step - bar.n)
         if event.metrics is not None and event.metrics.get("mean_iou") is not None:
@@ -218,7 +223,7 @@ def cmd_train(args) -> int:
     from .card import Normalization
     from .dataset import load_pairs, pair_inputs
     from .modelfile import load_model
-    from .training import train
+    from .training import DEFAULT_STEPS, train
 
     config = train_config(args)
     base = None
@@ -243,10 +248,12 @@ def cmd_train(args) -> int:
         val_items = load_pairs(pair_inputs(args.val_images, args.val_masks), sparse=config.sparse, norm=norm,
                                pixel_size_nm=args.pixel_size, target_pixel_size_nm=target_nm or config.pixel_size_nm,
                                num_classes=num_classes)
-    log.info("%s %s on %d page(s), %d annotated pixels; %d steps of %d crops of %d px",
+    planned = (f"as many steps as fit in {config.time_limit_minutes:g} min" if config.fills_time
+               else f"{config.steps} steps")
+    log.info("%s %s on %d page(s), %d annotated pixels; %s of %d crops of %d px",
              "fine-tuning" if base else "training", base.card.encoder if base else config.encoder, len(items),
-             sum(it.annotated for it in items), config.steps, config.batch_size, config.tile_size)
-    bar, update = _progress_bar(config.steps, args.quiet)
+             sum(it.annotated for it in items), planned, config.batch_size, config.tile_size)
+    bar, update = _progress_bar(DEFAULT_STEPS if config.fills_time else config.steps, args.quiet)
     try:
         result = train(items, config, args.output, base=base, val_data=val_items, progress=update,
                        stop=threading.Event(), resume=args.resume)
@@ -263,7 +270,8 @@ def cmd_evaluate(args) -> int:
     from .evaluate import evaluate, format_summary, write_results
     from .modelfile import load_model
     model = load_model(_model_path(args.model))
-    predictor = model.predictor(tile=args.tile, overlap=args.overlap, tta=args.tta, device=args.device)
+    predictor = model.predictor(tile=args.tile, overlap=args.overlap, tta=args.tta, device=args.device,
+                                compile=getattr(args, "compile", False))
     pairs = pair_inputs(args.images, args.masks)
     from tqdm.auto import tqdm
     with tqdm(total=None, unit="page", desc="evaluating", disable=args.quiet) as bar:

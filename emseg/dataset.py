@@ -311,11 +311,11 @@ class CropSampler:
         return np.asarray(image, np.float32).reshape(t, t), np.asarray(target, np.uint8).reshape(t, t), weight
 
     def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """``(size, 1, t, t)`` float32 images in [0, 1], ``(size, t, t)`` int64 targets and
+        """``(size, 1, t, t)`` float32 images in [0, 1], ``(size, t, t)`` uint8 targets and
         ``(size, t, t)`` float32 loss weights (None without ``border``)."""
         crops = [self.crop() for _ in range(size)]
         images = torch.from_numpy(np.stack([c[0] for c in crops]))[:, None]
-        targets = torch.from_numpy(np.stack([c[1] for c in crops]).astype(np.int64))
+        targets = torch.from_numpy(np.stack([c[1] for c in crops]))
         weights = torch.from_numpy(np.stack([c[2] for c in crops])) if self._border else None
         return images, targets, weights
 
@@ -331,8 +331,10 @@ class Prefetcher:
     (docs/training.md), so training on CUDA uses several (see ``TrainConfig.loader_workers``).
     """
 
-    def __init__(self, samplers: CropSampler | Sequence[CropSampler], batch_size: int, depth: int = 2):
+    def __init__(self, samplers: CropSampler | Sequence[CropSampler], batch_size: int, depth: int = 2,
+                 pin: bool = False):
         samplers = [samplers] if isinstance(samplers, CropSampler) else list(samplers)
+        self._pin = pin  # page-locked batches: their upload to a GPU runs asynchronously
         self._queues: list[queue.Queue] = [queue.Queue(maxsize=depth) for _ in samplers]
         self._turn = 0
         self._stop = threading.Event()
@@ -346,6 +348,8 @@ class Prefetcher:
         while not self._stop.is_set():
             try:
                 item = sampler.batch(batch_size)
+                if self._pin:
+                    item = tuple(None if t is None else t.pin_memory() for t in item)
             except BaseException as exc:  # hand the error to the consumer, in this thread's turn
                 item = exc
             while not self._stop.is_set():

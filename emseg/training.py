@@ -27,19 +27,19 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel
 
 from .alignment import estimate_offset, is_offset, shift_image, shift_probabilities
 from .augment import AugmentConfig, build_transform
 from .card import ModelCard, Normalization
-from .checkpoint import checkpoint_classes, load_checkpoint, save_checkpoint
-from .dataset import Annotated, CropSampler, Prefetcher, arrays_to_items, check_classes, split_regions
+from .checkpoint import checkpoint_classes, checkpoint_payload, load_checkpoint, write_checkpoint
+from .dataset import (Annotated, CropSampler, Prefetcher, arrays_to_items, border_weights, check_classes,
+                      split_regions)
 from .errors import InputError
-from .inference import resolve_device
+from .inference import argmax_classes, resolve_device
 from .metrics import IGNORE, boundary_class_of, confusion, scores
 from .modelfile import Model
 from .models import DEFAULT_ENCODER, build_unet
-from .tiling import sliding_window
+from .tiling import TileCanvas, TileGrid
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,16 @@ ALIGN_AT = 0.25
 REALIGN_BY = 0.1
 #: fraction of a run after which the images are not moved again (too few steps left to learn from them)
 REALIGN_UNTIL = 0.9
+#: optimiser steps of a run without --steps and without a time limit
+DEFAULT_STEPS = 2000
+#: the step cap of a run with a time limit and no --steps: the time limit decides (with the schedule
+#: planned for DEFAULT_STEPS until the pace is known)
+FILL_STEPS = 10_000_000
+#: on an accelerator the loss is read back (a host synchronisation) once every this many steps
+LOSS_READ_EVERY = 25
+#: checkpoints of models larger than this (bytes of weights) are written at most every CHECKPOINT_SECONDS
+LARGE_MODEL_BYTES = 50 * 2**20
+CHECKPOINT_SECONDS = 300.0
 
 
 @dataclass(frozen=True)
@@ -62,7 +72,7 @@ class TrainConfig:
     sparse: bool = False
     tile_size: int = 256
     batch_size: int = 8
-    steps: int = 2000
+    steps: int | None = None
     val_every: int = 100
     lr: float = 1e-3
     weight_decay: float = 1e-4
@@ -82,7 +92,19 @@ class TrainConfig:
     pixel_size_nm: float | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     time_limit_minutes: float | None = None
+    augment_on: str = "auto"
     name: str = "emseg model"
+
+    def __post_init__(self):
+        if self.steps is None:  # a time limit alone decides how many steps fit (on a GPU, many)
+            object.__setattr__(self, "steps", FILL_STEPS if self.time_limit_minutes else DEFAULT_STEPS)
+        if self.augment_on not in ("auto", "cpu", "device"):
+            raise ValueError(f"augment_on must be auto, cpu or device, got {self.augment_on!r}")
+
+    @property
+    def fills_time(self) -> bool:
+        """Whether the run has no step count of its own: the time limit decides."""
+        return self.steps == FILL_STEPS and bool(self.time_limit_minutes)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -191,35 +213,91 @@ def _prepare_network(config: TrainConfig, classes: tuple[str, ...], base: Model 
     return net, card
 
 
-def _val_probabilities(net: nn.Module, items: Sequence[Annotated], card: ModelCard, device: torch.device,
-                       tile: int, amp) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(probabilities, target) of every validation page, one page at a time."""
-    norm = card.normalization
-    net.eval()
-    for item in items:
-        x = ((item.image - norm.mean) / norm.std)[None].astype(np.float32)
-        with torch.inference_mode(), amp():
-            probs = sliding_window(x, lambda b: net(b).float(), tile=tile, overlap=tile // 4,
-                                   batch_size=4, device=device)
-        yield probs, item.target
+class _ValSet:
+    """The validation pages held on the training device (normalised images, targets and tile grids),
+    predicted with tiles of several pages sharing batches, blended on the device, and scored with the
+    confusion counted there: one host transfer per validation."""
+
+    #: validation pixels blended at once (their canvases share the device)
+    GROUP_PIXELS = 2**26
+
+    def __init__(self, items: Sequence[Annotated], norm: Normalization, device: torch.device, tile: int):
+        self.items, self.device = list(items), device
+        self.batch = 32 if device.type == "cuda" else 4
+        self.grids = [TileGrid(*it.image.shape, tile, tile // 4) for it in self.items]
+        self.padded = [grid.pad(torch.from_numpy(((it.image - norm.mean) / norm.std).astype(np.float32))[None]
+                                .to(device)) for grid, it in zip(self.grids, self.items)]
+        self.targets = [torch.from_numpy(it.target).to(device) for it in self.items]
+
+    def _groups(self) -> Iterator[list[int]]:
+        group, pixels = [], 0
+        for k, grid in enumerate(self.grids):
+            if group and pixels + grid.height * grid.width > self.GROUP_PIXELS:
+                yield group
+                group, pixels = [], 0
+            group.append(k)
+            pixels += grid.height * grid.width
+        if group:
+            yield group
+
+    def probabilities(self, net: nn.Module, classes: int, amp) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(page index, probabilities (K, H, W) on the device)`` of every validation page."""
+        net.eval()
+        for group in self._groups():
+            canvases = {k: TileCanvas(self.grids[k], classes, self.device) for k in group}
+            runs = [(k, first, 1) for k in group for first in range(len(self.grids[k]))]
+            for j in range(0, len(runs), self.batch):
+                chunk = _merge_runs(runs[j:j + self.batch])
+                x = torch.cat([self.grids[k].gather(self.padded[k], first, count) for k, first, count in chunk])
+                with torch.inference_mode(), amp():
+                    out = torch.softmax(net(x.contiguous(memory_format=torch.channels_last)).float(), dim=1)
+                done = 0
+                for k, first, count in chunk:
+                    canvases[k].add(first, out[done:done + count])
+                    done += count
+            for k in group:
+                yield k, canvases[k].blended()
+
+    def confusion(self, net: nn.Module, classes: int, amp, offset=(0.0, 0.0)) -> np.ndarray:
+        """The confusion matrix (target x prediction) over the annotated validation pixels, the
+        predictions moved by ``offset``."""
+        counts = torch.zeros(classes * classes + 1, dtype=torch.int64, device=self.device)
+        for k, probs in self.probabilities(net, classes, amp):
+            predicted = argmax_classes(shift_probabilities(probs, offset)).long()
+            target = self.targets[k].long()
+            index = torch.where(target != IGNORE, target * classes + predicted, classes * classes)
+            counts.index_add_(0, index.reshape(-1), torch.ones(index.numel(), dtype=torch.int64, device=self.device))
+        return counts[:-1].view(classes, classes).cpu().numpy()
+
+    def numpy_pairs(self, net: nn.Module, classes: int, amp) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``(probabilities, target)`` of every page as numpy arrays (for emseg.alignment)."""
+        for k, probs in self.probabilities(net, classes, amp):
+            yield probs.cpu().numpy(), self.items[k].target
 
 
-def _validate(net: nn.Module, items: Sequence[Annotated], card: ModelCard, device: torch.device,
-              tile: int, amp, offset=None) -> dict:
+def _merge_runs(runs: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """Consecutive tiles of one page joined: ``(page, first tile, count)``."""
+    merged: list[list[int]] = []
+    for k, first, count in runs:
+        if merged and merged[-1][0] == k and merged[-1][1] + merged[-1][2] == first:
+            merged[-1][2] += count
+        else:
+            merged.append([k, first, count])
+    return [tuple(m) for m in merged]
+
+
+def _validate(net: nn.Module, val: _ValSet, card: ModelCard, amp, offset=None) -> dict:
     """Per-class scores on the validation pages, the predictions moved by ``offset`` (default: the card's)."""
     offset = card.label_offset if offset is None else offset
-    matrix = np.zeros((card.num_classes, card.num_classes), np.int64)
-    for probs, target in _val_probabilities(net, items, card, device, tile, amp):
-        matrix += confusion(target, shift_probabilities(probs, offset).argmax(0), card.num_classes)
-    return scores(matrix, card.classes)
+    return scores(val.confusion(net, card.num_classes, amp, offset), card.classes)
 
 
-def _measured_offset(net, card: ModelCard, items: Sequence[Annotated], device, tile: int, amp) -> tuple[float, float]:
+def _measured_offset(net, card: ModelCard, val: _ValSet, amp) -> tuple[float, float]:
     """The annotation's sub-pixel offset measured on the validation pages (emseg.alignment)."""
-    return tuple(round(o, 3) for o in estimate_offset(_val_probabilities(net, items, card, device, tile, amp)))
+    return tuple(round(o, 3) for o in estimate_offset(val.numpy_pairs(net, card.num_classes, amp)))
 
 
-def _better_offset(net, card: ModelCard, items: Sequence[Annotated], device, tile: int, amp, offset,
+def _better_offset(net, card: ModelCard, val: _ValSet, amp, offset,
                    before: dict | None = None) -> tuple[tuple[float, float], dict]:
     """``offset`` if moving the predictions by it scores a higher validation mean IoU than the card's
     offset so far (``before``: those scores, if known), else the card's offset; with a summary holding
@@ -228,8 +306,8 @@ def _better_offset(net, card: ModelCard, items: Sequence[Annotated], device, til
     summary = {"before": list(current)}
     if not is_offset(offset) and not is_offset(current):
         return (0.0, 0.0), summary
-    before = before or _validate(net, items, card, device, tile, amp)
-    after = _validate(net, items, card, device, tile, amp, offset)
+    before = before or _validate(net, val, card, amp)
+    after = _validate(net, val, card, amp, offset)
     summary.update(mean_iou_before=before["mean_iou"], mean_iou_measured=after["mean_iou"], validation=before)
     if (after["mean_iou"] or 0) > (before["mean_iou"] or 0):
         summary["validation"] = after
@@ -237,23 +315,61 @@ def _better_offset(net, card: ModelCard, items: Sequence[Annotated], device, til
     return current, summary
 
 
-def _averaged(net: nn.Module, decay: float) -> AveragedModel | None:
-    """An exponential moving average of ``net``'s weights and batch-norm statistics (``decay`` 0: none).
+class WeightAverage(nn.Module):
+    """An exponential moving average of a network's weights and float buffers (batch-norm
+    statistics), updated in one fused operation per step (``torch._foreach_lerp_``) with no host
+    synchronisation; integer buffers (batch-norm's batch count) are copied.
 
-    Its decay grows with the updates, ``min(decay, (1 + n) / (10 + n))``, so it spans about the last
-    tenth of the steps so far: short runs (fine-tuning, tests) are not held back by their first
-    weights. One validation to the next, the weights of a CPU-length run move the validation IoU by
-    0.01-0.03; their average does not follow that noise (docs/training.md)."""
-    if not decay:
-        return None
-    cap = float(decay)
+    Its decay grows with the updates, ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates, so it
+    spans about the last tenth of the steps so far: short runs (fine-tuning, tests) are not held back
+    by their first weights. Same averages, and the same ``state_dict`` layout (``n_averaged``,
+    ``module.*``), as ``torch.optim.swa_utils.AveragedModel`` with that decay and ``use_buffers``.
+    """
 
-    def ema(averaged: torch.Tensor, current: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-        if not averaged.is_floating_point():  # batch-norm's batch count
-            return current
-        return torch.lerp(current, averaged, torch.clamp((1 + n) / (10 + n), max=cap).to(averaged.dtype))
+    def __init__(self, net: nn.Module, decay: float):
+        super().__init__()
+        self.module = copy.deepcopy(net)
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        self.decay = float(decay)
+        self.register_buffer("n_averaged", torch.tensor(0, dtype=torch.long, device=next(net.parameters()).device))
+        self._count = 0  # on the host: reading n_averaged would synchronise
+        self._pairs: tuple[int, list, list, list, list] | None = None
 
-    return AveragedModel(net, avg_fn=ema, use_buffers=True)
+    def _tensors(self, net: nn.Module):
+        if self._pairs is None or self._pairs[0] != id(net):
+            mine = list(self.module.parameters()) + list(self.module.buffers())
+            theirs = list(net.parameters()) + list(net.buffers())
+            floats = [(a, b) for a, b in zip(mine, theirs) if a.is_floating_point()]
+            others = [(a, b) for a, b in zip(mine, theirs) if not a.is_floating_point()]
+            self._pairs = (id(net), [a for a, _ in floats], [b.detach() for _, b in floats],
+                           [a for a, _ in others], [b.detach() for _, b in others])
+        return self._pairs[1:]
+
+    @torch.no_grad()
+    def update_parameters(self, net: nn.Module) -> None:
+        averaged, current, counts, current_counts = self._tensors(net)
+        if self._count == 0:
+            torch._foreach_copy_(averaged, current)
+        else:
+            keep = min(self.decay, (1 + self._count) / (10 + self._count))
+            torch._foreach_lerp_(averaged, current, 1.0 - keep)
+        if counts:
+            torch._foreach_copy_(counts, current_counts)
+        self._count += 1
+        self.n_averaged.fill_(self._count)
+
+    def load_state_dict(self, state_dict, strict: bool = True):
+        result = super().load_state_dict(state_dict, strict)
+        self._count = int(self.n_averaged)
+        return result
+
+
+def _averaged(net: nn.Module, decay: float) -> WeightAverage | None:
+    """The run's :class:`WeightAverage` of ``net`` (``decay`` 0: none). One validation to the next,
+    the weights of a CPU-length run move the validation IoU by 0.01-0.03; their average does not
+    follow that noise (docs/training.md)."""
+    return WeightAverage(net, decay) if decay else None
 
 
 def _mean_offset(measurements) -> tuple[float, float]:
@@ -330,7 +446,8 @@ def train(data: Sequence[Annotated], config: TrainConfig, out_dir: str | Path | 
     freeze_bn = config.freeze_bn if config.freeze_bn is not None else config.batch_size <= 2
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    schedule = _Schedule(config.steps, config.warmup)
+    planned = DEFAULT_STEPS if config.fills_time else config.steps  # until the pace is known
+    schedule = _Schedule(planned, config.warmup)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     loss_fn = _Loss(config.dice_weight).to(device)
     use_amp = device.type == "cuda"
@@ -348,7 +465,7 @@ def train(data: Sequence[Annotated], config: TrainConfig, out_dir: str | Path | 
     if resuming:
         state = load_checkpoint(out / "checkpoint", net, optimizer, scheduler, config, averaged)
         best_state = state.pop("best_weights")
-        schedule.total = config.steps  # LambdaLR restores the callable's attributes; the new run decides
+        schedule.total = planned  # LambdaLR restores the callable's attributes; the new run decides
         rng = np.random.default_rng([config.seed, state["step"]])
         log.info("resumed from %s at step %d", out / "checkpoint", state["step"])
 
@@ -363,16 +480,36 @@ def train(data: Sequence[Annotated], config: TrainConfig, out_dir: str | Path | 
     if is_offset(state.get("label_offset")):  # resumed after the training images were moved
         card = card.updated(label_offset=tuple(state["label_offset"]))
         sampled = _moved(train_items, card.label_offset)
-    sampler = CropSampler(sampled, config.tile_size, rng=rng,
-                          transform=build_transform(config.augment, seed=int(rng.integers(2**31))),
-                          bias=0.9 if config.sparse else 0.5, border=border)
-    workers = loader_workers(config.loader_workers, device)
-    samplers = [sampler] + [sampler.spawn([config.seed, state["step"], i]) for i in range(1, workers)]
-    if workers > 1:
-        log.info("%d threads make the training batches", workers)
-    batches = Prefetcher(samplers, config.batch_size)
+    bias = 0.9 if config.sparse else 0.5
+    on_device = _augment_on_device(config, device, sampled)
+    if on_device:
+        from .augment_torch import DeviceBatches, DeviceCropSampler
+        maps = [border_weights(it.target, *border) for it in sampled if it.annotated] if border else None
+        sampler = DeviceCropSampler(sampled, config.tile_size, config=config.augment, device=device,
+                                    seed=int(rng.integers(2**31)), bias=bias, border_maps=maps)
+        log.info("training batches are cut and augmented on %s", device)
+
+        def batch_source(sampler):
+            return DeviceBatches(sampler, config.batch_size)
+    else:
+        sampler = CropSampler(sampled, config.tile_size, rng=rng,
+                              transform=build_transform(config.augment, seed=int(rng.integers(2**31))),
+                              bias=bias, border=border)
+        workers = loader_workers(config.loader_workers, device)
+        if workers > 1:
+            log.info("%d threads make the training batches", workers)
+
+        def batch_source(sampler):
+            return Prefetcher([sampler] + [sampler.spawn([config.seed, state["step"], i]) for i in range(1, workers)],
+                              config.batch_size, pin=device.type == "cuda")
+    batches = batch_source(sampler)
+    val_set = _ValSet(val_items, card.normalization, device, config.tile_size) if val_items else None
+    writer = _CheckpointWriter(out / "checkpoint", _weights_bytes(net)) if out is not None else None
     norm = card.normalization
     stopped = False
+    read_loss_every = 1 if device.type == "cpu" else LOSS_READ_EVERY
+    loss_sum = torch.zeros((), device=device)
+    loss_count, loss_value = 0, float("nan")
     running = []
     start = time.perf_counter()
     timed_from = None
@@ -383,9 +520,9 @@ def train(data: Sequence[Annotated], config: TrainConfig, out_dir: str | Path | 
                 break
             _set_train_mode(net, freeze_bn)
             images, targets, weights = batches.next()
-            images = ((images - norm.mean) / norm.std).to(device, non_blocking=True,
-                                                            memory_format=torch.channels_last)
-            targets = targets.to(device, non_blocking=True)
+            images = ((images.to(device, non_blocking=True) - norm.mean) / norm.std).contiguous(
+                memory_format=torch.channels_last)
+            targets = targets.to(device, non_blocking=True).long()  # uploaded as uint8
             weights = weights.to(device, non_blocking=True) if weights is not None else None
             with amp():
                 loss = loss_fn(net(images).float(), targets, weights)
@@ -397,8 +534,14 @@ def train(data: Sequence[Annotated], config: TrainConfig, out_dir: str | Path | 
             if averaged is not None:
                 averaged.update_parameters(net)
             state["step"] += 1
-            loss_value = loss.item()
-            running.append(loss_value)
+            loss_sum += loss.detach()
+            loss_count += 1
+            validating = state["step"] % config.val_every == 0 or state["step"] == schedule.total
+            if loss_count >= read_loss_every or validating:  # the one host synchronisation of a step
+                loss_value = float(loss_sum) / loss_count
+                running.extend([loss_value] * loss_count)
+                loss_sum.zero_()
+                loss_count = 0
             if config.time_limit_minutes and timed_from is None and state["step"] >= 5:
                 timed_from = (time.perf_counter(), state["step"])
             elif timed_from is not None and (state["step"] == timed_from[1] + 20 or (
@@ -406,8 +549,8 @@ def train(data: Sequence[Annotated], config: TrainConfig, out_dir: str | Path | 
                 # first estimate after 20 timed steps, then again after every validation
                 _fit_schedule_to_time(schedule, config, state["step"], timed_from, start)
             event = TrainEvent(state["step"], schedule.total, loss_value, scheduler.get_last_lr()[0])
-            if state["step"] % config.val_every == 0 or state["step"] == schedule.total:
-                event = _end_of_epoch(state, event, running, evaluated, card, val_items, device, config, amp,
+            if validating:
+                event = _end_of_epoch(state, event, running, evaluated, card, val_set, device, config, amp,
                                       best_state, preview_image, start)
                 running = []
                 first = state.get("label_offset") is None
@@ -417,13 +560,13 @@ def train(data: Sequence[Annotated], config: TrainConfig, out_dir: str | Path | 
                     # measured a quarter into the run, then at every validation until REALIGN_UNTIL; the
                     # images follow the mean of the measurements when it has moved by REALIGN_BY
                     moved_by = (0.0, 0.0) if first else tuple(state["label_offset"])
-                    measurement = _measured_offset(evaluated, card, val_items, device, config.tile_size, amp)
+                    measurement = _measured_offset(evaluated, card, val_set, amp)
                     state["history"][-1]["offset_measured"] = list(measurement)
                     state.setdefault("offset_measurements", []).append([state["step"], *measurement])
                     target = _mean_offset(state["offset_measurements"])
                     offset = moved_by
                     if first or not _within(target, moved_by, REALIGN_BY):
-                        offset, _ = _better_offset(evaluated, card, val_items, device, config.tile_size, amp, target,
+                        offset, _ = _better_offset(evaluated, card, val_set, amp, target,
                                                    event.metrics)
                         offset = offset if is_offset(offset) else (0.0, 0.0)
                     if first and not is_offset(offset):
@@ -443,10 +586,12 @@ def train(data: Sequence[Annotated], config: TrainConfig, out_dir: str | Path | 
                         state["history"][-1]["images_moved_by"] = list(offset)
                         batches.close()
                         sampler = sampler.with_items(_moved(train_items, offset))
-                        batches = Prefetcher([sampler.spawn([config.seed, state["step"], i]) for i in range(workers)],
-                                             config.batch_size)
-                if out is not None:  # after the offset's measurement and any move, which belong in it too
-                    _save_progress(out, net, averaged, optimizer, scheduler, config, state, best_state, card)
+                        if not on_device:
+                            sampler = sampler.spawn([config.seed, state["step"], 0])
+                        batches = batch_source(sampler)
+                if writer is not None:  # after the offset's measurement and any move, which belong in it too
+                    writer.save(net, averaged, optimizer, scheduler, config, state, best_state, card,
+                                last=state["step"] >= schedule.total)
                 if state["bad_validations"] >= config.patience:
                     log.info("stopping early: no improvement in %d validations", config.patience)
                     if progress:
@@ -457,6 +602,8 @@ def train(data: Sequence[Annotated], config: TrainConfig, out_dir: str | Path | 
 
     finally:
         batches.close()
+        if writer is not None:
+            writer.close()
     if val_items and state["best_metric"] is not None:
         net.load_state_dict(best_state)
     elif averaged is not None:
@@ -468,9 +615,9 @@ def train(data: Sequence[Annotated], config: TrainConfig, out_dir: str | Path | 
         best_val = max(validated, key=lambda h: h["val"]["mean_iou"] or 0)
     offset_summary = None
     if val_items and config.label_offset:
-        measurement = _measured_offset(net, card, val_items, device, config.tile_size, amp)
+        measurement = _measured_offset(net, card, val_set, amp)
         measurements = state.get("offset_measurements", []) + [[state["step"], *measurement]]
-        offset, measured = _better_offset(net, card, val_items, device, config.tile_size, amp,
+        offset, measured = _better_offset(net, card, val_set, amp,
                                           _mean_offset(measurements))
         if offset != tuple(card.label_offset) and is_offset(offset):
             _log_offset("predictions are moved to match", offset, measured["mean_iou_before"],
@@ -500,6 +647,22 @@ def _moved(items: Sequence[Annotated], offset) -> list[Annotated]:
     return [replace(it, image=shift_image(it.image, offset)) for it in items]
 
 
+def _augment_on_device(config: TrainConfig, device: torch.device, items: Sequence[Annotated]) -> bool:
+    """Whether batches are made on the training device: ``augment_on`` "device", or "auto" on an
+    accelerator when the pages take less than a quarter of its free memory."""
+    if config.augment_on == "cpu" or (config.augment_on == "auto" and device.type == "cpu"):
+        return False
+    if config.augment_on == "auto" and device.type == "cuda":
+        from .augment_torch import DeviceCropSampler
+        free, _ = torch.cuda.mem_get_info(device)
+        needed = DeviceCropSampler.nbytes(items, config.tile_size)
+        if needed > free / 4:
+            log.info("the training pages (%.1f GiB) are too large to hold on the GPU; batches are made on the CPU",
+                     needed / 2**30)
+            return False
+    return True
+
+
 def loader_workers(requested: int, device: torch.device) -> int:
     """Threads that make training batches: ``requested``, or for 0 one on the CPU (the training step
     needs the cores) and up to 8 on a GPU, whose steps outpace one thread (docs/training.md)."""
@@ -519,21 +682,22 @@ def _fit_schedule_to_time(schedule: _Schedule, config: TrainConfig, step: int, t
     budget = config.time_limit_minutes * 60 - (time.perf_counter() - start)
     fits = min(config.steps, step + max(1, int(budget / pace)))
     if fits != schedule.total:
-        first = schedule.total == config.steps
-        schedule.total = fits
+        first = not getattr(schedule, "fitted", False)
         (log.info if first else log.debug)(
-            "time limit %.0f min: about %.2f s per step, so %d steps%s", config.time_limit_minutes, pace,
-            schedule.total, f" instead of {config.steps}" if first else "")
+            "time limit %g min: about %.3f s per step, so %d steps%s", config.time_limit_minutes, pace, fits,
+            "" if config.fills_time or not first else f" instead of {config.steps}")
+        schedule.total = fits
+        schedule.fitted = True
 
 
-def _end_of_epoch(state, event, running, net, card, val_items, device, config, amp, best_state,
+def _end_of_epoch(state, event, running, net, card, val_set, device, config, amp, best_state,
                   preview_image, start) -> TrainEvent:
     """Validate ``net`` (the moving average of the weights, if kept), keep the best weights, log;
     returns the event with metrics attached."""
     record = {"step": state["step"], "loss": float(np.mean(running)) if running else None,
               "lr": event.lr, "seconds": round(time.perf_counter() - start, 1)}
-    if val_items:
-        metrics = _validate(net, val_items, card, device, config.tile_size, amp)
+    if val_set is not None:
+        metrics = _validate(net, val_set, card, amp)
         record["val"] = metrics
         metric = metrics["mean_iou"] if metrics["mean_iou"] is not None else -1.0
         if state["best_metric"] is None or metric > state["best_metric"]:
@@ -554,10 +718,55 @@ def _end_of_epoch(state, event, running, net, card, val_items, device, config, a
     return event
 
 
-def _save_progress(out: Path, net, averaged, optimizer, scheduler, config, state, best_state, card) -> None:
-    """The resumable checkpoint and log.json."""
-    save_checkpoint(out / "checkpoint", net, optimizer, scheduler, config, state, best_state, card.classes, averaged)
-    (out / "log.json").write_text(json.dumps(state["history"], indent=1))
+def _weights_bytes(net: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in net.state_dict().values())
+
+
+class _CheckpointWriter:
+    """Writes the resumable checkpoint and log.json in a background thread, off the training loop.
+
+    The tensors are copied to the host on the training thread (a consistent snapshot), then written
+    while training goes on; a save waits for the previous one to finish. A model larger than
+    :data:`LARGE_MODEL_BYTES` (a full VGG-16-BN U-Net's checkpoint is ~0.5 GB) is checkpointed at
+    most every :data:`CHECKPOINT_SECONDS`, and at the end of the run; smaller ones at every validation.
+    """
+
+    def __init__(self, folder: Path, weights_bytes: int):
+        self.folder = folder
+        self.every = CHECKPOINT_SECONDS if weights_bytes > LARGE_MODEL_BYTES else 0.0
+        self.last = time.perf_counter()
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def _wait(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+    def save(self, net, averaged, optimizer, scheduler, config, state, best_state, card, *, last: bool = False) -> None:
+        log_text = json.dumps(state["history"], indent=1)
+        if not last and time.perf_counter() - self.last < self.every:
+            (self.folder.parent / "log.json").write_text(log_text)
+            return
+        self._wait()
+        tensors, meta = checkpoint_payload(net, optimizer, scheduler, config, state, best_state, card.classes,
+                                           averaged)
+        self.last = time.perf_counter()
+
+        def write():
+            try:
+                write_checkpoint(self.folder, tensors, meta)
+                (self.folder.parent / "log.json").write_text(log_text)
+            except BaseException as exc:  # noqa: BLE001 - raised on the training thread at the next save
+                self.error = exc
+        self.thread = threading.Thread(target=write, name="emseg-checkpoint", daemon=False)
+        self.thread.start()
+
+    def close(self) -> None:
+        self._wait()
 
 
 def _log_epoch(record: dict) -> None:

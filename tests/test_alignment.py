@@ -91,8 +91,8 @@ def scored(monkeypatch, better_with_offset: bool):
     """Validation scores that favour (or not) predictions moved by an offset, whatever the tiny model draws."""
     real = training._validate
 
-    def validate(net, items, card, device, tile, amp, offset=None):
-        scores = real(net, items, card, device, tile, amp, offset)
+    def validate(net, val, card, amp, offset=None):
+        scores = real(net, val, card, amp, offset)
         moved = is_offset(card.label_offset if offset is None else offset)
         return dict(scores, mean_iou=0.9 if moved == better_with_offset else 0.5)
     monkeypatch.setattr(training, "_validate", validate)
@@ -131,9 +131,9 @@ def test_the_images_follow_the_mean_of_the_measurements(monkeypatch, tmp_path, e
     monkeypatch.setattr(training, "shift_image", lambda image, offset: moved.append(offset) or real_shift(image, offset))
     real = training._validate
 
-    def validate(net, items, card, device, tile, amp, offset=None):  # the closer to 0.5 px, the better
+    def validate(net, val, card, amp, offset=None):  # the closer to 0.5 px, the better
         offset = card.label_offset if offset is None else offset
-        return dict(real(net, items, card, device, tile, amp, offset), mean_iou=0.9 - abs(offset[0] - 0.5))
+        return dict(real(net, val, card, amp, offset), mean_iou=0.9 - abs(offset[0] - 0.5))
     monkeypatch.setattr(training, "_validate", validate)
     result = train(annotations_from_arrays(*em), tiny_config(), tmp_path / "run")
     assert moved == [(0.8, 0.0)] * 2 + [(0.6, 0.0)] * 2  # twice the two pages, each time from the originals
@@ -211,9 +211,9 @@ def test_finetuning_does_not_carry_the_base_offset_over(monkeypatch, em, tiny_mo
     offsets = []
     real = training._validate
 
-    def validate(net, items, card, device, tile, amp, offset=None):
+    def validate(net, val, card, amp, offset=None):
         offsets.append(card.label_offset if offset is None else offset)
-        return real(net, items, card, device, tile, amp, offset)
+        return real(net, val, card, amp, offset)
     monkeypatch.setattr(training, "_validate", validate)
     result = train(annotations_from_arrays(*em), tiny_config(label_offset=follow), base=base)
     assert result.model.card.label_offset == (0.0, 0.0)

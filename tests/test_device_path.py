@@ -155,3 +155,22 @@ def test_raw_dtypes_are_normalised_on_the_device_alike(rng):
     mask = base > 100
     np.testing.assert_allclose(predictor.predict_page(mask), predictor.predict_page(mask.astype(np.uint8)),
                                atol=1e-6)
+
+
+def test_compiling_falls_back_to_eager_mode_when_it_fails(monkeypatch, rng, caplog):
+    """torch.compile needs a compiler toolchain and supported operators; when it fails at the first
+    call, the predictor says so once and runs the network as it is."""
+    import logging
+
+    def broken_compile(net, **_):
+        def run(x):
+            raise RuntimeError("no C++ compiler")
+        return run
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    model = model_with(2)
+    page = rng.random((100, 90), dtype=np.float32)
+    with caplog.at_level(logging.WARNING, logger="emseg.inference"):
+        compiled = model.predictor(tile=64, overlap=16, device="cpu", compile=True).predict_page(page)
+    assert caplog.text.count("torch.compile failed") == 1
+    np.testing.assert_allclose(compiled, model.predictor(tile=64, overlap=16, device="cpu").predict_page(page),
+                               atol=1e-6)
