@@ -125,9 +125,9 @@ def test_segment_stack_gives_labels_with_the_image_scale(viewer, sample, tiny_pa
     from emseg.inference import Predictor
     forward = Predictor.forward
 
-    def slow_forward(self, batch):  # segmenting lasts long enough for the GUI timer to tick, whatever the machine
+    def slow_forward(self, batch, **options):  # segmenting lasts long enough for the GUI timer to tick
         time.sleep(0.1)
-        return forward(self, batch)
+        return forward(self, batch, **options)
     monkeypatch.setattr(Predictor, "forward", slow_forward)
     image = sample[0]
     seg = dock(viewer, "Segment")
