@@ -16,19 +16,22 @@
 # Everything lands in $OUT/gpu_check.tar.gz (reports, logs, JSON, curves) and $OUT/summary.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-data=.gpu/data; minutes=2; device=cuda; pages=16; size=4480; rehearse=
+data=.gpu/data; minutes=2; device=cuda; pages=16; size=4480; rehearse=; slow=1
 while [ $# -gt 0 ]; do
     case $1 in
         --data) data=$2; shift 2 ;;
         --long) minutes=5; shift ;;
-        --rehearse) rehearse=1; device=cpu; pages=2; size=448; minutes=0.3; shift ;;
+        --rehearse) rehearse=1; device=cpu; pages=2; size=448; minutes=0.3; slow=4; shift ;;
         *) echo "gpu_check: unknown option $1 (--data DIR, --long, --rehearse)"; exit 2 ;;
     esac
 done
 OUT=${OUT:-/tmp/gpu_check_out}
 work=/tmp/gpu_check; rm -rf "$work"; mkdir -p "$OUT" "$work"
 PY=${PYTHON:-python3}
-if [ -d .gpu/whl ]; then
+if [ -n "$rehearse" ]; then  # here: this checkout's environment, not the GPU image's Python 3.12 wheels
+    PY=${PYTHON:-.venv/bin/python}
+    export PYTHONPATH=$PWD
+elif [ -d .gpu/whl ]; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/whl/*.whl \
         || { echo "gpu_check: installing .gpu/whl failed (run benchmarks/gpu_kit.sh here and carry .gpu)"; exit 1; }
     export PYTHONPATH=/tmp/site:$PWD
@@ -42,11 +45,11 @@ say() { echo "$*" | tee -a "$summary"; }
   "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" 2>&1; } | tee -a "$summary"
 
 step() {  # step NAME TIMEOUT_SECONDS COMMAND...: one benchmark, its output in $work/NAME.log
-    local name=$1 cap=$2; shift 2
+    local name=$1 cap=$(($2 * slow)); shift 2
     local t0=$SECONDS
     timeout "$cap" "$@" > "$work/$name.log" 2>&1
     say "== $name: exit $? in $((SECONDS - t0)) s"
-    grep -E "pipeline ceiling|lower bound:|Start-up|emseg / synthetic|\| (emseg|MONAI|lower bound|synthetic|emseg train)|GPU against CPU|steps in|pixel error" \
+    grep -E "pipeline ceiling|lower bound:|emseg / synthetic|\| (emseg|MONAI|lower bound|synthetic|emseg train)|GPU against CPU|forward / matmul|^\| U-Net .*x \||pixel error" \
         "$work/$name.log" | tee -a "$summary"
 }
 step null 90 "$PY" benchmarks/bench_inference.py --null-network --device "$device" --pages "$pages" --size "$size" \

@@ -4,7 +4,8 @@ A card names the architecture and encoder (and whether its decoder takes the enc
 full-resolution features, see emseg.models.FullResolutionUnetDecoder), the class names (index 0
 first), how input images are normalised, the pixel size (nm/px) the model was trained at (None when
 unknown), the tile size and overlap to infer with, the sub-pixel offset of its training annotation
-that inference reproduces (``label_offset``, see emseg.alignment), the emseg version that wrote it,
+that inference can reproduce (``label_offset``, see emseg.alignment; followed by default only when the
+model was trained to follow it, ``follow_label_offset``), the emseg version that wrote it,
 and what the model was trained on.
 """
 
@@ -18,8 +19,9 @@ from typing import Any
 from . import __version__
 
 # bump on an incompatible change of the card or the weight layout; 2 added ``full_resolution_skip``
-# (format-1 cards describe smp's own decoder, without it), 3 ``decoder_upsampling`` (nearest before)
-FORMAT_VERSION = 3
+# (format-1 cards describe smp's own decoder, without it), 3 ``decoder_upsampling`` (nearest before),
+# 4 ``follow_label_offset`` (older cards' offsets are followed only when a prediction asks)
+FORMAT_VERSION = 4
 
 #: how a U-Net decoder may double the size of its features (``torch.nn.functional.interpolate`` modes)
 DECODER_UPSAMPLING = ("nearest", "bilinear")
@@ -63,6 +65,7 @@ class ModelCard:
     tile_size: int = 512
     overlap: int = 128
     label_offset: tuple[float, float] = (0.0, 0.0)
+    follow_label_offset: bool = False
     name: str = "emseg model"
     description: str = ""
     training: dict[str, Any] = field(default_factory=dict)

@@ -68,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true", help="redo inputs whose mask already exists")
     g.add_argument("--pixel-size", type=float, default=None, metavar="NM",
                    help="input pixel size in nm/px, overriding the files' own (or supplying a missing one)")
+    offset = g.add_mutually_exclusive_group()
+    offset.add_argument("--follow-label-offset", dest="follow_label_offset", action="store_const", const=True,
+                        help="move the predictions by the model's annotation offset (its annotators' sub-pixel "
+                             "bias), as models trained with --follow-label-offset do by default")
+    offset.add_argument("--ignore-label-offset", dest="follow_label_offset", action="store_const", const=False,
+                        help="do not, even for a model trained to follow it")
     g.add_argument("--format", choices=("tif", "zarr"), default="tif",
                    help="masks/probabilities as TIFF (default) or OME-Zarr folders (NAME_mask.zarr), written page by page")
     from .distributed import add_arguments as _add_cluster_arguments
@@ -151,7 +157,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         from .distributed import cmd_predict_distributed
         return cmd_predict_distributed(args, paths, model, failed=len(errors))
     predictor = model.predictor(tile=args.tile, overlap=args.overlap, batch_size=args.batch_size,
-                                tta=args.tta, device=args.device, compile=args.compile)
+                                tta=args.tta, device=args.device, compile=args.compile,
+                                follow_label_offset=args.follow_label_offset)
     log.info("model %s (%s, classes %s) on %s, tile %d, overlap %d%s", model.path, model.card.encoder,
              ", ".join(model.classes), predictor.device, predictor.tile, predictor.overlap,
              ", TTA" if args.tta else "")

@@ -50,10 +50,14 @@ def _add_training(p: argparse.ArgumentParser, *, steps: int, lr: float) -> None:
     g.add_argument("--border-weight", type=float, metavar="W0",
                    help="weight thin boundaries between regions in the loss, as in the U-Net paper "
                         "(needs dense masks and a class named 'membrane' or 'boundary'; 0 = off)")
-    g.add_argument("--no-label-offset", dest="label_offset", action="store_const", const=False,
-                   help="do not measure and follow a sub-pixel offset of the annotation against the images "
-                        "(by default, from a quarter into the run, the training images are moved onto their "
-                        "annotation and the model file keeps the offset for prediction)")
+    offset = g.add_mutually_exclusive_group()
+    offset.add_argument("--follow-label-offset", dest="label_offset", action="store_const", const=True,
+                        help="measure a sub-pixel offset of the annotation against the images and follow it: "
+                             "from a quarter into the run the training images are moved onto their annotation, "
+                             "and the model's predictions reproduce the annotators' bias (off by default: "
+                             "models predict what the image shows)")
+    offset.add_argument("--no-label-offset", dest="label_offset", action="store_const", const=False,
+                        help=argparse.SUPPRESS)  # the default since December 2026; kept for older scripts
     g.add_argument("--ema-decay", type=float, metavar="D",
                    help="validate and keep a moving average of the weights, whose decay grows to at most D "
                         "(default 0.999; 0 = keep the trained weights themselves)")

@@ -255,7 +255,8 @@ def predict_files(client, model, paths: list[Path], outdir: Path, *, tile: int |
                   overlap: int | None = None, batch_size: int | str = 4, tta: bool = False,
                   device: str = "auto", pixel_size_nm: float | None = None, probabilities: bool = False,
                   overlay: bool = True, overwrite: bool = False, fmt: str = "tif", window: int | None = None,
-                  progress: PageProgress | None = None) -> Iterator[tuple[Path, Any]]:
+                  progress: PageProgress | None = None,
+                  follow_label_offset: bool | None = None) -> Iterator[tuple[Path, Any]]:
     """Predict ``paths`` into ``outdir`` on the cluster of ``client``; yield ``(path, outcome)`` per input.
 
     ``outcome`` is a :class:`emseg.runner.FileResult` ("written" or "skipped") or the
@@ -274,7 +275,8 @@ def predict_files(client, model, paths: list[Path], outdir: Path, *, tile: int |
     import torch
 
     distributed = _distributed()
-    options = dict(tile=tile, overlap=overlap, batch_size=batch_size, tta=tta, device=device)
+    options = dict(tile=tile, overlap=overlap, batch_size=batch_size, tta=tta, device=device,
+                   follow_label_offset=follow_label_offset)
     Predictor(type(model)(torch.nn.Identity(), model.card), **{**options, "device": "cpu"})  # check options
     fmt_paths = [output_paths(path, outdir, fmt) for path in paths]  # checks fmt before any work
     state = {k: v.detach().cpu().contiguous() for k, v in model.net.state_dict().items()}
@@ -432,7 +434,7 @@ def cmd_predict_distributed(args: argparse.Namespace, paths: list[Path], model, 
                 client, model, paths, args.output, tile=args.tile, overlap=args.overlap,
                 batch_size=args.batch_size, tta=args.tta, device=args.device, pixel_size_nm=args.pixel_size,
                 probabilities=args.probabilities, overlay=not args.no_overlay, overwrite=args.overwrite,
-                fmt=fmt, progress=progress):
+                fmt=fmt, progress=progress, follow_label_offset=getattr(args, "follow_label_offset", None)):
             bar = bars.pop(path, None)
             if bar is not None:
                 bar.close()

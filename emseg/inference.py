@@ -198,7 +198,7 @@ class Predictor:
     def __init__(self, model, *, tile: int | None = None, overlap: int | None = None,
                  batch_size: int | str = 4, tta: bool = False, device: str | torch.device = "auto",
                  amp: bool | None = None, channels_last: bool | None = None, fold_bn: bool = True,
-                 prefetch: bool = True, compile: bool = False):
+                 prefetch: bool = True, compile: bool = False, follow_label_offset: bool | None = None):
         """
         Args:
             model: an :class:`emseg.modelfile.Model`. Without batch norms to fold (or with
@@ -215,8 +215,16 @@ class Predictor:
             fold_bn: run a copy of the network with batch norms folded into convolutions (:func:`fold_batchnorm`).
             prefetch: read the next page in a background thread in :meth:`iter_pages`.
             compile: run the network through ``torch.compile`` (eager mode if compiling fails).
+            follow_label_offset: move the probabilities by the card's annotation offset (its training
+                annotators' sub-pixel bias, emseg.alignment); None: as the card says (models trained
+                with the offset followed follow it; older models' offsets only when asked).
         """
         self.card = model.card
+        follow = self.card.follow_label_offset if follow_label_offset is None else bool(follow_label_offset)
+        self.label_offset = tuple(self.card.label_offset) if follow else (0.0, 0.0)
+        if not follow and is_offset(self.card.label_offset):
+            log.info("the model carries its training annotation's offset (%+.2f, %+.2f px); predictions do not "
+                     "follow it (--follow-label-offset does)", *self.card.label_offset)
         self.tile, self.overlap = check_tiling(self.card.tile_size if tile is None else tile,
                                                self.card.overlap if overlap is None else overlap)
         self._auto_batch = isinstance(batch_size, str)
@@ -434,7 +442,7 @@ class Predictor:
             canvas.add(first, self.forward(grid.gather(ws.padded, first, count), centred=binary))
             if progress is not None:
                 progress(first + count, len(grid))
-        shifted = is_offset(self.card.label_offset)
+        shifted = is_offset(self.label_offset)
         if not (keep_probabilities or factor != 1.0 or shifted):
             if binary:  # class 1 where its blended probability exceeds one half: the weighted sum's sign
                 return torch.gt(canvas.unnormalised()[0], 0).view(torch.uint8), None
@@ -446,7 +454,7 @@ class Predictor:
         if factor != 1.0:
             probs = resize(probs, shape)
         # the card's offset is in the model's pixels: 1 / factor page pixels each
-        probs = shift_probabilities(probs, self.card.label_offset, 1.0 / factor)
+        probs = shift_probabilities(probs, self.label_offset, 1.0 / factor)
         return argmax_classes(probs), (probs if keep_probabilities else None)
 
     def _to_host(self, labels: torch.Tensor, probs: torch.Tensor | None):

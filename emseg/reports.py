@@ -96,4 +96,4 @@ def _predict_normalised(predictor, normalised: np.ndarray) -> np.ndarray:
     from .tiling import sliding_window
     probs = sliding_window(normalised[None].astype(np.float32), predictor.forward, tile=predictor.tile,
                            overlap=predictor.overlap, batch_size=predictor.batch_size, device=predictor.device)
-    return shift_probabilities(probs, predictor.card.label_offset)
+    return shift_probabilities(probs, predictor.label_offset)

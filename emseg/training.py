@@ -82,7 +82,7 @@ class TrainConfig:
     dice_weight: float = 1.0
     border_weight: float = 10.0
     border_sigma: float = 5.0
-    label_offset: bool = True
+    label_offset: bool = False
     ema_decay: float = 0.999
     seed: int = 0
     device: str = "auto"
@@ -438,6 +438,7 @@ def train(data: Sequence[Annotated], config: TrainConfig, out_dir: str | Path | 
         log.warning("no annotated pixel is held out for validation; the last weights are kept instead of the best")
 
     net, card = _prepare_network(config, classes, base)
+    card = card.updated(follow_label_offset=bool(config.label_offset))
     # channels-last: 1.16x (vgg11_bn_slim) and 1.28x (densenet_slim) per CPU training step (docs/training.md)
     net = net.to(device, memory_format=torch.channels_last)
     if config.freeze_encoder:
@@ -622,7 +623,7 @@ def train(data: Sequence[Annotated], config: TrainConfig, out_dir: str | Path | 
         if offset != tuple(card.label_offset) and is_offset(offset):
             _log_offset("predictions are moved to match", offset, measured["mean_iou_before"],
                         measured["mean_iou_measured"])
-        card = card.updated(label_offset=offset)
+        card = card.updated(label_offset=offset, follow_label_offset=True)
         if "validation" in measured:
             best_val = dict(best_val or {}, val=measured["validation"])
         offset_summary = {

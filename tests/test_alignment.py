@@ -64,7 +64,7 @@ def test_moved_images_keep_their_sharpness(rng):
 def test_predictor_moves_probabilities_by_the_cards_offset(tiny_model, rng):
     page = rng.random((96, 80)).astype(np.float32)
     plain = Predictor(tiny_model, device="cpu").predict_page(page)
-    tiny_model.card = tiny_model.card.updated(label_offset=(0.5, -0.25), pixel_size_nm=4.0)
+    tiny_model.card = tiny_model.card.updated(label_offset=(0.5, -0.25), pixel_size_nm=4.0, follow_label_offset=True)
     moved = Predictor(tiny_model, device="cpu").predict_page(page)
     np.testing.assert_allclose(moved, shift_probabilities(plain, (0.5, -0.25)), atol=1e-5)
     np.testing.assert_allclose(moved.sum(0), 1.0, atol=1e-5)
@@ -76,8 +76,9 @@ def test_predictor_moves_probabilities_by_the_cards_offset(tiny_model, rng):
 
 
 def tiny_config(**changes):
+    """Runs that measure and follow the annotation's offset (opt-in: --follow-label-offset)."""
     base = dict(encoder="vgg11_bn_micro", classes=CLASSES, tile_size=64, batch_size=2, steps=8, val_every=2,
-                device="cpu")
+                device="cpu", label_offset=True)
     base.update(changes)
     return TrainConfig(**base)
 
@@ -219,3 +220,41 @@ def test_finetuning_does_not_carry_the_base_offset_over(monkeypatch, em, tiny_mo
     assert result.model.card.label_offset == (0.0, 0.0)
     assert offsets and not any(is_offset(o) for o in offsets)
     assert base.card.label_offset == (-0.6, 0.2)
+
+
+# ------------------------------------------------------------------ the offset is opt-in (issue: accuracy that transfers)
+
+def test_an_offset_is_followed_only_when_the_model_was_trained_to_or_a_prediction_asks(tiny_model, rng):
+    """A model file of an older emseg (format 3) with ISBI's offset loads and predicts what the image shows;
+    its offset applies when asked. A model trained with the offset followed follows it by default."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from emseg.modelfile import load_model
+    page = rng.random((96, 80)).astype(np.float32)
+    plain = Predictor(tiny_model, device="cpu").predict_page(page)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "old_model"
+        tiny_model.save(folder)
+        card = json.loads((folder / "card.json").read_text())
+        card.pop("follow_label_offset", None)
+        card.update(format_version=3, label_offset=[-0.63, -0.19])
+        (folder / "card.json").write_text(json.dumps(card))
+        old = load_model(folder)
+    assert old.card.label_offset == (-0.63, -0.19) and not old.card.follow_label_offset
+    np.testing.assert_allclose(old.predictor(device="cpu").predict_page(page), plain, atol=1e-6)
+    asked = old.predictor(device="cpu", follow_label_offset=True).predict_page(page)
+    np.testing.assert_allclose(asked, shift_probabilities(plain, (-0.63, -0.19)), atol=1e-5)
+    trained = Model(tiny_model.net, tiny_model.card.updated(label_offset=(0.5, 0.0), follow_label_offset=True))
+    np.testing.assert_allclose(trained.predictor(device="cpu").predict_page(page),
+                               shift_probabilities(plain, (0.5, 0.0)), atol=1e-5)
+    np.testing.assert_allclose(trained.predictor(device="cpu", follow_label_offset=False).predict_page(page), plain,
+                               atol=1e-6)
+
+
+def test_new_models_do_not_measure_an_offset_by_default(monkeypatch, em):
+    monkeypatch.setattr(training, "estimate_offset", lambda pairs: pytest.fail("offset measured by default"))
+    assert TrainConfig().label_offset is False
+    result = train(annotations_from_arrays(*em), tiny_config(label_offset=TrainConfig().label_offset))
+    assert result.model.card.label_offset == (0.0, 0.0) and not result.model.card.follow_label_offset
