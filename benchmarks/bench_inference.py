@@ -59,8 +59,10 @@ QUICK = {"encoders": {"vgg16_bn": (1, 192), "vgg11_bn_slim": (2, 192)}, "tile": 
 # ------------------------------------------------------------------ children (run in forked processes)
 
 def _warm() -> None:
-    """Import everything the pipelines import (emseg's CLI parser pulls in its subcommands' modules)."""
+    """Import everything the pipelines import (emseg's CLI parser pulls in its subcommands' modules),
+    with the OpenMP settings that the ``emseg`` command starts torch with (emseg.cli), for all three."""
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import monai.inferers  # noqa: F401
     import tifffile  # noqa: F401
     import torch  # noqa: F401
