@@ -49,7 +49,11 @@ AUTO_MEMORY_FRACTION = 0.6
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``auto`` picks CUDA, then Apple MPS, then the CPU; anything else is passed to torch."""
     if str(device) != "auto":
-        dev = torch.device(device)
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device {device!r} is not a device torch knows; use auto, cpu, cuda, cuda:N "
+                             "or mps") from None
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {device!r} asked for, but torch sees no CUDA GPU; use --device cpu or auto")
         return dev
