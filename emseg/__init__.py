@@ -3,7 +3,7 @@
 Quick use::
 
     import emseg
-    model = emseg.load_model(emseg.default_model_path())
+    model = emseg.load_model("default")    # the bundled model; or a path to a model file
     labels = model.predict(image)          # 2D page or 3D stack, numpy or dask
 """
 

@@ -1,9 +1,12 @@
 """Resumable training checkpoints without pickle.
 
-A checkpoint folder holds ``tensors.safetensors`` (current weights, their moving average, best weights, optimizer
-tensors, torch RNG state) and ``state.json`` (step, history, scheduler and optimizer scalars,
-the run's configuration). Both are written to temporary names and renamed, so an interrupted
-write leaves the previous checkpoint intact.
+A checkpoint folder holds ``tensors.safetensors``: the current weights, their moving average, the best
+weights, optimizer tensors and the torch RNG state, and in its header (metadata entry
+``emseg.checkpoint``) the step, history, scheduler and optimizer scalars and the run's configuration.
+Tensors and state are thus one file, written under a temporary name and renamed: an interrupted
+write leaves the previous checkpoint whole, and a resumed run never pairs new weights with an old
+step. ``state.json`` beside it is a readable copy of the state, written after; emseg reads it only
+from checkpoints of older versions, which kept the state there alone.
 """
 
 from __future__ import annotations
@@ -14,11 +17,43 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import EmsegError
+from .io_write import _temp_path, atomic_output
 
 log = logging.getLogger(__name__)
+
+TENSORS, STATE = "tensors.safetensors", "state.json"
+STATE_KEY = "emseg.checkpoint"
+
+
+def has_checkpoint(folder: Path) -> bool:
+    """Whether ``folder`` holds a checkpoint (of this emseg or an older one)."""
+    return (folder / TENSORS).is_file() or (folder / STATE).is_file()
+
+
+def check_run_folder(out_dir: Path, resume: bool) -> None:
+    """Refuse to start a new run in a folder that holds another run's checkpoint (it would be replaced)."""
+    folder = Path(out_dir) / "checkpoint"
+    if not resume and has_checkpoint(folder):
+        step = ""
+        try:
+            step = f" at step {_read_state(folder)['state']['step']}"
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError):
+            pass
+        raise EmsegError(f"{out_dir}: holds the checkpoint of an earlier run{step}; continue that run with --resume, "
+                         "or train into another folder (-o)")
+
+
+def _read_state(folder: Path) -> dict:
+    """The checkpoint's state: from the tensors file's header, or ``state.json`` of an older emseg."""
+    with safe_open(str(folder / TENSORS), framework="pt") as f:
+        text = (f.metadata() or {}).get(STATE_KEY)
+    if text is None:  # an older emseg kept the state in state.json only
+        text = (folder / STATE).read_text()
+    return json.loads(text)
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -47,8 +82,8 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 def checkpoint_classes(folder: Path) -> tuple[str, ...] | None:
     """The class names a checkpoint was trained with (None when there is no readable checkpoint)."""
     try:
-        return tuple(json.loads((folder / "state.json").read_text())["config"]["classes"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return tuple(_read_state(folder)["config"]["classes"])
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError):
         return None
 
 
@@ -71,13 +106,17 @@ def checkpoint_payload(net, optimizer, scheduler, config, state: dict, best_weig
 
 
 def write_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    """Write a checkpoint atomically (see the module docstring)."""
+    """Write a checkpoint atomically (see the module docstring): tensors and state in one file."""
     folder.mkdir(parents=True, exist_ok=True)
-    tmp_t, tmp_j = folder / ".tensors.partial", folder / ".state.partial"
-    save_file(tensors, str(tmp_t))
-    tmp_j.write_text(json.dumps(meta, default=str))
-    os.replace(tmp_t, folder / "tensors.safetensors")
-    os.replace(tmp_j, folder / "state.json")
+    text = json.dumps(meta, default=str)
+    tmp = _temp_path(folder / TENSORS)
+    try:
+        save_file(tensors, str(tmp), metadata={STATE_KEY: text})
+        os.replace(tmp, folder / TENSORS)
+    finally:
+        tmp.unlink(missing_ok=True)
+    with atomic_output(folder / STATE) as tmp_state:
+        tmp_state.write_text(text)
 
 
 def save_checkpoint(folder: Path, net, optimizer, scheduler, config, state: dict, best_weights: dict,
@@ -91,9 +130,9 @@ def load_checkpoint(folder: Path, net, optimizer, scheduler, config, averaged=No
     """Restore weights, optimizer, scheduler, RNG and the weights' moving average (``averaged``; a
     checkpoint without one starts it afresh); returns the loop state with ``best_weights``."""
     try:
-        meta = json.loads((folder / "state.json").read_text())
-        tensors = load_file(str(folder / "tensors.safetensors"))
-    except (OSError, ValueError) as exc:
+        meta = _read_state(folder)
+        tensors = load_file(str(folder / TENSORS))
+    except (OSError, ValueError, SafetensorError) as exc:
         raise EmsegError(f"{folder}: checkpoint cannot be read ({exc}); start afresh without --resume") from None
     if meta["config"]["encoder"] != config.encoder:
         raise EmsegError(f"{folder}: checkpoint is for encoder {meta['config']['encoder']}, not {config.encoder}; "

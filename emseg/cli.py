@@ -25,24 +25,74 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # ---------------------------------------------------------------- parser
 
+def integer(low: int = 0, multiple: int = 1, high: int | None = None):
+    """An argparse type: an integer >= ``low`` (and <= ``high``), a multiple of ``multiple``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or value % multiple or (high is not None and value > high):
+            what = f"a multiple of {multiple}" if multiple > 1 else "an integer"
+            most = f" and at most {high}" if high is not None else ""
+            raise argparse.ArgumentTypeError(f"expected {what}, at least {low}{most}, got {text!r}")
+        return value
+    return parse
+
+
+def number(low: float = 0.0, high: float | None = None, *, above: bool = False):
+    """An argparse type: a finite number >= ``low`` (> with ``above``) and <= ``high``."""
+    import math
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and (value > low if above else value >= low)
+                and (high is None or value <= high)):
+            bound = f"{'above' if above else 'at least'} {low:g}" + (f" and at most {high:g}" if high is not None else "")
+            raise argparse.ArgumentTypeError(f"expected a number {bound}, got {text!r}")
+        return value
+    return parse
+
+
+def pixel_size(text: str) -> float:
+    """--pixel-size: nm per pixel within what a microscope can give."""
+    from .io_tiff import MAX_PIXEL_SIZE_NM, MIN_PIXEL_SIZE_NM
+    return number(MIN_PIXEL_SIZE_NM, MAX_PIXEL_SIZE_NM)(text)
+
+
+def device(text: str) -> str:
+    """--device: auto, or a device torch knows (cpu, cuda, cuda:1, mps)."""
+    if text == "auto":
+        return text
+    import torch
+    try:
+        torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda, cuda:N or mps, got {text!r}") from None
+    return text
+
+
 def _batch_size(text: str) -> int | str:
     """--batch-size: a positive integer or 'auto'."""
     if text == "auto":
         return text
     try:
-        return int(text)
-    except ValueError:
+        return integer(1)(text)
+    except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}") from None
 
 
 def _add_tiling(group: argparse._ArgumentGroup) -> None:
-    group.add_argument("--tile", type=int, default=None, metavar="PX",
+    group.add_argument("--tile", type=integer(32, 32), default=None, metavar="PX",
                        help="tile side in pixels, a multiple of 32 (default: the model card's)")
-    group.add_argument("--overlap", type=int, default=None, metavar="PX",
-                       help="overlap between tiles in pixels (default: the model card's)")
+    group.add_argument("--overlap", type=integer(0), default=None, metavar="PX",
+                       help="overlap between tiles in pixels, smaller than the tile (default: the model card's)")
     group.add_argument("--batch-size", type=_batch_size, default=4, metavar="N",
                        help="tiles per forward pass, or 'auto': from free GPU memory on CUDA, 4 elsewhere (default 4)")
-    group.add_argument("--device", default="auto",
+    group.add_argument("--device", type=device, default="auto",
                        help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps (default auto)")
     group.add_argument("--tta", action="store_true", help="test-time augmentation over 8 flips/rotations (8x slower)")
     group.add_argument("--compile", action="store_true",
@@ -50,9 +100,16 @@ def _add_tiling(group: argparse._ArgumentGroup) -> None:
                             "tiles wait for the compiler; falls back to plain PyTorch if compiling fails)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line (the option, what is wrong, where to look)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full ``emseg`` argument parser."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="emseg", description="U-Net segmentation for electron microscopy.",
         epilog="Run `emseg COMMAND --help` for a command's options.")
     parser.add_argument("--version", action="version", version=f"emseg {__version__}")
@@ -71,8 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("outputs")
     g.add_argument("--probabilities", action="store_true", help="also write per-class probabilities (NAME_probs.tif)")
     g.add_argument("--no-overlay", action="store_true", help="do not write the NAME_overlay.png preview")
-    g.add_argument("--overwrite", action="store_true", help="redo inputs whose mask already exists")
-    g.add_argument("--pixel-size", type=float, default=None, metavar="NM",
+    g.add_argument("--overwrite", action="store_true",
+                   help="redo inputs whose outputs already exist (by default they are skipped, and an input "
+                        "whose outputs are incomplete is completed)")
+    g.add_argument("--pixel-size", type=pixel_size, default=None, metavar="NM",
                    help="input pixel size in nm/px, overriding the files' own (or supplying a missing one)")
     offset = g.add_mutually_exclusive_group()
     offset.add_argument("--follow-label-offset", dest="follow_label_offset", action="store_const", const=True,
@@ -92,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "sizes in nm when the pixel size is known")
     g.add_argument("--objects", metavar="A,B", help="only these classes (by name); default: every class but 0")
     g.add_argument("--split", action="store_true", help="split touching objects (distance transform + watershed)")
-    g.add_argument("--min-size", type=int, default=0, metavar="PX", help="drop objects smaller than this (pixels)")
+    g.add_argument("--min-size", type=integer(0), default=0, metavar="PX",
+                   help="drop objects smaller than this (pixels)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("models", help="list the encoders with parameters and GFLOPs per megapixel")
@@ -100,9 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("summary", help="print each block's output shape for an encoder's U-Net")
     p.add_argument("encoder", help="encoder name (see `emseg models`)")
-    p.add_argument("--size", type=int, default=512, help="input side in pixels (default 512)")
-    p.add_argument("--classes", type=int, default=2, help="output classes (default 2)")
-    p.add_argument("--depth", type=int, default=3, help="nesting depth of the table (default 3)")
+    p.add_argument("--size", type=integer(32, 32), default=512, help="input side in pixels (default 512)")
+    p.add_argument("--classes", type=integer(1), default=2, help="output classes (default 2)")
+    p.add_argument("--depth", type=integer(0), default=3, help="nesting depth of the table (default 3)")
     p.set_defaults(func=cmd_summary)
 
     from . import cli_train, export, measure
@@ -117,6 +177,33 @@ def build_parser() -> argparse.ArgumentParser:
 def _model_path(spec: str) -> Path:
     from .modelfile import default_model_path
     return default_model_path() if spec == "default" else Path(spec)
+
+
+def _tiling(args: argparse.Namespace, card) -> tuple[int, int]:
+    """--tile and --overlap, or the model card's, checked against each other with the options named."""
+    tile = args.tile or card.tile_size
+    overlap = card.overlap if args.overlap is None else args.overlap
+    if overlap >= tile:
+        given = [f"--tile {args.tile}" if args.tile else f"the model's tile {tile}",
+                 f"--overlap {args.overlap}" if args.overlap is not None else f"the model's overlap {overlap}"]
+        raise EmsegError(f"{given[1]} must be smaller than {given[0]}; give a larger --tile or a smaller --overlap")
+    return tile, overlap
+
+
+def _predictor(args: argparse.Namespace, model, **options):
+    """The predictor of ``predict`` and ``evaluate`` (see :func:`_tiling`)."""
+    tile, overlap = _tiling(args, model.card)
+    return model.predictor(tile=tile, overlap=overlap, tta=args.tta, device=args.device,
+                           compile=getattr(args, "compile", False),
+                           follow_label_offset=getattr(args, "follow_label_offset", None), **options)
+
+
+def _prepare_output_folder(folder: Path) -> None:
+    """Refuse an output folder that cannot be written (one line, before any work) and remove the
+    temporary files that killed runs left in it."""
+    from .io import check_output_folder, remove_stale_partials
+    check_output_folder(folder, "-o")
+    remove_stale_partials(folder)
 
 
 class _TqdmProgress:
@@ -152,19 +239,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .runner import check_outputs, predict_file
 
     paths, errors = expand_inputs(args.inputs)
+    paths, clashes = check_outputs(paths, args.output, args.format)
+    errors += clashes
     for error in errors:
         log.error("%s", error)
     if not paths:
         log.error("no input images to segment")
         return 1
-    check_outputs(paths, args.output, args.format)
+    _prepare_output_folder(args.output)
     model = load_model(_model_path(args.model))
+    _tiling(args, model.card)
     if args.scheduler:
         from .distributed import cmd_predict_distributed
         return cmd_predict_distributed(args, paths, model, failed=len(errors))
-    predictor = model.predictor(tile=args.tile, overlap=args.overlap, batch_size=args.batch_size,
-                                tta=args.tta, device=args.device, compile=args.compile,
-                                follow_label_offset=args.follow_label_offset)
+    predictor = _predictor(args, model, batch_size=args.batch_size)
     log.info("model %s (%s, classes %s) on %s, tile %d, overlap %d%s", model.path, model.card.encoder,
              ", ".join(model.classes), predictor.device, predictor.tile, predictor.overlap,
              ", TTA" if args.tta else "")
@@ -176,20 +264,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
             result = predict_file(predictor, path, args.output, pixel_size_nm=args.pixel_size,
                                   probabilities=args.probabilities, overlay=not args.no_overlay,
                                   overwrite=args.overwrite, progress=progress, fmt=args.format)
-        except EmsegError as exc:
+            progress.close()
+            if result.status == "written":
+                log.info("%s -> %s (%d page%s, %.1f s, %.2f MP/s)", path, result.outputs.mask, result.pages,
+                         "" if result.pages == 1 else "s", result.seconds,
+                         result.megapixels / max(result.seconds, 1e-9))
+            if args.instances or args.measure:
+                tables.append(_measure_output(args, path, result.outputs.mask, model.classes))
+        except Exception as exc:  # noqa: BLE001 - one input's failure, whatever it is, must not stop the others
             failed += 1
-            log.error("%s", exc, exc_info=args.verbose)
-            continue
+            log.error("%s", input_failure(path, exc), exc_info=args.verbose)
         finally:
             progress.close()
-        if result.status == "written":
-            log.info("%s -> %s (%d page%s, %.1f s, %.2f MP/s)", path, result.outputs.mask, result.pages,
-                     "" if result.pages == 1 else "s", result.seconds, result.megapixels / max(result.seconds, 1e-9))
-        if args.instances or args.measure:
-            tables.append(_measure_output(args, path, result.outputs.mask, model.classes))
     if args.measure and tables:
-        from .measure import summarize, write_csv
-        log.info("object summary: %s", write_csv(args.output / "summary.csv", summarize(tables)))
+        from .measure import write_summary
+        log.info("object summary: %s", write_summary(args.output / "summary.csv", tables))
     if failed:
         log.error("%d input%s failed; see the messages above", failed, "" if failed == 1 else "s")
     return 1 if failed else 0
@@ -202,6 +291,16 @@ def _measure_output(args: argparse.Namespace, image: Path, mask: Path, classes):
                         instance_options={"split": args.split, "min_size_px": args.min_size},
                         plot=args.measure, write_labels=True,
                         object_classes=[c.strip() for c in args.objects.split(",")] if args.objects else None)
+
+
+def input_failure(path: Path, exc: Exception) -> str:
+    """The one line for an input that failed: an EmsegError says it all; anything else is named and
+    shown with its type (an emseg bug or a system limit: -v gives the traceback)."""
+    if isinstance(exc, EmsegError):
+        return str(exc)
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return (f"{path}: failed ({type(exc).__name__}: {text[:300]}); the other inputs go on "
+            "(-v shows the traceback)")
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -250,7 +349,12 @@ def main(argv: list[str] | None = None) -> int:
     """Run the ``emseg`` command; returns the exit code."""
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        if exc.code == 2:  # a usage error, already printed on one line
+            return 2
+        raise  # --help, --version
     _setup_logging(args.verbose, args.quiet)
     try:
         return args.func(args)

@@ -9,7 +9,8 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .card import DECODER_UPSAMPLING
+from .card import DECODER_UPSAMPLING, MAX_TILE, TILE_MULTIPLE, check_classes
+from .cli import device, integer, number, pixel_size
 from .errors import InputError
 
 if TYPE_CHECKING:
@@ -20,6 +21,101 @@ log = logging.getLogger("emseg")
 
 # ---------------------------------------------------------------- parsers
 
+def _flag(value: bool | None):
+    """YAML: true or false."""
+    if not isinstance(value, bool):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+    return value
+
+
+def _text(value):
+    if not isinstance(value, str) or not value.strip():
+        raise argparse.ArgumentTypeError(f"expected text, got {value!r}")
+    return value
+
+
+def _encoder(text: str) -> str:
+    from .models import encoder_names
+    if text not in encoder_names():
+        raise argparse.ArgumentTypeError(f"unknown encoder {text!r}; choose one of {', '.join(encoder_names())} "
+                                         "(`emseg models` lists them)")
+    return text
+
+
+def _choice(*choices: str):
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise argparse.ArgumentTypeError(f"expected one of {', '.join(choices)}, got {text!r}")
+        return text
+    return parse
+
+
+def _classes(value) -> tuple[str, ...]:
+    """--classes a,b,c or a YAML list of names: at least two distinct names, background first."""
+    names = [c.strip() for c in value.split(",") if c.strip()] if isinstance(value, str) else value
+    try:
+        return check_classes(names)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+#: every training option (YAML key, and the flag of the same name): its parser, which takes the flag's
+#: text or the YAML value (as text, unless it is one of _YAML_VALUES) and raises
+#: argparse.ArgumentTypeError saying what is expected
+OPTIONS = {
+    "encoder": _encoder,
+    "full_resolution_skip": _flag,
+    "decoder_upsampling": _choice(*DECODER_UPSAMPLING),
+    "classes": _classes,
+    "sparse": _flag,
+    "tile_size": integer(TILE_MULTIPLE, TILE_MULTIPLE, MAX_TILE),
+    "batch_size": integer(1),
+    "steps": integer(1),
+    "val_every": integer(1),
+    "lr": number(0.0, above=True),
+    "weight_decay": number(0.0),
+    "warmup": number(0.0, 0.99),
+    "patience": integer(1),
+    "val_fraction": number(0.0, 0.9),
+    "dice_weight": number(0.0),
+    "border_weight": number(0.0),
+    "border_sigma": number(0.0, above=True),
+    "label_offset": _flag,
+    "ema_decay": number(0.0, 0.9999),
+    "seed": integer(0),
+    "device": device,
+    "loader_workers": integer(0, high=64),
+    "freeze_encoder": _flag,
+    "freeze_bn": _flag,
+    "pixel_size_nm": pixel_size,
+    "time_limit_minutes": number(0.0, above=True),
+    "augment_on": _choice("auto", "cpu", "device"),
+    "name": _text,
+    "augment_preset": _choice("em", "light", "none"),
+}
+_YAML_VALUES = (_flag, _text, _classes)
+
+
+def _option_type(key: str):
+    """The argparse type of a training option (see OPTIONS)."""
+    return OPTIONS[key]
+
+
+def _yaml_value(path: Path, key: str, value):
+    """A YAML config value checked like its flag; InputError naming the file and the key."""
+    parse = OPTIONS[key]
+    if value is None and key in ("freeze_bn", "pixel_size_nm", "time_limit_minutes", "classes"):
+        return None
+    try:
+        if parse in _YAML_VALUES:
+            return parse(value)
+        if isinstance(value, (bool, list, dict)) or value is None:
+            raise argparse.ArgumentTypeError(f"expected a single value, got {value!r}")
+        return parse(str(value))
+    except argparse.ArgumentTypeError as exc:
+        raise InputError(f"{path}: {key}: {exc}") from None
+
+
 def _add_data(p: argparse.ArgumentParser, *, required: bool = True) -> None:
     g = p.add_argument_group("annotated data")
     g.add_argument("--images", nargs="+", required=required, metavar="PATH",
@@ -29,7 +125,7 @@ def _add_data(p: argparse.ArgumentParser, *, required: bool = True) -> None:
                         "or files in the same order")
     g.add_argument("--sparse", action="store_true",
                    help="masks are scribbles: 0 = not annotated, 1..N = classes (as painted in napari)")
-    g.add_argument("--pixel-size", type=float, default=None, metavar="NM",
+    g.add_argument("--pixel-size", type=pixel_size, default=None, metavar="NM",
                    help="pixel size of the images in nm/px, overriding the files' own")
 
 
@@ -37,17 +133,21 @@ def _add_training(p: argparse.ArgumentParser, *, steps: int, lr: float) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--config", type=Path, metavar="YAML",
                    help="YAML file with any of these options (and an 'augment:' mapping); flags override it")
-    g.add_argument("--classes", help="comma-separated class names, background first (default: from the masks)")
-    g.add_argument("--tile-size", type=int, help="training crop side in pixels, multiple of 32 (default 256)")
-    g.add_argument("--batch-size", type=int, help="crops per step (default 8)")
-    g.add_argument("--steps", type=int, help=f"optimiser steps (default {steps}; with --time-limit: as many as fit)")
-    g.add_argument("--time-limit", type=float, dest="time_limit_minutes", metavar="MIN",
+    g.add_argument("--classes", type=_classes,
+                   help="comma-separated class names, background first (default: from the masks)")
+    g.add_argument("--tile-size", type=_option_type("tile_size"),
+                   help="training crop side in pixels, multiple of 32 (default 256)")
+    g.add_argument("--batch-size", type=_option_type("batch_size"), help="crops per step (default 8)")
+    g.add_argument("--steps", type=_option_type("steps"),
+                   help=f"optimiser steps (default {steps}; with --time-limit: as many as fit)")
+    g.add_argument("--time-limit", type=_option_type("time_limit_minutes"), dest="time_limit_minutes", metavar="MIN",
                    help="fit the run (and its learning-rate schedule) into this many minutes: without --steps "
                         "it makes as many steps as fit (thousands on a GPU), with --steps at most that many")
-    g.add_argument("--val-every", type=int, help="validate and checkpoint every N steps (default 100)")
-    g.add_argument("--lr", type=float, help=f"peak learning rate of AdamW (default {lr:g})")
-    g.add_argument("--patience", type=int, help="stop after N validations without improvement (default 10)")
-    g.add_argument("--border-weight", type=float, metavar="W0",
+    g.add_argument("--val-every", type=_option_type("val_every"), help="validate and checkpoint every N steps (default 100)")
+    g.add_argument("--lr", type=_option_type("lr"), help=f"peak learning rate of AdamW (default {lr:g})")
+    g.add_argument("--patience", type=_option_type("patience"),
+                   help="stop after N validations without improvement (default 10)")
+    g.add_argument("--border-weight", type=_option_type("border_weight"), metavar="W0",
                    help="weight thin boundaries between regions in the loss, as in the U-Net paper "
                         "(needs dense masks and a class named 'membrane' or 'boundary'; 0 = off)")
     offset = g.add_mutually_exclusive_group()
@@ -58,22 +158,25 @@ def _add_training(p: argparse.ArgumentParser, *, steps: int, lr: float) -> None:
                              "models predict what the image shows)")
     offset.add_argument("--no-label-offset", dest="label_offset", action="store_const", const=False,
                         help=argparse.SUPPRESS)  # the default since December 2026; kept for older scripts
-    g.add_argument("--ema-decay", type=float, metavar="D",
+    g.add_argument("--ema-decay", type=_option_type("ema_decay"), metavar="D",
                    help="validate and keep a moving average of the weights, whose decay grows to at most D "
                         "(default 0.999; 0 = keep the trained weights themselves)")
-    g.add_argument("--val-fraction", type=float,
+    g.add_argument("--val-fraction", type=_option_type("val_fraction"),
                    help="hold out this fraction of every page (its right-hand strip) for validation (default 0.2)")
     g.add_argument("--val-images", nargs="+", metavar="PATH", help="held-out validation images instead")
     g.add_argument("--val-masks", nargs="+", metavar="PATH", help="their masks")
-    g.add_argument("--seed", type=int, help="random seed (default 0)")
-    g.add_argument("--device", help="auto, cpu, cuda, mps (default auto)")
-    g.add_argument("--augment-on", choices=["auto", "cpu", "device"],
+    g.add_argument("--seed", type=_option_type("seed"), help="random seed (default 0)")
+    g.add_argument("--device", type=device, help="auto, cpu, cuda, mps (default auto)")
+    g.add_argument("--augment-on", type=_option_type("augment_on"),
                    help="where training batches are cut and augmented: cpu (albumentations, in threads) or the "
-                        "training device (batched torch operations); auto: the device on a GPU, else the CPU")
-    g.add_argument("--loader-workers", type=int, metavar="N",
+                        "training device (batched torch operations); auto (default): the device on a GPU, else "
+                        "the CPU")
+    g.add_argument("--loader-workers", type=_option_type("loader_workers"), metavar="N",
                    help="threads making augmented batches on the CPU (default 0: 1 on the CPU, up to 8 on a GPU)")
     g.add_argument("--name", help="model name written into the model card")
-    g.add_argument("--resume", action="store_true", help="continue an interrupted run from OUTDIR/checkpoint")
+    g.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from OUTDIR/checkpoint (without it, a folder that holds a "
+                        "checkpoint is refused)")
     a = p.add_argument_group("augmentation")
     a.add_argument("--augment-preset", choices=["em", "light", "none"], help="starting point (default em)")
     a.add_argument("--augment", action="append", default=[], metavar="PART=STRENGTH",
@@ -89,7 +192,7 @@ def add_parsers(sub) -> None:
                                    "checkpoint.")
     _add_data(p)
     p.add_argument("-o", "--output", required=True, type=Path, metavar="OUTDIR", help="run folder")
-    p.add_argument("--encoder", help="encoder from `emseg models` (default vgg11_bn_slim)")
+    p.add_argument("--encoder", type=_encoder, help="encoder from `emseg models` (default vgg11_bn_slim)")
     p.add_argument("--no-full-resolution-skip", dest="full_resolution_skip", action="store_const", const=False,
                    help="build segmentation-models-pytorch's own U-Net decoder, whose last block sees only "
                         "half-resolution features (by default it also takes the encoder's full-resolution "
@@ -116,10 +219,10 @@ def add_parsers(sub) -> None:
     p.add_argument("model", help="model file or folder ('default' for the bundled model)")
     _add_data(p)
     p.add_argument("-o", "--output", type=Path, metavar="OUTDIR", help="write metrics.json and metrics.csv here")
-    p.add_argument("--tile", type=int, help="tile side (default: the model card's)")
-    p.add_argument("--overlap", type=int, help="tile overlap (default: the model card's)")
+    p.add_argument("--tile", type=integer(TILE_MULTIPLE, TILE_MULTIPLE), help="tile side (default: the model card's)")
+    p.add_argument("--overlap", type=integer(0), help="tile overlap (default: the model card's)")
     p.add_argument("--tta", action="store_true", help="test-time augmentation")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    p.add_argument("--device", type=device, default="auto", help="auto, cpu, cuda, mps")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("augment-preview", help="write a PNG grid of augmented training crops",
@@ -127,10 +230,10 @@ def add_parsers(sub) -> None:
                                    "applied and their masks overlaid.")
     _add_data(p)
     p.add_argument("-o", "--output", required=True, type=Path, metavar="PNG", help="PNG file to write")
-    p.add_argument("-n", type=int, default=8, help="number of samples (default 8)")
-    p.add_argument("--tile-size", type=int, default=256, help="crop side (default 256)")
-    p.add_argument("--classes", help="comma-separated class names for the legend")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-n", type=integer(1, high=1024), default=8, help="number of samples (default 8)")
+    p.add_argument("--tile-size", type=_option_type("tile_size"), default=256, help="crop side (default 256)")
+    p.add_argument("--classes", type=_classes, help="comma-separated class names for the legend")
+    p.add_argument("--seed", type=_option_type("seed"), default=0)
     p.add_argument("--config", type=Path, metavar="YAML", help="YAML file with an 'augment:' mapping")
     p.add_argument("--augment-preset", choices=["em", "light", "none"])
     p.add_argument("--augment", action="append", default=[], metavar="PART=STRENGTH")
@@ -146,7 +249,11 @@ def _read_yaml(path: Path | None) -> dict:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
-        raise InputError(f"{path}: cannot read the YAML config ({exc})") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        why = getattr(exc, "problem", None) or " ".join(str(exc).split())
+        raise InputError(f"{path}: cannot read the YAML config{where} ({why}); write plain option: value "
+                         "lines (no !!python tags)") from None
     if not isinstance(data, dict):
         raise InputError(f"{path}: the YAML config must be a mapping of option: value")
     return data
@@ -154,9 +261,14 @@ def _read_yaml(path: Path | None) -> dict:
 
 def _augment_config(args, yaml_data: dict):
     from .augment import PRESETS, AugmentConfig
-    preset = args.augment_preset or yaml_data.get("augment_preset", "em")
+    preset = args.augment_preset or (_yaml_value(args.config, "augment_preset", yaml_data["augment_preset"])
+                                     if "augment_preset" in yaml_data else "em")
     base = PRESETS[preset].to_dict()
-    base.update(yaml_data.get("augment") or {})
+    augment = yaml_data.get("augment") or {}
+    if not isinstance(augment, dict):
+        raise InputError(f"{args.config}: augment: expected a mapping of PART: STRENGTH (e.g. elastic: 2), "
+                         f"got {augment!r}")
+    base.update(augment)
     for item in args.augment:
         key, sep, value = item.partition("=")
         if not sep:
@@ -179,6 +291,7 @@ def train_config(args) -> "TrainConfig":
     unknown = sorted(set(yaml_data) - known - {"augment_preset"})
     if unknown:
         raise InputError(f"{args.config}: unknown option(s) {unknown}; valid: {sorted(known)}")
+    yaml_data = {k: (v if k == "augment" else _yaml_value(args.config, k, v)) for k, v in yaml_data.items()}
     values = {k: v for k, v in yaml_data.items() if k in known and k != "augment"}
     time_limited = args.time_limit_minutes is not None or yaml_data.get("time_limit_minutes") is not None
     if args.finetune and not time_limited:
@@ -194,9 +307,7 @@ def train_config(args) -> "TrainConfig":
         if value is not None:
             values[name] = value
     if args.classes:
-        values["classes"] = tuple(c.strip() for c in args.classes.split(",") if c.strip())
-    elif "classes" in values:
-        values["classes"] = tuple(values["classes"])
+        values["classes"] = args.classes
     values["sparse"] = args.sparse or bool(values.get("sparse", False))
     values["pixel_size_nm"] = args.pixel_size or values.get("pixel_size_nm")
     values["augment"] = _augment_config(args, yaml_data)
@@ -223,13 +334,50 @@ def _progress_bar(total: int, quiet: bool):
     return bar, update
 
 
+def _classes_from_masks(items, sparse: bool, masks) -> None:
+    """Without --classes the classes are 0..the largest value in the masks: refuse masks where some of
+    those values never occur (a stray value would make a model with many classes that have nothing to learn)."""
+    import numpy as np
+
+    from .metrics import IGNORE
+    present = set()
+    for item in items:
+        present.update(np.unique(item.target[item.target != IGNORE]).tolist())
+    if not present:
+        return
+    top = max(present)
+    missing = sorted(set(range(top + 1)) - present)
+    if not missing:
+        return
+    shift = 1 if sparse else 0
+    shown = ", ".join(str(v + shift) for v in missing[:5]) + (f" ... ({len(missing)} values)" if len(missing) > 5 else "")
+    raise InputError(f"{', '.join(str(m) for m in masks)}: the masks hold values up to {top + shift} but never "
+                     f"{shown}, so the classes cannot be read from them ({top + 1} classes, {len(missing)} with "
+                     "nothing to learn); name the classes with --classes (background first), or correct the stray "
+                     "values in the masks")
+
+
+def _prepare_run_folder(out: Path, resume: bool) -> None:
+    """Before any work: the run folder can be written, holds no other run's checkpoint (unless resuming),
+    and loses the temporary files of killed runs."""
+    from .checkpoint import check_run_folder
+    from .cli import _prepare_output_folder
+    _prepare_output_folder(out)
+    check_run_folder(out, resume)
+    if (out / "checkpoint").is_dir():
+        from .io import remove_stale_partials
+        remove_stale_partials(out / "checkpoint")
+
+
 def cmd_train(args) -> int:
     from .card import Normalization
+    from .checkpoint import checkpoint_classes
     from .dataset import load_pairs, pair_inputs
     from .modelfile import load_model
     from .training import DEFAULT_STEPS, train
 
     config = train_config(args)
+    _prepare_run_folder(args.output, args.resume)
     base = None
     if args.finetune:
         from .cli import _model_path
@@ -239,6 +387,8 @@ def cmd_train(args) -> int:
     num_classes = len(config.classes) if config.classes else (base.card.num_classes if base else None)
     items = load_pairs(pair_inputs(args.images, args.masks), sparse=config.sparse, norm=norm,
                        pixel_size_nm=args.pixel_size, target_pixel_size_nm=target_nm, num_classes=num_classes)
+    if num_classes is None and not (args.resume and checkpoint_classes(args.output / "checkpoint")):
+        _classes_from_masks(items, config.sparse, args.masks)
     if target_nm is None:
         sizes = {it.pixel_size_nm for it in items}
         if len(sizes) == 1 and None not in sizes:
@@ -273,9 +423,11 @@ def cmd_evaluate(args) -> int:
     from .dataset import pair_inputs
     from .evaluate import evaluate, format_summary, write_results
     from .modelfile import load_model
+    from .cli import _predictor, _prepare_output_folder
+    if args.output:
+        _prepare_output_folder(args.output)
     model = load_model(_model_path(args.model))
-    predictor = model.predictor(tile=args.tile, overlap=args.overlap, tta=args.tta, device=args.device,
-                                compile=getattr(args, "compile", False))
+    predictor = _predictor(args, model)
     pairs = pair_inputs(args.images, args.masks)
     from tqdm.auto import tqdm
     with tqdm(total=None, unit="page", desc="evaluating", disable=args.quiet) as bar:
@@ -294,13 +446,15 @@ def cmd_augment_preview(args) -> int:
     from .augment import augment_preview
     from .card import Normalization
     from .dataset import load_pairs, pair_inputs
+    from .io import check_output_file
     from .metrics import IGNORE
     import numpy as np
+    check_output_file(args.output, "-o", inputs=[*args.images, *args.masks])
     config = _augment_config(args, _read_yaml(args.config))
     items = load_pairs(pair_inputs(args.images, args.masks), sparse=args.sparse, norm=Normalization(),
                        pixel_size_nm=args.pixel_size)
     masks = [np.where(it.target == IGNORE, 0, it.target + (1 if args.sparse else 0)).astype(np.uint8) for it in items]
-    classes = tuple(c.strip() for c in args.classes.split(",")) if args.classes else None
+    classes = args.classes
     path = augment_preview([it.image for it in items], masks, args.output, config=config, n=args.n,
                            crop=args.tile_size, seed=args.seed, class_names=classes)
     log.info("wrote %s", path)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from .card import Normalization
 from .errors import InputError
 from .metrics import IGNORE
-from .preprocess import resize, scaled_shape
+from .preprocess import check_rescale, resize, scaled_shape
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +170,7 @@ def rescale_items(items: list[Annotated], target_nm: float | None) -> list[Annot
         if abs(factor - 1) <= 0.02:
             out.append(item)
             continue
+        check_rescale(item.name, item.image.shape, item.pixel_size_nm, target_nm, channels=2)
         shape = scaled_shape(item.image.shape, factor)
         image = resize(item.image, shape).numpy()
         target = F.interpolate(torch.from_numpy(item.target)[None, None].float(), size=shape,

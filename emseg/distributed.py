@@ -270,7 +270,8 @@ def predict_files(client, model, paths: list[Path], outdir: Path, *, tile: int |
     from .inference import Predictor, labels_dtype
     from .io import open_image, write_overlay_png
     from .io_zarr import stack_writer
-    from .runner import FileResult
+    from .preprocess import check_rescale
+    from .runner import FileResult, missing_outputs, remake_overlay
 
     import torch
 
@@ -301,13 +302,25 @@ def predict_files(client, model, paths: list[Path], outdir: Path, *, tile: int |
         for number, (path, outputs) in inputs:
             slot = [path, None]
             slots.append(slot)
-            if outputs.mask.exists() and not overwrite:
+            missing = [] if overwrite else missing_outputs(outputs, probabilities=probabilities, overlay=overlay)
+            if not overwrite and not missing:
                 log.info("%s: skipped, %s exists (use --overwrite to redo)", path, outputs.mask)
                 slot[1] = FileResult(path, "skipped", outputs)
                 continue
             try:
+                if missing == [outputs.overlay] and remake_overlay(path, outputs, model.card.classes, pixel_size_nm):
+                    log.info("%s: %s exists; made the missing %s", path, outputs.mask, outputs.overlay)
+                    slot[1] = FileResult(path, "completed", outputs)
+                    continue
                 source = open_image(path, pixel_size_nm=pixel_size_nm)
             except EmsegError as exc:
+                slot[1] = exc
+                continue
+            try:
+                check_rescale(str(path), source.shape[1:], source.pixel_size_nm, model.card.pixel_size_nm,
+                              channels=num_classes + 1)
+            except EmsegError as exc:
+                source.close()
                 slot[1] = exc
                 continue
             pages, height, width = source.shape
@@ -348,15 +361,15 @@ def predict_files(client, model, paths: list[Path], outdir: Path, *, tile: int |
         jobs.remove(job)
         try:
             if job.error is None:
-                try:
+                try:  # the mask last: once it exists, so do the input's other outputs
                     if job.prob_writer is not None:
                         job.prob_writer.close()
+                    if job.preview is not None:
+                        write_overlay_png(job.outputs.overlay, *job.preview, class_names=model.card.classes)
                     job.mask_writer.close()
                 except BaseException:
                     job.abort()
                     raise
-                if job.preview is not None:
-                    write_overlay_png(job.outputs.overlay, *job.preview, class_names=model.card.classes)
                 _, height, width = job.source.shape
                 job.slot[1] = FileResult(job.path, "written", job.outputs, job.pages,
                                          time.perf_counter() - job.start, job.pages * height * width / 1e6)

@@ -20,6 +20,7 @@ from .dataset import mask_to_target
 from .errors import InputError
 from .io import atomic_output, open_image
 from .metrics import IGNORE, adapted_rand_error, boundary_class_of, confusion, scores
+from .preprocess import check_rescale
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +33,21 @@ def evaluate(predictor, pairs: Sequence[tuple[Path, Path]], *, sparse: bool = Fa
     total = np.zeros((n, n), np.int64)
     boundary = boundary_class_of(card.classes)
     rows, rand_errors = [], []
-    pages_total = 0
-    for image_path, _ in pairs:
+    pages_total, annotated = 0, not sparse
+    for image_path, mask_path in pairs:
         with open_image(image_path) as img:
             pages_total += len(img)
+        if not annotated:  # scribbles: look for one before the inference
+            with open_image(mask_path) as msk:
+                annotated = any(msk.page(i).any() for i in range(len(msk)))
+    if not annotated:
+        _nothing_to_evaluate(pairs, sparse)
     done = 0
     for image_path, mask_path in pairs:
         with open_image(image_path, pixel_size_nm=pixel_size_nm) as img, open_image(mask_path) as msk:
             if img.shape != msk.shape:
                 raise InputError(f"{mask_path}: mask shape {msk.shape} differs from image {image_path} {img.shape}")
+            check_rescale(str(image_path), img.shape[1:], img.pixel_size_nm, card.pixel_size_nm, channels=n + 1)
             for i in range(len(img)):
                 target = mask_to_target(msk.page(i), sparse=sparse, name=f"{mask_path} page {i + 1}", num_classes=n)
                 pred = predictor.predict_page(img.page(i), pixel_size_nm=img.pixel_size_nm).argmax(0)
@@ -57,10 +64,19 @@ def evaluate(predictor, pairs: Sequence[tuple[Path, Path]], *, sparse: bool = Fa
                 done += 1
                 if progress:
                     progress(done, pages_total)
+    if not total.any():
+        _nothing_to_evaluate(pairs, sparse)
     summary = scores(total, card.classes)
     summary["adapted_rand_error"] = float(np.mean(rand_errors)) if rand_errors else None
     summary["pages"] = len(rows)
     return {"summary": summary, "pages": rows, "classes": list(card.classes)}
+
+
+def _nothing_to_evaluate(pairs, sparse: bool):
+    masks = ", ".join(str(m) for _, m in pairs)
+    raise InputError(f"{masks}: no pixel is annotated, so there is nothing to evaluate"
+                     + ("; with --sparse, 0 means not annotated and classes are 1..N" if sparse else "")
+                     + "; give masks that mark some pixels with their class")
 
 
 def write_results(results: dict, outdir: Path) -> tuple[Path, Path]:

@@ -363,9 +363,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run_cli(args: argparse.Namespace) -> int:
     """Run ``emseg export``; returns 0 on success, 1 on an error explained in the log."""
     from .modelfile import default_model_path
+    from .io import check_output_file, remove_stale_partials
     model_path = default_model_path() if args.model == "default" else Path(args.model)
     options: dict = {}
     try:
+        check_output_file(args.output, "-o", inputs=[model_path] + ([args.sample] if args.sample else []))
+        remove_stale_partials(Path(args.output).parent)
         if args.format == "bioimageio":
             if args.logits:
                 log.warning("--logits is ignored for bioimage.io (its weights give logits, "

@@ -21,6 +21,7 @@ Contract:
 
 from __future__ import annotations
 
+import errno
 import glob
 import logging
 import math
@@ -37,10 +38,14 @@ from emseg.io_tiff import (
     _TRUNCATION_HINTS, MAX_PIXEL_SIZE_NM, _catch_tifffile_warnings, _check_tiff_extent,
     _physical, _unit_to_nm, pixel_size_from_tiff,
 )
-from emseg.io_write import PALETTE, TiffStackWriter, atomic_output, write_overlay_png
+from emseg.io_write import (
+    PALETTE, TiffStackWriter, atomic_output, check_output_file, check_output_folder, remove_stale_partials,
+    write_overlay_png,
+)
 
 __all__ = ["SUPPORTED_SUFFIXES", "ImageSource", "open_image", "array_source", "expand_inputs",
            "pixel_size_from_tiff", "TiffStackWriter", "atomic_output", "write_overlay_png",
+           "check_output_folder", "check_output_file", "remove_stale_partials",
            "PALETTE", "MAX_PIXEL_SIZE_NM"]
 
 log = logging.getLogger(__name__)
@@ -258,9 +263,8 @@ def _open_tiff(path: Path) -> ImageSource:
             raise fail(bad[0])
         if len(tif.series) > 1:
             log.info("%s: holds %d image series; using the first", name, len(tif.series))
-        src = _tiff_source(path, tif, series, axes, shape)
-        _check_tiff_extent(path, series, fail)
-        return src
+        _check_tiff_extent(path, series, fail)  # before _tiff_source, which reads an RGB page whole
+        return _tiff_source(path, tif, series, axes, shape)
     except BaseException:
         tif.close()
         raise
@@ -293,8 +297,11 @@ def _tiff_source(path, tif, series, axes: str, shape: tuple[int, ...]) -> ImageS
         if dims[0] != 1 or samples not in (3, 4):
             raise InputError(f"{name}: is an RGB image; emseg segments single-channel greyscale "
                              "EM images: convert it to greyscale first")
-        data = series.asarray().reshape(dims[1:] + (samples,) if series.axes.endswith("S")
-                                        else (samples,) + dims[1:])
+        try:
+            data = series.asarray()
+        except Exception as err:  # noqa: BLE001 - any decoder error means a bad file
+            raise InputError(f"{name}: cannot be read as TIFF: {err}. Is the file complete?") from err
+        data = data.reshape(dims[1:] + (samples,) if series.axes.endswith("S") else (samples,) + dims[1:])
         grey = _grey_from_rgb(data if series.axes.endswith("S") else np.moveaxis(data, 0, -1), name)
         tif.close()
         return ImageSource(path=path, name=name, shape=dims, dtype=grey.dtype, pixel_size_nm=px,
@@ -412,6 +419,27 @@ def _supported(p: Path) -> bool:
     return (p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES) or _is_zarr(p)
 
 
+def _dangling(p: Path) -> bool:
+    """A symbolic link with an image suffix whose target is missing or loops (skipped with a message)."""
+    if p.name.startswith(".") or p.suffix.lower() not in SUPPORTED_SUFFIXES or not p.is_symlink():
+        return False
+    try:
+        p.stat()
+    except OSError:
+        return True
+    return False
+
+
+def _dangling_error(p: Path) -> InputError:
+    try:
+        p.stat()
+        why = "is unreadable"
+    except OSError as exc:
+        why = ("is a symbolic link that loops" if exc.errno == errno.ELOOP
+               else "is a symbolic link to a file that does not exist")
+    return InputError(f"{p}: {why}; skipped (fix or remove the link)")
+
+
 def expand_inputs(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], list[InputError]]:
     """Expand files, glob patterns and folders (not recursive) into image files.
 
@@ -421,7 +449,8 @@ def expand_inputs(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], list
 
     Returns:
         The files found (deduplicated, in input order; folder and glob matches sorted
-        naturally) and one InputError per input item that gave no file.
+        naturally) and one InputError per input item that gave no file, and per symbolic
+        link with an image suffix whose target is missing or loops (such links are skipped).
     """
     files: list[Path] = []
     errors: list[InputError] = []
@@ -433,7 +462,10 @@ def expand_inputs(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], list
         if _is_zarr(p):  # a zarr store is one input, not a folder of inputs
             found = [p]
         elif p.is_dir():
-            found = sorted((c for c in p.iterdir() if _supported(c)), key=lambda c: _natural_key(c.name))
+            children = list(p.iterdir())
+            errors += [_dangling_error(c) for c in sorted(children, key=lambda c: _natural_key(c.name))
+                       if _dangling(c)]
+            found = sorted((c for c in children if _supported(c)), key=lambda c: _natural_key(c.name))
             if not found:
                 errors.append(InputError(f"{text}: folder has no supported images "
                                          f"(supported: {supported})"))
@@ -441,11 +473,15 @@ def expand_inputs(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], list
             found = [p]
         elif re.search(r"[*?\[]", text):
             matches = [Path(m) for m in glob.glob(text, recursive=True)]
+            errors += [_dangling_error(m) for m in sorted(matches, key=lambda m: _natural_key(str(m))) if _dangling(m)]
             found = sorted((m for m in matches if _supported(m)), key=lambda m: _natural_key(str(m)))
             if not found:
                 why = (f"matches no supported image (supported: {supported})" if matches
                        else "matches no file; check the pattern and the folder")
                 errors.append(InputError(f"{text}: {why}"))
+        elif p.is_symlink():
+            found = []
+            errors.append(_dangling_error(p))
         else:
             found = []
             errors.append(InputError(f"{text}: file or folder not found; check the path and spelling"))

@@ -20,6 +20,8 @@ from emseg.errors import InputError
 log = logging.getLogger(__name__)
 
 MAX_PIXEL_SIZE_NM = 10_000.0
+#: the smallest pixel size emseg accepts where one is given (model cards, options): 1 pm
+MIN_PIXEL_SIZE_NM = 0.001
 #: length units (lower case, micro sign normalised) -> nanometres
 _UNIT_NM = {"nm": 1.0, "nanometer": 1.0, "nanometre": 1.0, "pm": 1e-3, "å": 0.1,
             "angstrom": 0.1, "µm": 1e3, "um": 1e3, "micron": 1e3, "microns": 1e3,

@@ -5,9 +5,15 @@ Import these names from :mod:`emseg.io`; they live here only to keep modules sho
 Contract:
 
 * Every writer is atomic: data goes to a hidden temporary file in the destination
-  folder (``.NAME.partial-PID-N.SUFFIX``) and is renamed onto the final path with
-  :func:`os.replace` only when complete; on error the temporary file is deleted and an
-  existing file at the final path is left untouched.
+  folder (``.NAME.partial-PID-N-hHOST.SUFFIX``: process id, a counter and a tag of the
+  machine) and is renamed onto the final path with :func:`os.replace` only when complete;
+  on error the temporary file is deleted and an existing file at the final path is left
+  untouched. A process killed outright cannot delete its temporary files:
+  :func:`remove_stale_partials` removes those of processes of this machine that are gone,
+  and the commands call it when they start writing into a folder.
+* :func:`check_output_folder` / :func:`check_output_file` refuse an output location that
+  cannot be written (a file where a folder is wanted, a read-only folder, an input) with
+  one line, before any work.
 * :class:`TiffStackWriter` writes ONE TIFF series of shape ``(h, w)``, ``(pages, h, w)``
   or ``(pages, C, h, w)`` that :func:`tifffile.imread` returns with that full shape.
   The pixel size (nm/px) is stored twice: as TIFF XResolution/YResolution in pixels per
@@ -18,18 +24,26 @@ Contract:
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
 import math
 import os
 import queue
+import re
+import shutil
+import socket
+import sys
+import tempfile
 import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+
+from emseg.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +63,124 @@ class _Aborted(Exception):
     """Raised inside the page generator to stop tifffile when the writer is aborted."""
 
 
+#: tags this machine in temporary names, so that a folder shared by several machines is cleaned
+#: only of the files of this machine's dead processes
+_HOST_TAG = hashlib.sha1(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:6]
+#: what the atomic writers leave when killed: ``.NAME.partial-PID-N-hHOST.SUFFIX`` (older emseg:
+#: no host tag) and the zarr writer's ``.NAME.old-PID`` (the replaced store, between two renames)
+_STALE = re.compile(r"^\..+\.(?:partial|old)-(?P<pid>\d+)(?:-\d+)?(?:-h(?P<host>[0-9a-f]{6}))?(?:\.[^.]*)?$")
+
+
 def _temp_path(path: Path) -> Path:
     """Hidden temporary path next to ``path`` that never looks like a finished output."""
-    return path.with_name(f".{path.stem}.partial-{os.getpid()}-{next(_counter)}{path.suffix}")
+    return path.with_name(f".{path.stem}.partial-{os.getpid()}-{next(_counter)}-h{_HOST_TAG}{path.suffix}")
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (True when that cannot be told)."""
+    if pid == os.getpid():
+        return True
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        return psutil.pid_exists(pid)
+    if sys.platform == "win32":  # os.kill would terminate the process there
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process
+        return True
+    return True
+
+
+def remove_stale_partials(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files and stores that killed emseg processes left in ``folder``.
+
+    Only files named as the atomic writers name them, whose process (by id, on this machine) is
+    gone; those of other machines sharing the folder, and of live processes, are kept.
+
+    Returns:
+        The paths removed.
+    """
+    folder = Path(folder)
+    removed: list[Path] = []
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return removed
+    for path in entries:
+        match = _STALE.match(path.name)
+        if match is None or (match["host"] is not None and match["host"] != _HOST_TAG):
+            continue
+        if _process_alive(int(match["pid"])):
+            continue
+        try:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except OSError as exc:
+            log.debug("could not remove %s: %s", path, exc)
+            continue
+        log.info("removed %s, left by an interrupted run (process %s)", path, match["pid"])
+        removed.append(path)
+    return removed
+
+
+def _unwritable(folder: Path) -> str | None:
+    """Why files cannot be written into ``folder`` (created if missing), or None when they can."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".emseg-write-test-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        return f"cannot write there ({exc.strerror or exc})"
+    return None
+
+
+def check_output_folder(folder: str | os.PathLike, option: str = "-o") -> Path:
+    """Create ``folder`` if missing and check that files can be written into it.
+
+    Raises InputError (one line naming the folder and the option) when ``folder`` is a file or
+    lies under one, or cannot be written (read-only, no permission).
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{folder}: {option} must be a folder, but this is a file; give a folder "
+                         "(it is created if missing)")
+    why = _unwritable(folder)
+    if why is not None:
+        raise InputError(f"{folder}: {why}; give {option} a folder you can write to")
+    return folder
+
+
+def check_output_file(path: str | os.PathLike, option: str = "-o",
+                      inputs: Sequence[str | os.PathLike] = ()) -> Path:
+    """Check that the file ``path`` can be written (its folder is created if missing) and is no input.
+
+    Raises InputError (one line naming the path and the option) when ``path`` is a folder or one of
+    ``inputs``, or when its folder cannot be created or written.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: {option} is an existing folder; give the path of a file to write")
+    for item in inputs:
+        if Path(item).exists() and path.exists() and os.path.samefile(path, item):
+            raise InputError(f"{path}: {option} would overwrite the input {item}; choose another file name")
+    why = _unwritable(path.parent)
+    if why is not None:
+        raise InputError(f"{path}: {why}; give {option} a path in a folder you can write to")
+    return path
 
 
 @contextmanager

@@ -166,16 +166,33 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def write_csv(path: str | os.PathLike, columns: dict[str, Sequence] | list[dict]) -> Path:
-    """Write columns (name -> values) or rows (dicts with the same keys) to a CSV file, atomically."""
+def write_csv(path: str | os.PathLike, columns: dict[str, Sequence] | list[dict],
+              header: Sequence[str] = ()) -> Path:
+    """Write columns (name -> values) or rows (dicts with the same keys) to a CSV file, atomically;
+    ``header``: the column names to write when there are no rows."""
     from .io import atomic_output
     if not isinstance(columns, dict):
-        columns = {k: [r[k] for r in columns] for k in (columns[0] if columns else {})}
+        columns = {k: [r[k] for r in columns] for k in (columns[0] if columns else header)}
     with atomic_output(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(list(columns))
         writer.writerows([[_fmt(v) for v in row] for row in zip(*columns.values())])
     return Path(path)
+
+
+def _unit(tables: Sequence[ObjectTable]) -> str:
+    return "nm" if tables and all(t.pixel_size_nm for t in tables) else "px"
+
+
+def summary_fields(unit: str) -> list[str]:
+    """The columns of :func:`summarize`'s rows, diameters in ``unit``."""
+    return ["input", "class", "count", "n_border", "border_objects", "area_fraction", f"diameter_mean_{unit}",
+            f"diameter_median_{unit}", *(f"diameter_p{p}_{unit}" for p in PERCENTILES), "pixel_size_nm"]
+
+
+def write_summary(path: str | os.PathLike, tables: Sequence[ObjectTable], *, exclude_border: bool = True) -> Path:
+    """``summary.csv`` of :func:`summarize`; with its header even when no input has a class to count."""
+    return write_csv(path, summarize(tables, exclude_border=exclude_border), header=summary_fields(_unit(tables)))
 
 
 def summarize(tables: Sequence[ObjectTable], *, exclude_border: bool = True) -> list[dict]:
@@ -188,7 +205,7 @@ def summarize(tables: Sequence[ObjectTable], *, exclude_border: bool = True) -> 
     Returns:
         Rows (dicts with the same keys, CSV column order): classes 1.. of each input, then of "ALL".
     """
-    unit = "nm" if tables and all(t.pixel_size_nm for t in tables) else "px"
+    unit = _unit(tables)
     if unit == "px" and any(t.pixel_size_nm for t in tables):
         log.warning("some inputs have no pixel size: the summary gives diameters in px for all inputs")
     num_classes = max((len(t.class_pixels) for t in tables), default=1)
@@ -213,13 +230,11 @@ def _summary_row(name: str, group: list[ObjectTable], c: int, unit: str, exclude
         total += t.total_pixels
     d = np.concatenate(diam)
     cls = next((t.class_name(c) for t in group if c < len(t.class_names)), f"class_{c}")
-    row = {"input": name, "class": cls, "count": len(d), "n_border": n_border,
-           "border_objects": "excluded" if exclude_border else "included", "area_fraction": area / total,
-           f"diameter_mean_{unit}": d.mean() if len(d) else np.nan,
-           f"diameter_median_{unit}": np.median(d) if len(d) else np.nan}
-    row.update({f"diameter_p{p}_{unit}": np.percentile(d, p) if len(d) else np.nan for p in PERCENTILES})
-    row["pixel_size_nm"] = px or np.nan
-    return row
+    stats = [d.mean(), np.median(d), *(np.percentile(d, p) for p in PERCENTILES)] if len(d) else \
+        [np.nan] * (2 + len(PERCENTILES))
+    values = [name, cls, len(d), n_border, "excluded" if exclude_border else "included", area / total, *stats,
+              px or np.nan]
+    return dict(zip(summary_fields(unit), values))
 
 
 def plot_size_histograms(axes: Sequence, table: ObjectTable, *, exclude_border: bool = True,
@@ -297,6 +312,30 @@ def plot_measurements(path: str | os.PathLike, table: ObjectTable, instances: In
 
 # ---------------------------------------------------------------- files and the `emseg measure` command
 
+#: a class mask with more classes than this (and no names for them) is taken for instance labels
+MAX_CLASSES = 64
+
+
+def check_class_labels(mask: np.ndarray, path, named: int = 0) -> None:
+    """Refuse a mask that cannot be class labels: negative values, or more classes than
+    ``max(MAX_CLASSES, named)`` (instance labels, one value per object, or a stray huge value)."""
+    if mask.size == 0:
+        return
+    low, high = int(mask.min()), int(mask.max())
+    if low < 0:
+        raise InputError(f"{path}: mask holds negative values (down to {low}); class masks hold 0 (background) "
+                         "and 1..N: pass the NAME_mask.tif written by `emseg predict`, or correct the mask")
+    limit = max(MAX_CLASSES, named)
+    if high >= limit:
+        distinct = (f", {np.count_nonzero(np.bincount(mask.ravel())[1:])} different"
+                    if high < 2**16 else "")
+        raise InputError(
+            f"{path}: holds label values up to {high}{distinct}: an instance-label image (one value per object) "
+            f"or a stray value, not a class mask of at most {limit} classes; emseg measure takes class masks such "
+            "as the NAME_mask.tif of `emseg predict`: turn instance labels into a class mask first (e.g. 1 where "
+            "the labels are above 0), or name this many classes with --classes")
+
+
 def measure_file(mask_path: Path, outdir: Path, *, image_path: Path | None = None,
                  class_names: Sequence[str] | None = None, pixel_size_nm: float | None = None,
                  instance_options: dict | None = None, exclude_border: bool = True, plot: bool = True,
@@ -321,6 +360,8 @@ def measure_file(mask_path: Path, outdir: Path, *, image_path: Path | None = Non
     if mask.dtype.kind not in "biu":
         raise InputError(f"{mask_path}: mask has {mask.dtype} values, not class labels; "
                          "pass the NAME_mask.tif written by `emseg predict` (integer labels)")
+    names = class_names_from_tiff(mask_path) or (tuple(class_names) if class_names else None)
+    check_class_labels(mask, mask_path, len(names or ()))
     image = None
     if image_path is not None:
         image, image_px = read_pages(image_path)
@@ -328,7 +369,6 @@ def measure_file(mask_path: Path, outdir: Path, *, image_path: Path | None = Non
             raise InputError(f"{image_path}: image shape {image.shape} differs from its mask {mask_path} "
                              f"{mask.shape}; pass the image the mask was predicted from")
         px = px or image_px
-    names = class_names_from_tiff(mask_path) or (tuple(class_names) if class_names else None)
     options = dict(instance_options or {})
     if object_classes:
         known = list(names or [])
@@ -351,6 +391,7 @@ def measure_file(mask_path: Path, outdir: Path, *, image_path: Path | None = Non
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``measure`` subcommand to an argparse subparsers object."""
+    from .cli import integer, number, pixel_size
     p = subparsers.add_parser(
         "measure", help="count and measure objects in masks (sizes in nm)",
         description="Turn class masks into objects and measure them: NAME_objects.csv (one row per object), "
@@ -361,13 +402,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--images", nargs="+", metavar="IMAGES",
                    help="matching images: one per mask in the same order, or a folder (NAME.* for NAME_mask.tif)")
     p.add_argument("--classes", metavar="A,B,C", help="class names from class 0 when the masks do not store them")
-    p.add_argument("--pixel-size", type=float, metavar="NM", help="pixel size in nm/px, overriding the files'")
+    p.add_argument("--pixel-size", type=pixel_size, metavar="NM", help="pixel size in nm/px, overriding the files'")
     g = p.add_argument_group("objects")
     g.add_argument("--objects", metavar="A,B", help="only these classes (by name); default: every class but 0")
     g.add_argument("--split", action="store_true", help="split touching objects (distance transform + watershed)")
-    g.add_argument("--split-depth", type=float, default=2.0, metavar="PX",
+    g.add_argument("--split-depth", type=number(0.0, above=True), default=2.0, metavar="PX",
                    help="neck depth in px needed to split two objects (default 2; larger splits less)")
-    g.add_argument("--min-size", type=int, default=0, metavar="PX", help="drop objects smaller than this many pixels")
+    g.add_argument("--min-size", type=integer(0), default=0, metavar="PX",
+                   help="drop objects smaller than this many pixels")
     g.add_argument("--fill-holes", action="store_true", help="fill background holes inside objects")
     g.add_argument("--3d", dest="three_d", action="store_true", help="connect objects across the slices of a stack")
     g.add_argument("--include-border", action="store_true",
@@ -385,6 +427,7 @@ def _names(text: str | None) -> list[str] | None:
 
 def run_cli(args: argparse.Namespace) -> int:
     """Run ``emseg measure``; returns 0, or 1 when some inputs failed."""
+    from .cli import _prepare_output_folder, input_failure
     masks, errors = mask_files(args.masks)
     for error in errors:
         log.error("%s", error)
@@ -393,6 +436,7 @@ def run_cli(args: argparse.Namespace) -> int:
         return 1
     try:
         images = match_images(masks, args.images)
+        _prepare_output_folder(args.output)
     except EmsegError as exc:
         log.error("%s", exc)
         return 1
@@ -406,14 +450,13 @@ def run_cli(args: argparse.Namespace) -> int:
                                  instance_options=options, exclude_border=not args.include_border,
                                  plot=not args.no_plot, write_labels=not args.no_instances,
                                  object_classes=_names(args.objects))
-        except EmsegError as exc:
+        except Exception as exc:  # noqa: BLE001 - one mask's failure must not stop the others
             failed += 1
-            log.error("%s", exc)
+            log.error("%s", input_failure(mask, exc), exc_info=getattr(args, "verbose", False))
             continue
         tables.append(table)
         log.info("%s: %d objects (%s)", mask, len(table), "nm" if table.pixel_size_nm else "px, no pixel size")
     if tables:
-        rows = summarize(tables, exclude_border=not args.include_border)
-        write_csv(args.output / "summary.csv", rows)
+        write_summary(args.output / "summary.csv", tables, exclude_border=not args.include_border)
         log.info("summary of %d input(s) -> %s", len(tables), args.output / "summary.csv")
     return 1 if failed else 0

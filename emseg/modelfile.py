@@ -133,9 +133,10 @@ def save_model(net: torch.nn.Module, card: ModelCard, path: str | os.PathLike, *
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     if half:
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    from .io_write import _temp_path
     if path.suffix == ".safetensors":
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+        tmp = _temp_path(path)
         try:
             save_file(state, str(tmp), metadata={CARD_KEY: card.to_json(), "format": "pt"})
             os.replace(tmp, path)
@@ -143,7 +144,7 @@ def save_model(net: torch.nn.Module, card: ModelCard, path: str | os.PathLike, *
             tmp.unlink(missing_ok=True)
         return path
     path.mkdir(parents=True, exist_ok=True)
-    tmp_w, tmp_c = path / f".{FOLDER_WEIGHTS}.partial", path / f".{FOLDER_CARD}.partial"
+    tmp_w, tmp_c = _temp_path(path / FOLDER_WEIGHTS), _temp_path(path / FOLDER_CARD)
     try:
         save_file(state, str(tmp_w), metadata={"format": "pt"})
         tmp_c.write_text(card.to_json())
@@ -202,11 +203,15 @@ def _parse_card(text: str, path: Path) -> ModelCard:
     try:
         return ModelCard.from_dict(data)
     except (KeyError, TypeError, ValueError) as exc:
-        raise ModelFileError(f"{path}: model card is malformed: {exc}") from None
+        raise ModelFileError(f"{path}: model card is malformed: {exc}; use a model file written by emseg "
+                             "(or correct the card)") from None
 
 
 def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> Model:
-    """Load a model file or folder: rebuild the network from its card, then load its weights strictly."""
+    """Load a model file or folder (``"default"``: the bundled model, as the CLI's ``default``): rebuild
+    the network from its card, then load its weights strictly."""
+    if str(path) == "default" and not Path(path).exists():
+        path = default_model_path()
     path = Path(path)
     if not path.exists():
         raise ModelFileError(f"{path}: model file not found")
@@ -220,6 +225,11 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -
         state = load_file(str(weights_file), device=str(device))
     except (SafetensorError, OSError) as exc:
         raise ModelFileError(f"{weights_file}: weights cannot be read ({exc}); the file may be truncated") from None
+    bad = next((name for name, tensor in state.items()
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())), None)
+    if bad is not None:
+        raise ModelFileError(f"{weights_file}: weights hold NaN or infinite values (first in {bad}); the model "
+                             "cannot segment with them: use an earlier model file, or retrain")
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -9,6 +9,7 @@ device as tensors). :func:`normalize_page` is the same computation for numpy pag
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import torch
@@ -119,3 +120,43 @@ def scaled_shape(shape: tuple[int, int], factor: float) -> tuple[int, int]:
                          f"make it {h:.3g} x {w:.3g} pixels; check the pixel size (--pixel-size, or the file's "
                          "metadata), which is far from the model's")
     return max(1, round(h)), max(1, round(w))
+
+
+#: the most an input's pixel size may differ from the model's (either way) before emseg refuses it:
+#: beyond this the structures the model learnt are smaller than a pixel, or many tiles wide
+MAX_RESCALE = 100.0
+
+
+def _physical_memory() -> int | None:
+    """Bytes of physical memory of this machine, None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_rescale(name: str, shape: tuple[int, int], image_nm: float | None, model_nm: float | None,
+                  channels: int = 1) -> None:
+    """Refuse, before anything is allocated, a page whose pixel size would rescale it absurdly.
+
+    Raises :class:`emseg.errors.InputError` (one line naming ``name``) when the input's pixel size
+    differs from the model's by more than :data:`MAX_RESCALE` either way, or when the rescaled page
+    with ``channels`` float32 planes (network input, class probabilities) would not fit in this
+    machine's memory.
+    """
+    factor = rescale_factor(image_nm, model_nm)
+    if factor == 1.0:
+        return
+    from .errors import InputError
+    advice = ("check the pixel size in the file's metadata, or give the right one (--pixel-size, in nm per "
+              "pixel)")
+    if not (math.isfinite(factor) and 1 / MAX_RESCALE <= factor <= MAX_RESCALE):
+        raise InputError(f"{name}: its pixel size {image_nm:.4g} nm differs from the model's {model_nm:.4g} nm "
+                         f"by a factor {factor:.3g} (at most {MAX_RESCALE:g} either way); {advice}")
+    h, w = scaled_shape(shape, factor)
+    need = h * w * 4 * (channels + 1)
+    memory = _physical_memory()
+    if memory is not None and need > memory:
+        raise InputError(f"{name}: at the model's pixel size ({model_nm:.4g} nm, this file {image_nm:.4g} nm) its "
+                         f"{shape[0]}x{shape[1]} pages become {h}x{w} pixels: {need / 1e9:.3g} GB to segment, more "
+                         f"than this machine's memory ({memory / 1e9:.3g} GB); {advice}, or crop the image")

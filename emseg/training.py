@@ -31,12 +31,13 @@ from torch import nn
 from .alignment import estimate_offset, is_offset, shift_image, shift_probabilities
 from .augment import AugmentConfig, build_transform
 from .card import ModelCard, Normalization
-from .checkpoint import checkpoint_classes, checkpoint_payload, load_checkpoint, write_checkpoint
+from .checkpoint import (check_run_folder, checkpoint_classes, checkpoint_payload, has_checkpoint, load_checkpoint,
+                         write_checkpoint)
 from .dataset import (Annotated, CropSampler, Prefetcher, arrays_to_items, border_weights, check_classes,
                       split_regions)
 from .errors import InputError
 from .inference import argmax_classes, resolve_device
-from .metrics import IGNORE, boundary_class_of, confusion, scores
+from .metrics import IGNORE, boundary_class_of, scores
 from .modelfile import Model
 from .models import DEFAULT_ENCODER, build_unet
 from .tiling import TileCanvas, TileGrid
@@ -413,7 +414,8 @@ def train(data: Sequence[Annotated], config: TrainConfig, out_dir: str | Path | 
         preview_image: a raw 2D page predicted at every validation (``TrainEvent.preview``).
         progress: called after every step with a :class:`TrainEvent`.
         stop: set it to end the run after the current step; the best model so far is returned.
-        resume: continue from ``out_dir/checkpoint`` if it exists.
+        resume: continue from ``out_dir/checkpoint`` if it exists; without it, an ``out_dir`` that holds a
+            checkpoint is refused (EmsegError) rather than replaced.
     """
     if not data:
         raise InputError("no annotated training pages; give images with masks")
@@ -422,7 +424,9 @@ def train(data: Sequence[Annotated], config: TrainConfig, out_dir: str | Path | 
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
 
-    resuming = resume and out is not None and (out / "checkpoint" / "state.json").exists()
+    if out is not None:
+        check_run_folder(out, resume)
+    resuming = resume and out is not None and has_checkpoint(out / "checkpoint")
     classes = tuple(config.classes) if config.classes else (base.classes if base else None)
     if classes is None and resuming:
         classes = checkpoint_classes(out / "checkpoint")

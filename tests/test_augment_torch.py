@@ -180,3 +180,31 @@ def test_a_run_with_batches_made_on_the_device(tmp_path):
     losses = [h["loss"] for h in result.history]
     assert losses[-1] < losses[0]
     assert (tmp_path / "run" / "checkpoint" / "state.json").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; none is visible to torch")
+def test_batches_are_made_on_the_gpu_aligned():
+    target = blobs()
+    page = Annotated(target.astype(np.float32) / 2, target, "blobs")
+    sampler = DeviceCropSampler([page], 128, config=GEOMETRY_ONLY, device="cuda", seed=1, bias=0.0)
+    images, targets, _ = sampler.batch(16)
+    assert images.is_cuda and targets.is_cuda
+    assert (torch.round(images[:, 0] * 2).to(torch.uint8) == targets).float().mean().item() > 0.97
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; none is visible to torch")
+def test_a_short_gpu_run_learns():
+    from emseg.card import Normalization
+    from emseg.dataset import mask_to_target, normalise01
+    from emseg.synthetic import make_em_stack
+    from emseg.training import TrainConfig, train
+    images, masks = make_em_stack(pages=2, height=128, width=128, seed=0)
+    items = [Annotated(normalise01(im, Normalization()), mask_to_target(m, sparse=False, name="m"), f"p{i}")
+             for i, (im, m) in enumerate(zip(images, masks))]
+    config = TrainConfig(encoder="vgg11_bn_micro", classes=("background", "membrane", "mitochondrion"),
+                         tile_size=64, batch_size=8, steps=100, val_every=50, device="cuda")
+    result = train(items, config)
+    losses = [h["loss"] for h in result.history]
+    assert losses[-1] < losses[0]

@@ -61,7 +61,8 @@ def model_with(classes: int, *, pixel_size_nm=None, label_offset=(0.0, 0.0), see
     torch.manual_seed(seed)
     names = ("background", "membrane", "mitochondrion")[:classes]
     card = ModelCard(encoder="vgg11_bn_micro", classes=names, tile_size=64, overlap=16,
-                     pixel_size_nm=pixel_size_nm, label_offset=label_offset)
+                     pixel_size_nm=pixel_size_nm, label_offset=label_offset,
+                     follow_label_offset=any(label_offset))
     model = Model.new(card)
     # trained-like batch-norm statistics, so that folding them into the convolutions is exercised
     for m in model.net.modules():
@@ -174,3 +175,38 @@ def test_compiling_falls_back_to_eager_mode_when_it_fails(monkeypatch, rng, capl
     assert caplog.text.count("torch.compile failed") == 1
     np.testing.assert_allclose(compiled, model.predictor(tile=64, overlap=16, device="cpu").predict_page(page),
                                atol=1e-6)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; none is visible to torch")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("classes", [2, 3])
+def test_cuda_pipeline_equals_the_cpu_pipeline(classes, rng):
+    """The raw uint16 page through pinned memory and the side stream, in fp32: the CPU's probabilities
+    to float rounding; with the default bf16 autocast, the same labels but for rare near-ties."""
+    model = model_with(classes, pixel_size_nm=5.0, label_offset=(0.3, -0.2))
+    model.card = model.card.updated(follow_label_offset=True)
+    stack = rng.integers(0, 65535, (3, 300, 260), dtype=np.uint16)
+    source = array_source(stack, pixel_size_nm=6.5)
+    cpu = list(model.predictor(tile=64, overlap=16, device="cpu").iter_pages(source, keep_probabilities=True))
+    fp32 = list(model.predictor(tile=64, overlap=16, device="cuda", amp=False).iter_pages(source,
+                                                                                         keep_probabilities=True))
+    mixed = list(model.predictor(tile=64, overlap=16, device="cuda").iter_pages(source))
+    for a, b, c in zip(cpu, fp32, mixed):
+        assert a.index == b.index == c.index
+        np.testing.assert_allclose(b.probabilities, a.probabilities, atol=1e-4)
+        assert (c.labels == a.labels).mean() > 0.99
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_batch_size_auto_is_measured_once(rng):
+    model = model_with(2)
+    predictor = model.predictor(tile=64, overlap=16, device="cuda", batch_size="auto")
+    predictor.predict_page(rng.random((500, 400), dtype=np.float32))
+    chosen = predictor.batch_size
+    assert 1 <= chosen <= 64 and not predictor._auto_batch
+    predictor.predict_page(rng.random((500, 400), dtype=np.float32))
+    assert predictor.batch_size == chosen

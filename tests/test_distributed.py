@@ -224,8 +224,10 @@ def test_zarr_output_skips_and_failures_keep_input_order(thread_client, model, t
     with open_image(tmp_path / "out" / "a_mask.zarr") as src:
         assert src.pixel_size_nm == pytest.approx(5.0)
         np.testing.assert_array_equal(np.stack(list(src)), model.predict(data, pixel_size_nm=5.0))
-    again = run(thread_client, model, paths[:1], tmp_path / "out", fmt="zarr")
+    again = run(thread_client, model, paths[:1], tmp_path / "out", fmt="zarr", overlay=False)
     assert again[0][1].status == "skipped"
+    again = run(thread_client, model, paths[:1], tmp_path / "out", fmt="zarr")  # only the overlay is missing
+    assert again[0][1].status == "completed" and (tmp_path / "out" / "a_overlay.png").exists()
     with pytest.raises(ValueError, match="'tif' or 'zarr'"):
         run(thread_client, model, paths[:1], tmp_path / "out", fmt="n5")
 

@@ -126,3 +126,17 @@ def test_decoder_layout_travels_with_the_card(tmp_path):
     (folder / FOLDER_CARD).write_text(json.dumps(data))
     with pytest.raises(ModelFileError, match=r"odd: model card is malformed: unknown decoder_upsampling 'cubic'"):
         load_model(folder)
+
+
+def test_default_loads_the_bundled_model_in_python_as_in_the_cli(tmp_path, monkeypatch):
+    """`emseg.load_model("default")` is the bundled model (the README's Python example), unless a file
+    of that name exists in the working folder."""
+    import emseg
+    from emseg.modelfile import default_model_path
+    if not default_model_path().exists():
+        pytest.skip("the bundled default model is not built yet (data_samples/train_default.py)")
+    model = emseg.load_model("default")
+    assert model.path == default_model_path()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(emseg.modelfile.ModelFileError, match="not found"):
+        emseg.load_model("other")

@@ -382,7 +382,12 @@ def test_cli_train_finetune_evaluate(tmp_path, stacks):
     card = load_model(model_file).card
     assert card.pixel_size_nm == pytest.approx(6.0)  # from the training files
     assert card.training["config"]["augment"]["elastic"] == 0
-    assert set(card.training["label_offset"]) >= {"images_moved_by", "measured_at_end", "used"}  # on by default
+    assert "label_offset" not in card.training and not card.follow_label_offset  # opt-in, off by default
+    assert main(["-q", "train", *common, "--encoder", "vgg11_bn_micro", "--classes", ",".join(CLASSES),
+                 "--follow-label-offset", "-o", str(tmp_path / "run_offset")]) == 0
+    followed = load_model(tmp_path / "run_offset" / "model.safetensors").card
+    assert set(followed.training["label_offset"]) >= {"images_moved_by", "measured_at_end", "used"}
+    assert followed.follow_label_offset
     before = model_file.read_bytes()
     assert main(["-q", "finetune", str(model_file), *common, "-o", str(tmp_path / "ft")]) == 0
     assert model_file.read_bytes() == before
