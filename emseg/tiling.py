@@ -35,9 +35,9 @@ from .errors import InputError, OptionError
 log = logging.getLogger(__name__)
 
 DIVISOR = 32  # a U-Net with 5 poolings needs sides divisible by 2**5
-#: blend weight below which a tile's contribution is dropped (relative to its centre weight of 1);
-#: the Gaussian with sigma = side / 8 falls to 3e-4 at an edge centre and 1e-7 in a corner
-WEIGHT_FLOOR = 1e-12
+#: least blend weight along one axis (relative to the centre's 1): the Gaussian with sigma = side / 8
+#: falls to 3.4e-4 at a tile's edge, so the floor only keeps far wider sigmas' products positive
+WEIGHT_FLOOR = 1e-6
 #: an overlap that multiplies the tiles of a page by more than this is warned about (:meth:`TileGrid.check_size`)
 OVERLAP_COST = 16
 
@@ -92,21 +92,36 @@ def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
     return [i * stride for i in range(count)]
 
 
-@lru_cache(maxsize=16)
-def blend_weights(height: int, width: int, sigma_scale: float = 0.125) -> np.ndarray:
-    """A separable Gaussian importance map ``(height, width)`` peaking at 1 in the tile centre.
-
-    ``sigma = sigma_scale * side`` as in nnU-Net. Not floored (a floor lets a tile that sees a
-    pixel at its very edge weigh as much as one that sees it with context); every value stays above
-    :data:`WEIGHT_FLOOR`. The returned array is read-only (it is cached).
-    """
-    def axis(n: int) -> np.ndarray:
-        x = np.arange(n, dtype=np.float64) - (n - 1) / 2
-        return np.exp(-0.5 * (x / (sigma_scale * n)) ** 2)
-
-    w = np.maximum(np.outer(axis(height), axis(width)), WEIGHT_FLOOR).astype(np.float32)
+@lru_cache(maxsize=32)
+def blend_axis(n: int, sigma_scale: float = 0.125) -> np.ndarray:
+    """One axis of the importance map: a Gaussian over ``n`` pixels peaking at 1 in the middle,
+    ``sigma = sigma_scale * n`` as in nnU-Net, floored at :data:`WEIGHT_FLOOR` (float64, read-only)."""
+    x = np.arange(n, dtype=np.float64) - (n - 1) / 2
+    w = np.maximum(np.exp(-0.5 * (x / (sigma_scale * n)) ** 2), WEIGHT_FLOOR)
     w.flags.writeable = False
     return w
+
+
+@lru_cache(maxsize=16)
+def blend_weights(height: int, width: int, sigma_scale: float = 0.125) -> np.ndarray:
+    """The separable Gaussian importance map ``(height, width)``, the outer product of two
+    :func:`blend_axis`, peaking at 1 in the tile centre. Not floored as a whole (a floor lets a tile that
+    sees a pixel at its very edge weigh as much as one that sees it with context): 1e-7 in a corner.
+    Separable, so the weights summed over a grid of tiles are the outer product of two sums along the
+    axes. The returned array is read-only (it is cached)."""
+    w = np.outer(blend_axis(height, sigma_scale), blend_axis(width, sigma_scale)).astype(np.float32)
+    w.flags.writeable = False
+    return w
+
+
+def summed_axis(length: int, tile: int, stride: int, count: int, sigma_scale: float = 0.125) -> np.ndarray:
+    """The weights of :func:`blend_axis` summed over ``count`` tiles ``stride`` apart along an axis of
+    ``length`` pixels (float64)."""
+    total = np.zeros(length)
+    w = blend_axis(tile, sigma_scale)
+    for i in range(count):
+        total[i * stride:i * stride + tile] += w
+    return total
 
 
 def mirror_index(count: int, before: int, length: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -276,27 +291,31 @@ def accumulate_(canvas: torch.Tensor, tiles: torch.Tensor, grid: TileGrid, first
 class TileCanvas:
     """Blends the tile outputs of pages of one :class:`TileGrid` on one device; reuse it across pages.
 
-    Holds the weighted sum ``(K, ph, pw)`` and, computed once, the reciprocal of the summed weights.
+    Holds the weighted sum ``(K, ph, pw)`` and, computed once, the reciprocals of the summed weights along
+    each axis (their outer product is the reciprocal of the summed weights).
     ``reset()`` before each page, ``add()`` each batch, then ``blended()`` (the page's weighted means,
     normalised in place) or ``unnormalised()`` (same order of classes per pixel, for an argmax).
     """
 
-    def __init__(self, grid: TileGrid, channels: int, device: torch.device | str,
-                 weights: np.ndarray | None = None):
+    def __init__(self, grid: TileGrid, channels: int, device: torch.device | str):
         self.grid, self.channels, self.device = grid, channels, torch.device(device)
-        w = blend_weights(*grid.tile_shape) if weights is None else weights
-        self.weight = torch.from_numpy(np.array(w, np.float32)).to(self.device)
+        (th, tw), (sy, sx), (rows, cols) = grid.tile_shape, grid.strides, grid.shape
+        self.weight = torch.from_numpy(blend_weights(th, tw).copy()).to(self.device)
         self.sum = torch.zeros((channels, *grid.padded_shape), dtype=torch.float32, device=self.device)
-        total = torch.zeros((1, *grid.padded_shape), dtype=torch.float32, device=self.device)
-        accumulate_(total, self.weight.expand(len(grid), 1, *self.weight.shape), grid, 0)
-        self.inverse = self._interior(total).reciprocal()  # contiguous (1, H, W)
+        # the summed weights are the outer product of their sums along the axes (blend_weights is separable)
+        (top, _), (left, _) = grid.padding
+        ph, pw = grid.padded_shape
+        down = summed_axis(ph, th, sy, rows)[top:top + grid.height]
+        across = summed_axis(pw, tw, sx, cols)[left:left + grid.width]
+        self._inverse_rows = torch.from_numpy((1 / down).astype(np.float32)).to(self.device)[:, None]
+        self._inverse_cols = torch.from_numpy((1 / across).astype(np.float32)).to(self.device)[None, :]
         self._normalised = False
 
     @staticmethod
     def nbytes(grid: TileGrid, channels: int) -> int:
-        """Device memory of a canvas (sum and reciprocal weights) for ``grid``."""
+        """Device memory of a canvas for ``grid``."""
         ph, pw = grid.padded_shape
-        return 4 * (channels * ph * pw + grid.height * grid.width)
+        return 4 * (channels * ph * pw + grid.height + grid.width)
 
     def _interior(self, t: torch.Tensor) -> torch.Tensor:
         (top, _), (left, _) = self.grid.padding
@@ -325,7 +344,7 @@ class TileCanvas:
         """The page's blended output ``(K, H, W)``: a view, normalised in place, valid until ``reset()``."""
         out = self._interior(self.sum)
         if not self._normalised:
-            out.mul_(self.inverse)
+            out.mul_(self._inverse_rows).mul_(self._inverse_cols)
             self._normalised = True
         return out
 
