@@ -41,7 +41,8 @@ import torch
 from .alignment import is_offset, shift_probabilities
 from .errors import InputError, OptionError
 from .preprocess import normalize_tensor, rescale_factor, resize, scaled_shape
-from .tiling import TileCanvas, TileGrid, check_batch_size, check_tiling, mirror_fill_
+from .tiling import (TileCanvas, TileGrid, accumulate_, blend_weights, check_batch_size, check_tiling,
+                     mirror_fill_, summed_axis)
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,8 @@ CPU_AUTO_BATCH = 4
 MAX_AUTO_BATCH = 64
 #: share of the free GPU memory an automatic batch may fill (the rest: canvas, fragmentation)
 AUTO_MEMORY_FRACTION = 0.6
+#: share of the free GPU memory a page's padded input and canvas may take; a larger page is blended in bands
+CANVAS_MEMORY_FRACTION = 0.5
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -198,7 +201,8 @@ class Predictor:
     def __init__(self, model, *, tile: int | None = None, overlap: int | None = None,
                  batch_size: int | str = 4, tta: bool = False, device: str | torch.device = "auto",
                  amp: bool | None = None, channels_last: bool | None = None, fold_bn: bool = True,
-                 prefetch: bool = True, compile: bool = False, follow_label_offset: bool | None = None):
+                 prefetch: bool = True, compile: bool = False, follow_label_offset: bool | None = None,
+                 max_canvas_bytes: int | None = None):
         """
         Args:
             model: an :class:`emseg.modelfile.Model`. Without batch norms to fold (or with
@@ -218,6 +222,9 @@ class Predictor:
             follow_label_offset: move the probabilities by the card's annotation offset (its training
                 annotators' sub-pixel bias, emseg.alignment); None: as the card says (models trained
                 with the offset followed follow it; older models' offsets only when asked).
+            max_canvas_bytes: a page whose padded input and canvas need more than this is blended one
+                row of tiles at a time (:meth:`_infer_in_bands`); None: on CUDA a share
+                (:data:`CANVAS_MEMORY_FRACTION`) of the free memory, elsewhere no limit.
         """
         self.card = model.card
         follow = self.card.follow_label_offset if follow_label_offset is None else bool(follow_label_offset)
@@ -238,6 +245,7 @@ class Predictor:
         self.tta = tta
         self.amp = (self.device.type == "cuda") if amp is None else amp
         self.prefetch = prefetch
+        self.max_canvas_bytes = max_canvas_bytes
         self._run = self.net
         if compile:
             try:
@@ -298,6 +306,9 @@ class Predictor:
         per_tile = self._bytes_per_tile()
         free = self._free_memory() or free
         buffers = _Workspace.nbytes(grid, self.card.in_channels, self.card.num_classes) if grid else 0
+        if buffers > CANVAS_MEMORY_FRACTION * free:  # the page will be blended in bands of one tile's height
+            th, tw = grid.tile_shape
+            buffers = 4 * th * grid.padded_shape[1] * (self.card.in_channels + _blended_channels(self.card.num_classes))
         cap = auto_batch_size(max(0, free - buffers), per_tile)
         candidates = sorted({b for b in (1, 2, 4, 8, 16, 32, 64) if b <= cap} | {cap})
         rates = {}
@@ -407,15 +418,44 @@ class Predictor:
             page.record_stream(stream)  # the allocator must not reuse it before this stream is done
         return page
 
-    def _workspace_for(self, shape: tuple[int, int]) -> _Workspace:
-        """This thread's buffers for pages of ``shape`` (made anew when the shape changes)."""
+    def _grid_for(self, shape: tuple[int, int]) -> TileGrid:
+        """The tile grid of pages of ``shape`` (the batch size fixed on the first one, if automatic)."""
         ws = getattr(self._local, "workspace", None)
-        if ws is None or (ws.grid.height, ws.grid.width) != shape:
-            grid = TileGrid(*shape, self.tile, self.overlap)
+        if ws is not None and (ws.grid.height, ws.grid.width) == shape:
+            return ws.grid
+        grid = TileGrid(*shape, self.tile, self.overlap)
+        if getattr(self._local, "checked", None) != shape:
             grid.check_size()
-            self.resolve_batch_size(grid)
-            self._local.workspace = None  # free the old buffers first
-            ws = self._local.workspace = _Workspace(grid, self.card.in_channels, self.card.num_classes, self.device)
+            self._local.checked = shape
+        self.resolve_batch_size(grid)
+        return grid
+
+    def _workspace_for(self, grid: TileGrid) -> _Workspace | None:
+        """This thread's buffers for pages of ``grid`` (made anew when the grid changes), or None when
+        they would not fit the device's memory (then the page is blended band by band)."""
+        ws = getattr(self._local, "workspace", None)
+        if ws is not None and ws.grid == grid:
+            return ws
+        if getattr(self._local, "too_large", None) == grid:
+            return None
+        self._local.workspace = None  # free the old buffers first
+        need = _Workspace.nbytes(grid, self.card.in_channels, self.card.num_classes)
+        limit = self.max_canvas_bytes
+        if limit is None and self.device.type == "cuda":
+            limit = int(CANVAS_MEMORY_FRACTION * torch.cuda.mem_get_info(self.device)[0])
+        if limit is not None and need > limit:
+            self._local.too_large = grid
+            return None
+        try:
+            ws = _Workspace(grid, self.card.in_channels, self.card.num_classes, self.device)
+        except Exception as exc:  # noqa: BLE001 - only running out of memory is handled
+            if not is_out_of_memory(exc):
+                raise
+            ws = None
+        if ws is None:
+            self._local.too_large = grid
+            self._release_memory()
+        self._local.workspace = ws
         return ws
 
     def _infer(self, page: torch.Tensor, pixel_size_nm: float | None, keep_probabilities: bool,
@@ -425,8 +465,10 @@ class Predictor:
         factor = rescale_factor(pixel_size_nm, self.card.pixel_size_nm)
         shape = tuple(page.shape)
         size = shape if factor == 1.0 else scaled_shape(shape, factor)
-        ws = self._workspace_for(size)
-        grid = ws.grid
+        grid = self._grid_for(size)
+        ws = self._workspace_for(grid)
+        if ws is None:
+            return self._infer_in_bands(page, grid, factor, keep_probabilities, progress)
         (top, _), (left, _) = grid.padding
         interior = ws.padded[0, top:top + size[0], left:left + size[1]]
         if factor == 1.0:
@@ -442,13 +484,18 @@ class Predictor:
             canvas.add(first, self.forward(grid.gather(ws.padded, first, count), centred=binary))
             if progress is not None:
                 progress(first + count, len(grid))
-        shifted = is_offset(self.label_offset)
-        if not (keep_probabilities or factor != 1.0 or shifted):
+        if not (keep_probabilities or factor != 1.0 or is_offset(self.label_offset)):
             if binary:  # class 1 where its blended probability exceeds one half: the weighted sum's sign
                 return torch.gt(canvas.unnormalised()[0], 0).view(torch.uint8), None
             return argmax_classes(canvas.unnormalised()), None
-        probs = canvas.blended()
-        if binary:
+        return self._finish(canvas.blended(), shape, factor, keep_probabilities)
+
+    def _finish(self, blended: torch.Tensor, shape: tuple[int, int], factor: float,
+                keep_probabilities: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Labels and (kept) probabilities from a page's blended output: back to the page grid, moved by
+        the followed annotation offset, argmax."""
+        probs = blended
+        if self.card.num_classes == 2:  # class 1's probability less one half was blended
             p1 = probs.add(0.5)
             probs = torch.cat([torch.sub(1.0, p1), p1])
         if factor != 1.0:
@@ -456,6 +503,57 @@ class Predictor:
         # the card's offset is in the model's pixels: 1 / factor page pixels each
         probs = shift_probabilities(probs, self.label_offset, 1.0 / factor)
         return argmax_classes(probs), (probs if keep_probabilities else None)
+
+    def _infer_in_bands(self, page: torch.Tensor, grid: TileGrid, factor: float, keep_probabilities: bool,
+                        progress: TileProgress | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A page whose canvas does not fit the device: normalised and padded in host memory, then
+        one row of tiles at a time uploaded, predicted and blended into a band of one tile's height on
+        the device; the rows that no later tile touches go back to the host as they are finished.
+        The result is the whole-canvas path's (the weights' sums are the same separable vectors)."""
+        if getattr(self._local, "banded", None) != (grid.height, grid.width):
+            self._local.banded = (grid.height, grid.width)
+            log.info("a %d x %d page's canvas (%.1f GiB) does not fit the free memory of %s: blending it one "
+                     "row of tiles at a time", grid.height, grid.width,
+                     _Workspace.nbytes(grid, self.card.in_channels, self.card.num_classes) / 2**30, self.device)
+        norm = self.card.normalization
+        x = normalize_tensor(page.cpu(), norm)
+        if factor != 1.0:
+            x = resize(x, (grid.height, grid.width))
+        padded = grid.pad(x[None])
+        (th, tw), (sy, sx), (rows, cols) = grid.tile_shape, grid.strides, grid.shape
+        (top, _), (left, _) = grid.padding
+        h, w = grid.height, grid.width
+        channels = _blended_channels(self.card.num_classes)
+        binary = self.card.num_classes == 2
+        weight = torch.from_numpy(blend_weights(th, tw).copy()).to(self.device)
+        ph, pw = grid.padded_shape
+        inverse_rows = torch.from_numpy(1 / summed_axis(ph, th, sy, rows)).float()
+        inverse_cols = torch.from_numpy(1 / summed_axis(pw, tw, sx, cols)[left:left + w]).float().to(self.device)
+        band = torch.zeros((channels, th, pw), dtype=torch.float32, device=self.device)
+        blended = torch.empty((channels, h, w), dtype=torch.float32)
+        for r in range(rows):
+            strip = padded[:, r * sy:r * sy + th].to(self.device)
+            windows = strip.unfold(1, th, sy).unfold(2, tw, sx)[:, 0]  # (C, cols, th, tw)
+            for c0 in range(0, cols, self.batch_size):
+                tiles = windows[:, c0:c0 + self.batch_size].transpose(0, 1).contiguous()
+                accumulate_(band, self.forward(tiles, centred=binary), grid, c0, weight)
+                if progress is not None:
+                    progress(r * cols + min(cols, c0 + self.batch_size), len(grid))
+            y0 = r * sy
+            finished = sy if r < rows - 1 else th  # rows no later tile reaches
+            a, b = max(y0, top), min(y0 + finished, top + h)
+            if a < b:
+                rows_done = band[:, a - y0:b - y0, left:left + w] * inverse_rows[a:b, None].to(self.device)
+                blended[:, a - top:b - top] = (rows_done * inverse_cols).cpu()
+            if r < rows - 1:
+                band[:, :th - sy] = band[:, sy:].clone()
+                band[:, th - sy:] = 0
+        shape = tuple(page.shape)
+        if not (keep_probabilities or factor != 1.0 or is_offset(self.label_offset)):
+            if binary:
+                return torch.gt(blended[0], 0).view(torch.uint8), None
+            return argmax_classes(blended), None
+        return self._finish(blended, shape, factor, keep_probabilities)
 
     def _to_host(self, labels: torch.Tensor, probs: torch.Tensor | None):
         """Start copying a page's outputs to the host; returns a function that waits and gives them."""

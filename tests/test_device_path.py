@@ -210,3 +210,24 @@ def test_cuda_batch_size_auto_is_measured_once(rng):
     assert 1 <= chosen <= 64 and not predictor._auto_batch
     predictor.predict_page(rng.random((500, 400), dtype=np.float32))
     assert predictor.batch_size == chosen
+
+
+@pytest.mark.parametrize("classes,keep,page_nm,offset", [(2, False, None, (0.0, 0.0)), (2, True, None, (0.0, 0.0)),
+                                                        (3, False, 7.0, (0.4, -0.3)), (3, True, None, (0.0, 0.0))])
+def test_a_page_whose_canvas_does_not_fit_is_blended_in_bands(classes, keep, page_nm, offset, rng, caplog):
+    """A page too large for the device's memory (forced here with a tiny limit) is blended one row of
+    tiles at a time: the same probabilities and labels as the whole canvas."""
+    import logging
+    model = model_with(classes, pixel_size_nm=5.0 if page_nm else None, label_offset=offset)
+    stack = rng.integers(0, 4000, (2, 230, 190), dtype=np.uint16)
+    source = array_source(stack, pixel_size_nm=page_nm)
+    whole = list(model.predictor(tile=64, overlap=16, batch_size=3, device="cpu").iter_pages(
+        source, keep_probabilities=keep))
+    with caplog.at_level(logging.INFO, logger="emseg.inference"):
+        banded = list(model.predictor(tile=64, overlap=16, batch_size=3, device="cpu", max_canvas_bytes=1)
+                      .iter_pages(source, keep_probabilities=keep))
+    assert caplog.text.count("one row of tiles at a time") == 1
+    for a, b in zip(whole, banded):
+        if keep:
+            np.testing.assert_allclose(b.probabilities, a.probabilities, atol=1e-5)
+        assert (a.labels == b.labels).mean() > 0.9999
