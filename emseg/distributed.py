@@ -315,10 +315,12 @@ def predict_files(client, model, paths: list[Path], outdir: Path, *, tile: int |
             try:
                 outdir.mkdir(parents=True, exist_ok=True)
                 mask_writer = stack_writer(outputs.mask, shape=page_shape, dtype=labels_dtype(num_classes),
-                                           pixel_size_nm=source.pixel_size_nm, metadata=meta)
+                                           pixel_size_nm=source.pixel_size_nm, metadata=meta,
+                                           z_spacing_nm=source.z_spacing_nm)
                 if probabilities:
                     prob_writer = stack_writer(outputs.probabilities, shape=prob_shape, dtype=np.float32,
-                                               pixel_size_nm=source.pixel_size_nm, metadata=meta)
+                                               pixel_size_nm=source.pixel_size_nm, metadata=meta,
+                                               z_spacing_nm=source.z_spacing_nm)
             except BaseException:
                 if mask_writer is not None:
                     mask_writer.abort()

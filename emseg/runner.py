@@ -98,10 +98,10 @@ def predict_file(predictor: Predictor, path: Path, outdir: Path, *, pixel_size_n
         middle = pages // 2
         outdir.mkdir(parents=True, exist_ok=True)
         mask_writer = stack_writer(outputs.mask, shape=page_shape, dtype=labels_dtype(num_classes),
-                                      pixel_size_nm=source.pixel_size_nm,
+                                      pixel_size_nm=source.pixel_size_nm, z_spacing_nm=source.z_spacing_nm,
                                       metadata={"classes": list(predictor.card.classes)})
         prob_writer = (stack_writer(outputs.probabilities, shape=prob_shape, dtype=np.float32,
-                                       pixel_size_nm=source.pixel_size_nm,
+                                       pixel_size_nm=source.pixel_size_nm, z_spacing_nm=source.z_spacing_nm,
                                        metadata={"classes": list(predictor.card.classes)})
                        if probabilities else None)
         preview = None
