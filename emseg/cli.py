@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input pixel size in nm/px, overriding the files' own (or supplying a missing one)")
     g.add_argument("--format", choices=("tif", "zarr"), default="tif",
                    help="masks/probabilities as TIFF (default) or OME-Zarr folders (NAME_mask.zarr), written page by page")
+    from .volume_run import add_arguments as _add_volume_arguments
+    _add_volume_arguments(p.add_argument_group("volumes (3D stacks)"))
     from .distributed import add_arguments as _add_cluster_arguments
     _add_cluster_arguments(p.add_argument_group("cluster (dask.distributed)"))
     g = p.add_argument_group("objects and measurements")
@@ -78,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--objects", metavar="A,B", help="only these classes (by name); default: every class but 0")
     g.add_argument("--split", action="store_true", help="split touching objects (distance transform + watershed)")
     g.add_argument("--min-size", type=int, default=0, metavar="PX", help="drop objects smaller than this (pixels)")
+    g.add_argument("--3d", dest="three_d", action="store_true",
+                   help="connect objects across slices and measure them in 3D (volume, surface; the default "
+                        "with --planes ortho)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("models", help="list the encoders with parameters and GFLOPs per megapixel")
@@ -144,6 +149,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
         return 1
     check_outputs(paths, args.output, args.format)
     model = load_model(_model_path(args.model))
+    if args.planes == "ortho":
+        from .volume_run import cmd_predict_ortho
+        return cmd_predict_ortho(args, paths, model, failed=len(errors))
+    if args.voxel_size:
+        args.pixel_size = args.pixel_size or args.voxel_size[2]
     if args.scheduler:
         from .distributed import cmd_predict_distributed
         return cmd_predict_distributed(args, paths, model, failed=len(errors))
@@ -159,7 +169,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         try:
             result = predict_file(predictor, path, args.output, pixel_size_nm=args.pixel_size,
                                   probabilities=args.probabilities, overlay=not args.no_overlay,
-                                  overwrite=args.overwrite, progress=progress, fmt=args.format)
+                                  overwrite=args.overwrite, progress=progress, fmt=args.format,
+                                  voxel_size_nm=args.voxel_size)
         except EmsegError as exc:
             failed += 1
             log.error("%s", exc, exc_info=args.verbose)
@@ -183,7 +194,9 @@ def _measure_output(args: argparse.Namespace, image: Path, mask: Path, classes):
     """Instances (and measurements) of one written mask, next to it."""
     from .measure import measure_file
     return measure_file(mask, args.output, image_path=image, class_names=classes, pixel_size_nm=args.pixel_size,
-                        instance_options={"split": args.split, "min_size_px": args.min_size},
+                        instance_options={"split": args.split, "min_size_px": args.min_size,
+                                          "three_d": args.three_d or args.planes == "ortho"},
+                        voxel_size_nm=args.voxel_size,
                         plot=args.measure, write_labels=True,
                         object_classes=[c.strip() for c in args.objects.split(",")] if args.objects else None)
 

@@ -44,6 +44,7 @@ from emseg.io_tiff import (
 from emseg.io_write import PALETTE, TiffStackWriter, atomic_output, write_overlay_png
 
 __all__ = ["SUPPORTED_SUFFIXES", "ImageSource", "open_image", "array_source", "expand_inputs", "check_voxel_size",
+           "parse_voxel_size", "voxel_size_arg",
            "pixel_size_from_tiff", "TiffStackWriter", "atomic_output", "write_overlay_png",
            "PALETTE", "MAX_PIXEL_SIZE_NM"]
 
@@ -247,6 +248,29 @@ def open_image(path: str | os.PathLike, *, pixel_size_nm: float | None = None,
     src = _overridden(src, override, voxel)
     log.debug("opened %r", src)
     return src
+
+
+def parse_voxel_size(text: str) -> tuple[float, float, float]:
+    """``"Z,Y,X"`` in nm (``"5"`` alone means 5,5,5; ``x`` also separates) as three floats; ValueError otherwise."""
+    parts = [p for p in str(text).replace("x", ",").split(",") if p.strip()]
+    try:
+        values = tuple(float(p) for p in parts)
+    except ValueError:
+        values = ()
+    if len(values) == 1:
+        values = values * 3
+    if len(values) != 3 or not all(math.isfinite(v) and v > 0 for v in values):
+        raise ValueError(f"expected three positive numbers Z,Y,X in nm (e.g. 8,5,5), got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def voxel_size_arg(text: str) -> tuple[float, float, float]:
+    """argparse type of ``--voxel-size Z,Y,X``: a checked voxel size, or a one-line usage error."""
+    import argparse
+    try:
+        return check_voxel_size(parse_voxel_size(text), "--voxel-size")
+    except (ValueError, InputError) as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--voxel-size: ")) from None
 
 
 def check_voxel_size(value: Sequence[float], name: str = "--voxel-size") -> tuple[float, float, float]:

@@ -83,14 +83,14 @@ def check_outputs(inputs: list[Path], outdir: Path, fmt: str = "tif") -> None:
 
 def predict_file(predictor: Predictor, path: Path, outdir: Path, *, pixel_size_nm: float | None = None,
                  probabilities: bool = False, overlay: bool = True, overwrite: bool = False,
-                 progress: FileProgress | None = None, fmt: str = "tif") -> FileResult:
+                 progress: FileProgress | None = None, fmt: str = "tif", voxel_size_nm=None) -> FileResult:
     """Segment one input file into ``outdir`` (see the module docstring). Raises InputError on bad input."""
     outputs = OutputPaths.for_input(path, outdir, fmt)
     if outputs.mask.exists() and not overwrite:
         log.info("%s: skipped, %s exists (use --overwrite to redo)", path, outputs.mask)
         return FileResult(path, "skipped", outputs)
     start = time.perf_counter()
-    with open_image(path, pixel_size_nm=pixel_size_nm) as source:
+    with open_image(path, pixel_size_nm=pixel_size_nm, voxel_size_nm=voxel_size_nm) as source:
         pages, height, width = source.shape
         page_shape = (pages, height, width) if source.is_stack else (height, width)
         num_classes = predictor.card.num_classes

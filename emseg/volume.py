@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InputError
+from .io import parse_voxel_size, voxel_size_arg  # noqa: F401 - re-exported for the CLI
 
 log = logging.getLogger(__name__)
 
@@ -76,20 +77,6 @@ class SlabResult:
 
 # ---------------------------------------------------------------- checks
 
-def parse_voxel_size(text: str) -> tuple[float, float, float]:
-    """``"Z,Y,X"`` (nm; ``"5"`` alone means 5,5,5) as a tuple of three floats; ValueError otherwise."""
-    parts = [p for p in str(text).replace("x", ",").split(",") if p.strip()]
-    try:
-        values = tuple(float(p) for p in parts)
-    except ValueError:
-        values = ()
-    if len(values) == 1:
-        values = values * 3
-    if len(values) != 3 or not all(math.isfinite(v) and v > 0 for v in values):
-        raise ValueError(f"expected three positive numbers Z,Y,X in nm (e.g. 8,5,5), got {text!r}")
-    return values  # type: ignore[return-value]
-
-
 def check_volume(shape: Sequence[int], voxel_size_nm: Sequence[float] | None, name: str, *,
                  is_stack: bool = True, max_anisotropy: float = MAX_ANISOTROPY) -> tuple[float, float, float]:
     """The voxel size to run ortho-plane inference with, or an InputError saying in one line why not.
@@ -98,8 +85,8 @@ def check_volume(shape: Sequence[int], voxel_size_nm: Sequence[float] | None, na
     pixel size, or its inverse) above ``max_anisotropy``; warns above :data:`WARN_ANISOTROPY`.
     """
     shape = tuple(int(n) for n in shape)
-    if len(shape) != 3 or not is_stack:
-        raise InputError(f"{name}: is a 2D image; --planes ortho needs a 3D stack (pages, height, width): "
+    if len(shape) != 3 or (not is_stack and shape[0] == 1):
+        raise InputError(f"{name}: is a 2D image (one slice); --planes ortho needs a 3D stack of 2 or more slices: "
                          "use --planes xy")
     if shape[0] < 2:
         raise InputError(f"{name}: is a stack of one slice, which has no xz or yz planes; use --planes xy")
