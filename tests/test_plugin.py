@@ -49,7 +49,7 @@ def test_manifest_validates():
     assert manifest.name == "emseg"
     contributions = manifest.contributions
     assert len(contributions.readers) == 1 and len(contributions.writers) == 1
-    assert len(contributions.sample_data) == 1 and len(contributions.widgets) == 2
+    assert len(contributions.sample_data) == 2 and len(contributions.widgets) == 2
     patterns = contributions.readers[0].filename_patterns
     for suffix in ("dm3", "dm4", "emd", "ser", "mrc", "hspy", "tif", "tiff"):
         assert f"*.{suffix}" in patterns
@@ -59,7 +59,7 @@ def test_every_manifest_command_imports():
     npe2 = pytest.importorskip("npe2", reason='needs the napari extra: pip install "emseg[napari]"')
     pytest.importorskip("qtpy", reason='needs the napari extra: pip install "emseg[napari]"')
     manifest = npe2.PluginManifest.from_file(MANIFEST)
-    assert len(manifest.contributions.commands) == 5
+    assert len(manifest.contributions.commands) == 6
     for command in manifest.contributions.commands:
         module, _, attr = command.python_name.partition(":")
         assert callable(getattr(importlib.import_module(module), attr)), command.python_name

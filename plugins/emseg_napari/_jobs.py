@@ -61,6 +61,9 @@ class SegmentRequest:
     probabilities: bool = False
     objects: ObjectOptions | None = None
     measure_pixel_size_nm: float | None = None
+    ortho: bool = False  # the whole volume through its xy, xz and yz planes (emseg.volume)
+    voxel_size_nm: tuple[float, float, float] | None = None  # needed with ortho
+    combine: str = "mean"
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,8 @@ def segment(request: SegmentRequest, load_model: Callable[[Path], Any], *,
     model = load_model(request.model_path)
     predictor = model.predictor(tile=request.tile, overlap=request.overlap, tta=request.tta,
                                 device=request.device, batch_size=request.batch_size)
+    if request.ortho:
+        return _segment_volume(request, model, predictor, start, progress, stop)
     image = request.image
     is_stack = image.ndim == 3
     pages = request.pages if (is_stack and request.pages is not None) else (
@@ -154,12 +159,39 @@ def segment(request: SegmentRequest, load_model: Callable[[Path], Any], *,
                          time.perf_counter() - start, str(predictor.device), objects)
 
 
+def _segment_volume(request: SegmentRequest, model, predictor, start: float, progress, stop) -> SegmentResult:
+    """The whole volume with ortho-plane inference; objects connected and measured in 3D."""
+    from emseg.volume import predict_volume
+
+    def on_progress(done: float, total: float, text: str) -> None:
+        if stop is not None and stop.is_set():
+            raise Cancelled()
+        if progress is not None:
+            progress(done / max(total, 1e-9), f"ortho-plane: {text}")
+
+    out = predict_volume(predictor, request.image, voxel_size_nm=request.voxel_size_nm, combine=request.combine,
+                         return_probabilities=request.probabilities, progress=on_progress, name="image layer")
+    labels, probs = out if request.probabilities else (out, None)
+    objects = None
+    if request.objects is not None:
+        if progress is not None:
+            progress(1.0, "finding and measuring 3D objects…")
+        objects = measure_segmentation(labels, np.asarray(request.image), model.card.classes,
+                                       request.measure_pixel_size_nm, request.objects, three_d=True,
+                                       voxel_size_nm=request.voxel_size_nm)
+    return SegmentResult(labels, probs, None, model.card.classes, request.model_path, time.perf_counter() - start,
+                         str(predictor.device), objects)
+
+
 def measure_segmentation(labels: np.ndarray, image: np.ndarray | None, classes: Sequence[str],
                          pixel_size_nm: float | None, options: ObjectOptions, *, pages: Sequence[int] | None = None,
-                         name: str = "image layer") -> ObjectsResult:
+                         name: str = "image layer", three_d: bool = False,
+                         voxel_size_nm: Sequence[float] | None = None) -> ObjectsResult:
     """Objects of every foreground class of ``labels`` (per slice for a stack) and their measurements
     in nm (px when ``pixel_size_nm`` is None), as ``emseg predict --instances --measure`` makes them.
-    ``pages``: the stack slices that ``labels`` holds, so that the ``slice`` column names them."""
+    ``pages``: the stack slices that ``labels`` holds, so that the ``slice`` column names them.
+    ``three_d``: objects connected across slices, with their volume, surface and bounding box
+    (in nm with ``voxel_size_nm``)."""
     import pandas as pd
 
     from emseg.measure import measure_objects, object_columns, summarize
@@ -167,12 +199,13 @@ def measure_segmentation(labels: np.ndarray, image: np.ndarray | None, classes: 
 
     class_ids = [list(classes).index(c) for c in options.classes] if options.classes else None
     instances = find_instances(labels, split=options.split, min_size_px=options.min_size_px,
-                               fill_holes=options.fill_holes, class_ids=class_ids)
-    table = measure_objects(instances, image=image, pixel_size_nm=pixel_size_nm, class_names=classes, name=name)
+                               fill_holes=options.fill_holes, class_ids=class_ids, three_d=three_d)
+    table = measure_objects(instances, image=image, pixel_size_nm=pixel_size_nm, class_names=classes, name=name,
+                            voxel_size_nm=voxel_size_nm)
     if pages is not None:
         table.data["slice"] = np.asarray(pages)[table.data["slice"]]
     columns = object_columns(table)
-    background = {k: (0 if k in ("label", "class_index", "slice") else
+    background = {k: (0 if k in ("label", "class_index", "slice", "n_slices") or k.startswith("bbox_") else
                       "background" if k == "class" else False if k == "touches_border" else np.nan)
                   for k in columns}
     features = pd.concat([pd.DataFrame([background]), pd.DataFrame(columns)], ignore_index=True)
