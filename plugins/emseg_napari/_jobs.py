@@ -251,6 +251,8 @@ class FinetuneRequest:
     name: str = "fine-tuned"
     layer_name: str = "layer"
     extra: dict = field(default_factory=dict)
+    planes: str = "xy"  # "ortho": pages from the xy, xz and yz planes of the annotated volume (emseg.volume_train)
+    voxel_size_nm: tuple[float, float, float] | None = None  # needed with ortho
 
 
 @dataclass
@@ -304,10 +306,18 @@ def finetune(request: FinetuneRequest, *, progress: Callable[[Any], None] | None
                          "shape (press 'New scribble layer')")
     check_annotations(request.labels, request.classes, sparse=request.sparse, name=request.layer_name)
     base = load_model(request.base_path) if request.base_path is not None else None
-    image, labels = annotated_pages(request.image, request.labels)
     norm = base.card.normalization if base is not None else None
-    items = annotations_from_arrays(image, labels, sparse=request.sparse, pixel_size_nm=request.pixel_size_nm,
-                                    name=request.layer_name, norm=norm)
+    val_items = None
+    if request.planes == "ortho":
+        from emseg.card import Normalization
+        from emseg.volume_train import volume_splits
+        items, val_items = volume_splits(np.asarray(request.image), request.labels, 0.2,
+                                         voxel_size_nm=request.voxel_size_nm, sparse=request.sparse,
+                                         norm=norm or Normalization(), name=request.layer_name)
+    else:
+        image, labels = annotated_pages(request.image, request.labels)
+        items = annotations_from_arrays(image, labels, sparse=request.sparse, pixel_size_nm=request.pixel_size_nm,
+                                        name=request.layer_name, norm=norm)
     preview = request.preview_page
     model_nm = base.card.pixel_size_nm if base is not None else None
     card_nm = None  # a new pixel size for the saved model's card, when it changes
@@ -319,6 +329,7 @@ def finetune(request: FinetuneRequest, *, progress: Callable[[Any], None] | None
         card_nm = request.pixel_size_nm
     elif model_nm and request.pixel_size_nm:
         items = rescale_items(items, model_nm)
+        val_items = rescale_items(val_items, model_nm) if val_items is not None else None
         factor = request.pixel_size_nm / model_nm
     if preview is not None and abs(factor - 1) > 0.02:
         preview = _resize_page(np.asarray(preview, np.float32), factor)
@@ -339,7 +350,8 @@ def finetune(request: FinetuneRequest, *, progress: Callable[[Any], None] | None
         if progress is not None:
             progress(event)
 
-    result = train(items, config, None, base=base, preview_image=preview, progress=on_event, stop=stop)
+    result = train(items, config, None, base=base, val_data=val_items, preview_image=preview, progress=on_event,
+                   stop=stop)
     if steps_done == 0:
         return FinetuneResult(None, result.model.classes, 0, None, True, time.perf_counter() - start)
     if not request.out_path.parent.exists():
