@@ -195,7 +195,7 @@ def summarize(tables: Sequence[ObjectTable], *, exclude_border: bool = True) -> 
     """Per input and class (and over all inputs, when several): counts, area fractions, diameters.
 
     Diameters are equivalent diameters in nm when every input has a pixel size, else in px for all
-    (logged). Objects touching the border are left out of counts and diameters when
+    (logged); of 3D objects with a voxel size, the diameter of the sphere of the same volume. Objects touching the border are left out of counts and diameters when
     ``exclude_border``; ``n_border`` counts them either way.
 
     Returns:
@@ -220,7 +220,10 @@ def _summary_row(name: str, group: list[ObjectTable], c: int, unit: str, exclude
         of_class = t.data["class_index"] == c
         border = of_class & t.data["touches_border"]
         kept = of_class & ~border if exclude_border else of_class
-        diam.append(t.data["equivalent_diameter"][kept] * (t.pixel_size_nm if unit == "nm" else 1.0))
+        if t.three_d and t.voxel_size_nm and unit == "nm":  # 3D objects: the diameter of the same-volume sphere
+            diam.append(t.data["equivalent_diameter_3d"][kept])
+        else:
+            diam.append(t.data["equivalent_diameter"][kept] * (t.pixel_size_nm if unit == "nm" else 1.0))
         n_border += int(border.sum())
         area += int(t.class_pixels[c]) if c < len(t.class_pixels) else 0
         total += t.total_pixels

@@ -56,6 +56,10 @@ def test_measure_objects_adds_3d_columns_with_units_and_flags_end_slices():
     assert {"surface_area_nm2", "equivalent_diameter_3d_nm", "sphericity", "centroid_z_nm", "bbox_z0"} <= set(cols)
     assert cols["touches_border"].tolist() == [False, True]
     assert cols["n_slices"].tolist() == [5, 4]
+    from emseg.measure import summarize
+    [row] = [r for r in summarize([table]) if r["class"] == "mito"]
+    assert row["count"] == 1 and row["n_border"] == 1  # the one at the first slice is left out
+    assert row["diameter_median_nm"] == pytest.approx(cols["equivalent_diameter_3d_nm"][0])
     unknown = object_columns(measure_objects(instances))
     assert "volume_vox3" in unknown and "volume_nm3" not in unknown
     flat = object_columns(measure_objects(find_instances(mask)))
