@@ -130,3 +130,17 @@ def test_cluster_run_equals_the_local_run(model_path, tiny_model, tmp_path):
                                    atol=1e-5)
     assert len(seen) > 2 and seen[-1][0] == pytest.approx(seen[-1][1])
     assert (tmp_path / "dist" / "vol_overlay.png").exists()
+
+
+def test_cli_scheduler_runs_ortho_slabs_on_the_cluster(model_path, tmp_path, monkeypatch):
+    distributed = pytest.importorskip("distributed", reason="needs dask.distributed (the distributed extra)")
+    from emseg import distributed as dist
+    _imagej_stack(tmp_path / "vol.tif", _volume((8, 48, 40), seed=7))
+    monkeypatch.setattr(dist, "connect", lambda scheduler, workers: distributed.Client(
+        distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0")))
+    common = ["-q", "predict", str(model_path), str(tmp_path / "vol.tif"), "--planes", "ortho", "--device", "cpu",
+              "--no-overlay"]
+    assert main([*common, "-o", str(tmp_path / "dist"), "--scheduler", "local"]) == 0
+    assert main([*common, "-o", str(tmp_path / "local")]) == 0
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "dist" / "vol_mask.tif"),
+                                  tifffile.imread(tmp_path / "local" / "vol_mask.tif"))
