@@ -182,6 +182,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
                      "" if result.pages == 1 else "s", result.seconds, result.megapixels / max(result.seconds, 1e-9))
         if args.instances or args.measure:
             tables.append(_measure_output(args, path, result.outputs.mask, model.classes))
+    return _finish_predict(args, tables, failed)
+
+
+def _finish_predict(args: argparse.Namespace, tables: list, failed: int) -> int:
+    """The end of a predict run: the object summary (with --measure), the count of failures, the exit code."""
     if args.measure and tables:
         from .measure import summarize, write_csv
         log.info("object summary: %s", write_csv(args.output / "summary.csv", summarize(tables)))

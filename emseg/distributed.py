@@ -426,6 +426,17 @@ def predict_files(client, model, paths: list[Path], outdir: Path, *, tile: int |
             log.debug("could not unregister %s: %s", name, exc)
 
 
+def finished(path: Path, outcome, bars: dict, *, verbose: bool = False) -> bool:
+    """Close the progress bar of an input that is done and log its error, if it failed; True when it did."""
+    bar = bars.pop(path, None)
+    if bar is not None:
+        bar.close()
+    if isinstance(outcome, BaseException):
+        log.error("%s", outcome, exc_info=verbose)
+        return True
+    return False
+
+
 def cmd_predict_distributed(args: argparse.Namespace, paths: list[Path], model, failed: int = 0) -> int:
     """What ``emseg predict`` does with ``--scheduler``: predict ``paths`` on the cluster, log, exit code.
 
@@ -453,12 +464,8 @@ def cmd_predict_distributed(args: argparse.Namespace, paths: list[Path], model, 
                 batch_size=args.batch_size, tta=args.tta, device=args.device, pixel_size_nm=args.pixel_size,
                 probabilities=args.probabilities, overlay=not args.no_overlay, overwrite=args.overwrite,
                 fmt=fmt, progress=progress):
-            bar = bars.pop(path, None)
-            if bar is not None:
-                bar.close()
-            if isinstance(outcome, BaseException):
+            if finished(path, outcome, bars, verbose=args.verbose):
                 failed += 1
-                log.error("%s", outcome, exc_info=args.verbose)
             elif outcome.status == "written":
                 log.info("%s -> %s (%d page%s, %.1f s, %.2f MP/s)", path, outcome.outputs.mask, outcome.pages,
                          "" if outcome.pages == 1 else "s", outcome.seconds,

@@ -85,6 +85,23 @@ def _check_tiff_extent(path: Path, series, fail: Callable[[object], InputError])
         raise fail(f"image data needs {end} bytes but the file has only {size}")
 
 
+def _ome_physical_size(tif: Any, axis: str, where: str) -> float | None:
+    """OME-XML ``PhysicalSize{axis}`` in nm (its unit, default µm), None when absent or implausible."""
+    if not (tif.is_ome and tif.ome_metadata):
+        return None
+    try:
+        for el in ET.fromstring(tif.ome_metadata).iter():
+            if el.tag.rsplit("}", 1)[-1] == "Pixels":
+                value = el.get(f"PhysicalSize{axis}")
+                unit_nm = _unit_to_nm(el.get(f"PhysicalSize{axis}Unit", "µm"))
+                if value is not None and unit_nm is not None:
+                    return _physical(float(value) * unit_nm, where)
+                return None
+    except (ET.ParseError, ValueError) as err:
+        log.debug("%s: unreadable OME-XML: %s", where, err)
+    return None
+
+
 def pixel_size_from_tiff(tif: Any) -> float | None:
     """Physical pixel size in nm/px stored in an open ``tifffile.TiffFile``, None if unknown.
 
@@ -99,17 +116,9 @@ def pixel_size_from_tiff(tif: Any) -> float | None:
                 return _physical(float(meta["pixel_size_nm"]), where)
             except (TypeError, ValueError):
                 break
-    if tif.is_ome and tif.ome_metadata:
-        try:
-            for el in ET.fromstring(tif.ome_metadata).iter():
-                if el.tag.rsplit("}", 1)[-1] == "Pixels":
-                    value = el.get("PhysicalSizeX")
-                    unit_nm = _unit_to_nm(el.get("PhysicalSizeXUnit", "µm"))
-                    if value is not None and unit_nm is not None:
-                        return _physical(float(value) * unit_nm, where)
-                    break
-        except (ET.ParseError, ValueError) as err:
-            log.debug("%s: unreadable OME-XML: %s", where, err)
+    ome = _ome_physical_size(tif, "X", where)
+    if ome is not None:
+        return ome
     page = tif.pages.first if hasattr(tif.pages, "first") else tif.pages[0]
     tag = page.tags.get("XResolution")
     if tag is None:
@@ -143,17 +152,9 @@ def z_spacing_from_tiff(tif: Any) -> float | None:
                 return _physical(float(voxel[0]), where)
             except (TypeError, ValueError):
                 break
-    if tif.is_ome and tif.ome_metadata:
-        try:
-            for el in ET.fromstring(tif.ome_metadata).iter():
-                if el.tag.rsplit("}", 1)[-1] == "Pixels":
-                    value = el.get("PhysicalSizeZ")
-                    unit_nm = _unit_to_nm(el.get("PhysicalSizeZUnit", "µm"))
-                    if value is not None and unit_nm is not None:
-                        return _physical(float(value) * unit_nm, where)
-                    break
-        except (ET.ParseError, ValueError) as err:
-            log.debug("%s: unreadable OME-XML: %s", where, err)
+    ome = _ome_physical_size(tif, "Z", where)
+    if ome is not None:
+        return ome
     ij = tif.imagej_metadata or {}
     unit_nm = _unit_to_nm(ij.get("unit"))
     if ij.get("spacing") is not None and unit_nm is not None:

@@ -158,6 +158,27 @@ def predict_volume_file(predictor, path: Path, outdir: Path, *, pixel_size_nm: f
     Raises InputError for inputs ortho-plane inference cannot take (2D, one slice, no voxel size,
     extreme anisotropy), with one line saying so.
     """
+    def slabs(source, engine: OrthoPlanes, out: VolumeOutput) -> None:
+        read = source_reader(source)
+
+        def recording(lo: int, hi: int) -> np.ndarray:
+            pages = read(lo, hi)
+            out.record_image(lo, pages)
+            return pages
+
+        for result in engine.iter_slabs(recording, source.shape, source.dtype, keep_probabilities=probabilities,
+                                        progress=progress):
+            out.write(result)
+
+    return _predict_file(path, outdir, predictor, slabs, pixel_size_nm=pixel_size_nm, voxel_size_nm=voxel_size_nm,
+                         combine=combine, memory_mb=memory_mb, probabilities=probabilities, overlay=overlay,
+                         overwrite=overwrite, fmt=fmt)
+
+
+def _predict_file(path: Path, outdir: Path, predictor, slabs: Callable, *, pixel_size_nm, voxel_size_nm, combine,
+                  memory_mb, probabilities, overlay, overwrite, fmt) -> FileResult:
+    """What one input's run does around ``slabs(source, engine, out)``, which computes and writes its slabs:
+    skip it when done, open and check it, make the writers, close them (or abort them on an error)."""
     outputs = OutputPaths.for_input(path, outdir, fmt)
     if outputs.mask.exists() and not overwrite:
         log.info("%s: skipped, %s exists (use --overwrite to redo)", path, outputs.mask)
@@ -168,17 +189,8 @@ def predict_volume_file(predictor, path: Path, outdir: Path, *, pixel_size_nm: f
         engine = OrthoPlanes(predictor, voxel, combine=combine, memory_mb=memory_mb)
         out = VolumeOutput(outputs, source, voxel, predictor.card.classes, combine=combine,
                            probabilities=probabilities, overlay=overlay)
-        read = source_reader(source)
-
-        def recording(lo: int, hi: int) -> np.ndarray:
-            pages = read(lo, hi)
-            out.record_image(lo, pages)
-            return pages
-
         try:
-            for result in engine.iter_slabs(recording, source.shape, source.dtype, keep_probabilities=probabilities,
-                                            progress=progress):
-                out.write(result)
+            slabs(source, engine, out)
             out.close()
         except BaseException:
             out.abort()
@@ -234,30 +246,22 @@ def predict_volume_files_distributed(client, model, paths: list[Path], outdir: P
 def _distributed_file(client, name, planner, path, outdir, window, *, pixel_size_nm, voxel_size_nm, combine,
                       memory_mb, probabilities, overlay, overwrite, fmt, progress) -> FileResult:
     import distributed
-    outputs = OutputPaths.for_input(path, outdir, fmt)
-    if outputs.mask.exists() and not overwrite:
-        log.info("%s: skipped, %s exists (use --overwrite to redo)", path, outputs.mask)
-        return FileResult(path, "skipped", outputs)
-    start = time.perf_counter()
-    source, voxel = _open_volume(path, pixel_size_nm, voxel_size_nm)
-    with source:
-        engine = OrthoPlanes(planner, voxel, combine=combine, memory_mb=memory_mb)
-        slabs = engine.plan(source.shape, source.dtype.itemsize)
-        total, done = engine.work(source.shape, slabs), 0.0
-        out = VolumeOutput(outputs, source, voxel, planner.card.classes, combine=combine,
-                           probabilities=probabilities, overlay=overlay)
+
+    def slabs(source, engine: OrthoPlanes, out: VolumeOutput) -> None:
+        plan = engine.plan(source.shape, source.dtype.itemsize)
+        total, done = engine.work(source.shape, plan), 0.0
+        px = source.pixel_size_nm if voxel_size_nm is None else engine.voxel[2]
         queue: collections.deque = collections.deque()
-        todo = iter(slabs)
-        px = source.pixel_size_nm if voxel_size_nm is None else voxel[2]
+        todo = iter(plan)
         try:
             while True:
                 for slab in todo:
-                    queue.append((slab, client.submit(_slab_task, name, str(path), px, voxel, combine, memory_mb, slab,
-                                                      probabilities, pure=False, retries=2)))
+                    queue.append((slab, client.submit(_slab_task, name, str(path), px, engine.voxel, combine,
+                                                      memory_mb, slab, probabilities, pure=False, retries=2)))
                     if len(queue) >= window:
                         break
                 if not queue:
-                    break
+                    return
                 slab, future = queue.popleft()
                 try:
                     result, pages = future.result()
@@ -268,15 +272,14 @@ def _distributed_file(client, name, planner, path, outdir, window, *, pixel_size
                 out.write(result)
                 done += engine.work(source.shape, [slab])
                 if progress is not None:
-                    progress(done, total, f"slab {slabs.index(slab) + 1}/{len(slabs)}")
-            out.close()
-        except BaseException:
+                    progress(done, total, f"slab {plan.index(slab) + 1}/{len(plan)}")
+        finally:
             for _, future in queue:
                 future.cancel()
-            out.abort()
-            raise
-        pages, h, w = source.shape
-    return FileResult(path, "written", outputs, pages, time.perf_counter() - start, pages * h * w / 1e6)
+
+    return _predict_file(path, outdir, planner, slabs, pixel_size_nm=pixel_size_nm, voxel_size_nm=voxel_size_nm,
+                         combine=combine, memory_mb=memory_mb, probabilities=probabilities, overlay=overlay,
+                         overwrite=overwrite, fmt=fmt)
 
 
 # ---------------------------------------------------------------- the command
@@ -285,7 +288,8 @@ def cmd_predict_ortho(args: argparse.Namespace, paths: list[Path], model, failed
     """What ``emseg predict --planes ortho`` does: every input, here or on a cluster; logs; exit code."""
     from tqdm.auto import tqdm
 
-    from .cli import _measure_output
+    from .cli import _finish_predict, _measure_output
+    from .distributed import finished
     if args.pixel_size and args.voxel_size and abs(args.pixel_size / args.voxel_size[2] - 1) > 0.02:
         voxel = ",".join(f"{v:g}" for v in args.voxel_size)
         raise InputError(f"--pixel-size {args.pixel_size:g} and --voxel-size {voxel} disagree; "
@@ -333,21 +337,12 @@ def cmd_predict_ortho(args: argparse.Namespace, paths: list[Path], model, failed
 
     tables = []
     for path, outcome in outcomes():
-        bar = bars.pop(path, None)
-        if bar is not None:
-            bar.close()
-        if isinstance(outcome, BaseException):
+        if finished(path, outcome, bars, verbose=args.verbose):
             failed += 1
-            log.error("%s", outcome, exc_info=args.verbose)
             continue
         if outcome.status == "written":
             log.info("%s -> %s (%d pages, ortho-plane, %.1f s, %.2f MP/s)", path, outcome.outputs.mask, outcome.pages,
                      outcome.seconds, outcome.megapixels / max(outcome.seconds, 1e-9))
         if args.instances or args.measure:
             tables.append(_measure_output(args, path, outcome.outputs.mask, model.classes))
-    if args.measure and tables:
-        from .measure import summarize, write_csv
-        log.info("object summary: %s", write_csv(args.output / "summary.csv", summarize(tables)))
-    if failed:
-        log.error("%d input%s failed; see the messages above", failed, "" if failed == 1 else "s")
-    return 1 if failed else 0
+    return _finish_predict(args, tables, failed)

@@ -171,22 +171,28 @@ def main(argv: list[str] | None = None) -> int:
     return measure_shot(viewer, app, image, args.out)
 
 
+def segment_objects(viewer, app, image, model: Path, *, min_size: int, **run):
+    """Dock Segment, segment ``image`` with ``model`` finding objects (``run``: Segment.run's options);
+    returns the widget and its objects layer (None when it failed)."""
+    _dock, seg = viewer.window.add_plugin_dock_widget("emseg", "Segment")
+    seg.select_model(model)
+    seg.image.set_layer(image)
+    seg.objects.setChecked(True)
+    seg.min_size.setValue(min_size)
+    print(f"segmenting and measuring objects ({run}) with {model}…")
+    assert seg.run(**run), seg.last_message
+    wait(app, seg)
+    print(seg.last_message)
+    return seg, seg.last_objects_layer
+
+
 def measure_shot(viewer, app, image, out: Path) -> int:
     """Segment with the default model, find and measure objects, and shoot the measurements panel."""
     from emseg.modelfile import default_model_path
     for layer in list(viewer.layers):
         if layer is not image:
             layer.visible = False
-    _dock, seg = viewer.window.add_plugin_dock_widget("emseg", "Segment")
-    seg.select_model(default_model_path())
-    seg.image.set_layer(image)
-    seg.objects.setChecked(True)
-    seg.min_size.setValue(20)
-    print("segmenting and measuring objects…")
-    assert seg.run(whole_stack=True), seg.last_message
-    wait(app, seg)
-    print(seg.last_message)
-    objects = seg.last_objects_layer
+    seg, objects = segment_objects(viewer, app, image, default_model_path(), min_size=20, whole_stack=True)
     if objects is None:
         return 1
     viewer.layers.selection.active = objects
@@ -206,17 +212,7 @@ def volume_shot(viewer, app, out: Path, model: Path) -> int:
     """The synthetic FIB-SEM volume segmented with 'Segment volume (ortho)', its 3D objects in 3D."""
     image, truth = viewer.open_sample("emseg", "synthetic_fibsem")
     truth.visible = False
-    _dock, seg = viewer.window.add_plugin_dock_widget("emseg", "Segment")
-    seg.select_model(model)
-    seg.image.set_layer(image)
-    seg.objects.setChecked(True)
-    seg.object_classes.setText("mitochondrion")
-    seg.min_size.setValue(200)
-    print(f"segmenting the volume (ortho-plane) with {model}…")
-    assert seg.run(ortho=True), seg.last_message
-    wait(app, seg)
-    print(seg.last_message)
-    objects = seg.last_objects_layer
+    _seg, objects = segment_objects(viewer, app, image, model, min_size=200, ortho=True)
     if objects is None:
         return 1
     for layer in viewer.layers:
