@@ -82,7 +82,8 @@ def check_volume(shape: Sequence[int], voxel_size_nm: Sequence[float] | None, na
     """The voxel size to run ortho-plane inference with, or an InputError saying in one line why not.
 
     Refuses 2D images, one-slice stacks, an unknown voxel size and an anisotropy (z spacing over
-    pixel size, or its inverse) above ``max_anisotropy``; warns above :data:`WARN_ANISOTROPY`.
+    pixel size, or its inverse) above ``max_anisotropy``; warns above :data:`WARN_ANISOTROPY`, and
+    when the stack is so thin that its xz/yz planes are under :data:`MIN_PLANE_PX` pixels tall.
     """
     shape = tuple(int(n) for n in shape)
     if len(shape) != 3 or (not is_stack and shape[0] == 1):
@@ -99,6 +100,10 @@ def check_volume(shape: Sequence[int], voxel_size_nm: Sequence[float] | None, na
         raise InputError(f"{name}: voxels of {z:g} x {y:g} x {x:g} nm (z x y x x) are {max(ratio, 1 / ratio):.1f}x "
                          f"anisotropic; ortho-plane inference interpolates the xz/yz planes and is meant for "
                          f"near-isotropic FIB-SEM/SBF-SEM stacks (at most {max_anisotropy:g}x): use --planes xy")
+    if shape[0] * z / x < MIN_PLANE_PX:
+        log.warning("%s: %d slices make xz/yz planes only %d px tall: the network sees little context in them, and "
+                    "ortho-plane inference can do worse than --planes xy (on 3-4 EPFL slices it did: docs/volumes.md)",
+                    name, shape[0], round(shape[0] * z / x))
     if max(ratio, 1 / ratio) > WARN_ANISOTROPY:
         log.warning("%s: voxels of %g x %g x %g nm are %.1fx anisotropic: the xz/yz planes are interpolated "
                     "%.1fx along z, and ortho-plane inference may gain less", name, z, y, x,

@@ -74,6 +74,13 @@ def test_bad_input_gets_one_clear_line(caplog):
     with caplog.at_level(logging.WARNING, logger="emseg.volume"):
         assert check_volume((8, 64, 64), (15, 5, 5), "sbf.tif") == (15.0, 5.0, 5.0)
     assert "3.0x anisotropic" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="emseg.volume"):
+        check_volume((4, 64, 64), (5, 5, 5), "thin.tif")
+        assert "4 slices make xz/yz planes only 4 px tall" in caplog.text
+        caplog.clear()
+        check_volume((100, 64, 64), (5, 5, 5), "thick.tif")
+    assert caplog.text == ""
 
 
 def test_plan_slabs_cover_every_page_once_with_clipped_halos():
