@@ -277,11 +277,13 @@ class OrthoPlanes:
     def _finish(self, slab: Slab, total: np.ndarray, votes: np.ndarray | None, keep: bool) -> SlabResult:
         from .inference import labels_dtype
         dtype = labels_dtype(self.num_classes)
-        labels = total.argmax(axis=0).astype(dtype)
-        if votes is not None:
-            majority = len(self.directions) // 2 + 1
-            top = votes.max(axis=0)
-            labels = np.where(top >= majority, votes.argmax(axis=0).astype(dtype), labels)
+        labels = np.empty(total.shape[1:], dtype)
+        majority = len(self.directions) // 2 + 1
+        for i in range(len(labels)):  # page by page: an argmax of the whole slab would take 8 bytes a voxel
+            labels[i] = total[:, i].argmax(axis=0)
+            if votes is not None:
+                page = votes[:, i]
+                labels[i] = np.where(page.max(axis=0) >= majority, page.argmax(axis=0), labels[i])
         probs = None
         if keep:
             total /= len(self.directions)
