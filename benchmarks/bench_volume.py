@@ -17,8 +17,8 @@ up to 26 sections), so ortho-plane inference is only run on the held-out runs of
 slices (89-91 and 161-164), 3 and 4 slices deep, and compared with xy on those slices.
 
 scale: `emseg predict` in a fresh process per run, on a uint8 cube of synthetic tissue (the
-synthetic volume mirrored to the size), xy vs --planes ortho with a fixed --slab-memory; wall time
-and peak RSS (getrusage of the child).
+synthetic volume mirrored to the size), xy vs --planes ortho with a fixed --slab-memory; wall and
+CPU time and peak RSS (getrusage of the child), one compute thread by default (--threads).
 
 Results (JSON and a Markdown table) go to $EMSEG_BENCH_RUNS/volume (default runs/bench/volume).
 """
@@ -194,17 +194,22 @@ def cmd_epfl(args) -> dict:
     return {"steps": args.steps, "train_seconds": train_s, "rows": rows}
 
 
-def _child(argv: list[str]) -> tuple[float, float]:
-    """(seconds, peak RSS MiB) of `emseg` run in a fresh process."""
+def _child(argv: list[str], threads: int = 1) -> tuple[float, float, float]:
+    """(wall seconds, CPU seconds, peak RSS MiB) of `emseg` run in a fresh process with ``threads`` compute
+    threads. CPU time (user + system) of one thread is the fairer measure on a shared machine: other
+    processes stretch the wall time, and with several threads, OpenMP's spin-waiting for a descheduled
+    thread inflates the CPU time too."""
     code = ("import resource, sys; from emseg.cli import main; rc = main(sys.argv[1:]); "
-            "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
+            "u = resource.getrusage(resource.RUSAGE_SELF); "
+            "print('PEAK', u.ru_maxrss, u.ru_utime + u.ru_stime); sys.exit(rc)")
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env)
     if proc.returncode:
         raise RuntimeError(proc.stderr[-2000:])
     seconds = time.perf_counter() - start
-    peak = int(next(line.split()[1] for line in proc.stdout.splitlines() if line.startswith("PEAK")))
-    return seconds, peak / 1024
+    _, peak, cpu = next(line.split() for line in proc.stdout.splitlines() if line.startswith("PEAK"))
+    return seconds, float(cpu), int(peak) / 1024
 
 
 def cube(size: int, path: Path) -> None:
@@ -232,14 +237,19 @@ def cmd_scale(args) -> dict:
     for size in args.sizes:
         path = work / f"cube{size}.tif"
         cube(size, path)
-        for mode in ("xy", "ortho"):
+        for mode in args.modes:
             argv = ["-q", "predict", str(model), str(path), "-o", str(work / f"out{size}{mode}"), "--overwrite",
                     "--no-overlay", "--device", "cpu", "--tile", str(args.tile), "--overlap", str(args.overlap),
                     "--planes", mode, "--slab-memory", str(args.slab_memory)]
-            seconds, peak = _child(argv)
-            rows[f"{size}³ {mode}"] = {"seconds": seconds, "peak_rss_mib": peak, "megavoxels": size**3 / 1e6}
+            seconds, cpu, peak = _child(argv, args.threads)
+            rows[f"{size}³ {mode}"] = {"seconds": seconds, "cpu_seconds": cpu, "peak_rss_mib": peak,
+                                       "megavoxels": size**3 / 1e6, "slab_memory_mb": args.slab_memory,
+                                       "load": os.getloadavg()[0]}
             print(size, mode, rows[f"{size}³ {mode}"], flush=True)
-        rows[f"{size}³ ortho"]["ortho_over_xy_time"] = rows[f"{size}³ ortho"]["seconds"] / rows[f"{size}³ xy"]["seconds"]
+        if set(args.modes) == {"xy", "ortho"}:
+            xy, ortho = rows[f"{size}³ xy"], rows[f"{size}³ ortho"]
+            ortho["ortho_over_xy_cpu"] = ortho["cpu_seconds"] / xy["cpu_seconds"]
+            ortho["ortho_over_xy_time"] = ortho["seconds"] / xy["seconds"]
     return {"tile": args.tile, "overlap": args.overlap, "slab_memory_mb": args.slab_memory, "rows": rows}
 
 
@@ -259,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tile", type=int, default=512)
     p.add_argument("--overlap", type=int, default=64)
     p.add_argument("--slab-memory", type=float, default=1024)
+    p.add_argument("--modes", nargs="+", default=["xy", "ortho"], choices=["xy", "ortho"])
+    p.add_argument("--threads", type=int, default=1, help="compute threads of each run (OMP_NUM_THREADS; default 1)")
+    p.add_argument("--name", default="scale", help="results file name (runs/bench/volume/NAME.json)")
     p.add_argument("--model", type=Path, help="model file (default: an untrained vgg11_bn_micro; speed is the same)")
     args = parser.parse_args(argv)
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -266,9 +279,10 @@ def main(argv: list[str] | None = None) -> int:
     result = {"synthetic": cmd_synthetic, "epfl": cmd_epfl, "scale": cmd_scale}[args.what](args)
     result["machine"] = header
     RUNS.mkdir(parents=True, exist_ok=True)
-    out = RUNS / f"{args.what}.json"
+    out = RUNS / f"{getattr(args, 'name', args.what)}.json"
     out.write_text(json.dumps(result, indent=1, default=str))
-    keys = KEYS if args.what != "scale" else ["megavoxels", "seconds", "peak_rss_mib", "ortho_over_xy_time"]
+    keys = KEYS if args.what != "scale" else ["megavoxels", "slab_memory_mb", "seconds", "cpu_seconds", "peak_rss_mib",
+                                              "ortho_over_xy_cpu", "ortho_over_xy_time", "load"]
     print(f"\nmachine: {header}\n")
     print(table(result["rows"], keys))
     print(f"\nwritten to {out}")
