@@ -141,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="do not, even for a model trained to follow it")
     g.add_argument("--format", choices=("tif", "zarr"), default="tif",
                    help="masks/probabilities as TIFF (default) or OME-Zarr folders (NAME_mask.zarr), written page by page")
+    from .volume_run import add_arguments as _add_volume_arguments
+    _add_volume_arguments(p.add_argument_group("volumes (3D stacks)"))
     from .distributed import add_arguments as _add_cluster_arguments
     _add_cluster_arguments(p.add_argument_group("cluster (dask.distributed)"))
     g = p.add_argument_group("objects and measurements")
@@ -153,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--split", action="store_true", help="split touching objects (distance transform + watershed)")
     g.add_argument("--min-size", type=integer(0), default=0, metavar="PX",
                    help="drop objects smaller than this (pixels)")
+    g.add_argument("--3d", dest="three_d", action="store_true",
+                   help="connect objects across slices and measure them in 3D (volume, surface; the default "
+                        "with --planes ortho)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("models", help="list the encoders with parameters and GFLOPs per megapixel")
@@ -249,6 +254,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     _prepare_output_folder(args.output)
     model = load_model(_model_path(args.model))
     _tiling(args, model.card)
+    if args.planes == "ortho":
+        from .volume_run import cmd_predict_ortho
+        return cmd_predict_ortho(args, paths, model, failed=len(errors))
+    if args.voxel_size:
+        args.pixel_size = args.pixel_size or args.voxel_size[2]
     if args.scheduler:
         from .distributed import cmd_predict_distributed
         return cmd_predict_distributed(args, paths, model, failed=len(errors))
@@ -263,7 +273,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         try:
             result = predict_file(predictor, path, args.output, pixel_size_nm=args.pixel_size,
                                   probabilities=args.probabilities, overlay=not args.no_overlay,
-                                  overwrite=args.overwrite, progress=progress, fmt=args.format)
+                                  overwrite=args.overwrite, progress=progress, fmt=args.format,
+                                  voxel_size_nm=args.voxel_size)
             progress.close()
             if result.status == "written":
                 log.info("%s -> %s (%d page%s, %.1f s, %.2f MP/s)", path, result.outputs.mask, result.pages,
@@ -276,6 +287,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
             log.error("%s", input_failure(path, exc), exc_info=args.verbose)
         finally:
             progress.close()
+    return _finish_predict(args, tables, failed)
+
+
+def _finish_predict(args: argparse.Namespace, tables: list, failed: int) -> int:
+    """The end of a predict run: the object summary (with --measure), the count of failures, the exit code."""
     if args.measure and tables:
         from .measure import write_summary
         log.info("object summary: %s", write_summary(args.output / "summary.csv", tables))
@@ -288,7 +304,9 @@ def _measure_output(args: argparse.Namespace, image: Path, mask: Path, classes):
     """Instances (and measurements) of one written mask, next to it."""
     from .measure import measure_file
     return measure_file(mask, args.output, image_path=image, class_names=classes, pixel_size_nm=args.pixel_size,
-                        instance_options={"split": args.split, "min_size_px": args.min_size},
+                        instance_options={"split": args.split, "min_size_px": args.min_size,
+                                          "three_d": args.three_d or args.planes == "ortho"},
+                        voxel_size_nm=args.voxel_size,
                         plot=args.measure, write_labels=True,
                         object_classes=[c.strip() for c in args.objects.split(",")] if args.objects else None)
 

@@ -129,6 +129,18 @@ def _add_data(p: argparse.ArgumentParser, *, required: bool = True) -> None:
                    help="pixel size of the images in nm/px, overriding the files' own")
 
 
+def _add_planes(p: argparse.ArgumentParser) -> None:
+    from .io import voxel_size_arg
+    g = p.add_argument_group("volume annotations")
+    g.add_argument("--planes", choices=("xy", "ortho"), default="xy",
+                   help="xy: train on the pages (default); ortho: each image/mask pair is a labelled volume (or a "
+                        "volume with a few annotated slices in any direction) and the crops come from its xy, xz "
+                        "and yz planes, so the model learns what xz/yz slices look like (for --planes ortho "
+                        "prediction)")
+    g.add_argument("--voxel-size", type=voxel_size_arg, default=None, metavar="Z,Y,X",
+                   help="voxel size in nm, overriding the files' page spacing and pixel size")
+
+
 def _add_training(p: argparse.ArgumentParser, *, steps: int, lr: float) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--config", type=Path, metavar="YAML",
@@ -191,6 +203,7 @@ def add_parsers(sub) -> None:
                                    "OUTDIR/model.safetensors, log.json, curves.png, validation.png and a resumable "
                                    "checkpoint.")
     _add_data(p)
+    _add_planes(p)
     p.add_argument("-o", "--output", required=True, type=Path, metavar="OUTDIR", help="run folder")
     p.add_argument("--encoder", type=_encoder, help="encoder from `emseg models` (default vgg11_bn_slim)")
     p.add_argument("--no-full-resolution-skip", dest="full_resolution_skip", action="store_const", const=False,
@@ -208,6 +221,7 @@ def add_parsers(sub) -> None:
                                    "and train on your annotations; writes a new model in OUTDIR.")
     p.add_argument("base", help="model file or folder to start from ('default' for the bundled model)")
     _add_data(p)
+    _add_planes(p)
     p.add_argument("-o", "--output", required=True, type=Path, metavar="OUTDIR", help="run folder")
     p.add_argument("--freeze-encoder", action="store_true", help="train only the decoder and head")
     p.add_argument("--freeze-bn", choices=["auto", "yes", "no"], default="auto",
@@ -385,8 +399,17 @@ def cmd_train(args) -> int:
     norm = base.card.normalization if base else Normalization()
     target_nm = base.card.pixel_size_nm if base and base.card.pixel_size_nm else config.pixel_size_nm
     num_classes = len(config.classes) if config.classes else (base.card.num_classes if base else None)
-    items = load_pairs(pair_inputs(args.images, args.masks), sparse=config.sparse, norm=norm,
-                       pixel_size_nm=args.pixel_size, target_pixel_size_nm=target_nm, num_classes=num_classes)
+    ortho = getattr(args, "planes", "xy") == "ortho"
+    val_items = None
+    if ortho:  # pages from the xy, xz and yz planes of annotated volumes; x-strip held out (emseg.volume_train)
+        from .volume_train import load_volume_pairs
+        items, val_items = load_volume_pairs(
+            pair_inputs(args.images, args.masks), sparse=config.sparse, norm=norm, pixel_size_nm=args.pixel_size,
+            voxel_size_nm=args.voxel_size, target_pixel_size_nm=target_nm, num_classes=num_classes,
+            val_fraction=config.val_fraction)  # [] when the held-out strip has no annotation: no leak, a warning
+    else:
+        items = load_pairs(pair_inputs(args.images, args.masks), sparse=config.sparse, norm=norm,
+                           pixel_size_nm=args.pixel_size, target_pixel_size_nm=target_nm, num_classes=num_classes)
     if num_classes is None and not (args.resume and checkpoint_classes(args.output / "checkpoint")):
         _classes_from_masks(items, config.sparse, args.masks)
     if target_nm is None:
@@ -395,13 +418,19 @@ def cmd_train(args) -> int:
             config = dataclasses.replace(config, pixel_size_nm=sizes.pop())
     elif base is None:
         config = dataclasses.replace(config, pixel_size_nm=target_nm)
-    val_items = None
     if args.val_images or args.val_masks:
         if not (args.val_images and args.val_masks):
             raise InputError("give both --val-images and --val-masks, or neither (then --val-fraction is used)")
-        val_items = load_pairs(pair_inputs(args.val_images, args.val_masks), sparse=config.sparse, norm=norm,
-                               pixel_size_nm=args.pixel_size, target_pixel_size_nm=target_nm or config.pixel_size_nm,
-                               num_classes=num_classes)
+        if ortho:
+            from .volume_train import load_volume_pairs
+            val_items = load_volume_pairs(
+                pair_inputs(args.val_images, args.val_masks), sparse=config.sparse, norm=norm,
+                pixel_size_nm=args.pixel_size, voxel_size_nm=args.voxel_size,
+                target_pixel_size_nm=target_nm or config.pixel_size_nm, num_classes=num_classes)[0]
+        else:
+            val_items = load_pairs(pair_inputs(args.val_images, args.val_masks), sparse=config.sparse, norm=norm,
+                                   pixel_size_nm=args.pixel_size,
+                                   target_pixel_size_nm=target_nm or config.pixel_size_nm, num_classes=num_classes)
     planned = (f"as many steps as fit in {config.time_limit_minutes:g} min" if config.fills_time
                else f"{config.steps} steps")
     log.info("%s %s on %d page(s), %d annotated pixels; %s of %d crops of %d px",

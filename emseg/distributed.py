@@ -201,11 +201,7 @@ def __getattr__(name: str):
 def _predict_page(plugin_name: str, path: str, index: int, pixel_size_nm: float | None,
                   keep_probabilities: bool) -> tuple[np.ndarray, np.ndarray | None]:
     """The task: labels ``(H, W)`` (and probabilities ``(K, H, W)`` float32) of one page of ``path``."""
-    from distributed import get_worker
-    try:
-        plugin = get_worker().plugins[plugin_name]
-    except KeyError:
-        raise RuntimeError(f"emseg model plugin {plugin_name} is not installed on this worker") from None
+    plugin = worker_plugin(plugin_name)
     predictor = plugin.predictor()
     with plugin.open_source(path, pixel_size_nm) as source:
         page, page_pixel_size = source.page(index), source.pixel_size_nm
@@ -251,6 +247,37 @@ def output_paths(path: Path, outdir: Path, fmt: str = "tif"):
     return outputs
 
 
+def check_options(model, options: dict[str, Any]):
+    """A CPU Predictor of ``model``'s card with the run's ``options`` (no network): raises on a bad tile,
+    overlap or batch size before anything is sent to the cluster."""
+    import torch
+
+    from .inference import Predictor
+    return Predictor(type(model)(torch.nn.Identity(), model.card), **{**options, "device": "cpu"})
+
+
+def register_model(client, model, options: dict[str, Any]) -> str:
+    """Ship ``model`` (weights, card) and the Predictor ``options`` to every worker once, as a
+    :class:`ModelPlugin`; returns the plugin's name, which the tasks name to find it."""
+    from safetensors.torch import save as save_weights
+    state = {k: v.detach().cpu().contiguous() for k, v in model.net.state_dict().items()}
+    weights = save_weights(state)
+    card_json = model.card.to_json()
+    digest = hashlib.sha256(weights + card_json.encode() + json.dumps(options, sort_keys=True).encode())
+    name = f"emseg-model-{digest.hexdigest()[:16]}"
+    client.register_plugin(__getattr__("ModelPlugin")(card_json, weights, options, name), name=name)
+    return name
+
+
+def worker_plugin(name: str):
+    """On a dask worker: the :class:`ModelPlugin` called ``name`` (installed by :func:`register_model`)."""
+    from distributed import get_worker
+    try:
+        return get_worker().plugins[name]
+    except KeyError:
+        raise RuntimeError(f"emseg model plugin {name} is not installed on this worker") from None
+
+
 def predict_files(client, model, paths: list[Path], outdir: Path, *, tile: int | None = None,
                   overlap: int | None = None, batch_size: int | str = 4, tta: bool = False,
                   device: str = "auto", pixel_size_nm: float | None = None, probabilities: bool = False,
@@ -265,28 +292,19 @@ def predict_files(client, model, paths: list[Path], outdir: Path, *, tile: int |
     ``NAME_probs.zarr``), written atomically by the client. Any other error (or an interrupt)
     aborts all unfinished outputs, cancels the submitted pages and is raised.
     """
-    from safetensors.torch import save as save_weights
-
-    from .inference import Predictor, labels_dtype
+    from .inference import labels_dtype
     from .io import open_image, write_overlay_png
     from .io_zarr import stack_writer
     from .preprocess import check_rescale
     from .runner import FileResult, missing_outputs, remake_overlay
 
-    import torch
-
     distributed = _distributed()
     options = dict(tile=tile, overlap=overlap, batch_size=batch_size, tta=tta, device=device,
                    follow_label_offset=follow_label_offset)
-    Predictor(type(model)(torch.nn.Identity(), model.card), **{**options, "device": "cpu"})  # check options
+    check_options(model, options)
     fmt_paths = [output_paths(path, outdir, fmt) for path in paths]  # checks fmt before any work
-    state = {k: v.detach().cpu().contiguous() for k, v in model.net.state_dict().items()}
-    weights = save_weights(state)
-    card_json = model.card.to_json()
-    digest = hashlib.sha256(weights + card_json.encode() + json.dumps(options, sort_keys=True).encode())
-    name = f"emseg-model-{digest.hexdigest()[:16]}"
+    name = register_model(client, model, options)
     run = uuid.uuid4().hex[:8]
-    client.register_plugin(__getattr__("ModelPlugin")(card_json, weights, options, name), name=name)
     if window is None:
         threads = sum(w.get("nthreads", 1) for w in client.scheduler_info()["workers"].values())
         window = max(2, 2 * threads)
@@ -330,10 +348,12 @@ def predict_files(client, model, paths: list[Path], outdir: Path, *, tile: int |
             try:
                 outdir.mkdir(parents=True, exist_ok=True)
                 mask_writer = stack_writer(outputs.mask, shape=page_shape, dtype=labels_dtype(num_classes),
-                                           pixel_size_nm=source.pixel_size_nm, metadata=meta)
+                                           pixel_size_nm=source.pixel_size_nm, metadata=meta,
+                                           z_spacing_nm=source.z_spacing_nm)
                 if probabilities:
                     prob_writer = stack_writer(outputs.probabilities, shape=prob_shape, dtype=np.float32,
-                                               pixel_size_nm=source.pixel_size_nm, metadata=meta)
+                                               pixel_size_nm=source.pixel_size_nm, metadata=meta,
+                                               z_spacing_nm=source.z_spacing_nm)
             except BaseException:
                 if mask_writer is not None:
                     mask_writer.abort()
@@ -421,6 +441,17 @@ def predict_files(client, model, paths: list[Path], outdir: Path, *, tile: int |
             log.debug("could not unregister %s: %s", name, exc)
 
 
+def finished(path: Path, outcome, bars: dict, *, verbose: bool = False) -> bool:
+    """Close the progress bar of an input that is done and log its error, if it failed; True when it did."""
+    bar = bars.pop(path, None)
+    if bar is not None:
+        bar.close()
+    if isinstance(outcome, BaseException):
+        log.error("%s", outcome, exc_info=verbose)
+        return True
+    return False
+
+
 def cmd_predict_distributed(args: argparse.Namespace, paths: list[Path], model, failed: int = 0) -> int:
     """What ``emseg predict`` does with ``--scheduler``: predict ``paths`` on the cluster, log, exit code.
 
@@ -448,12 +479,8 @@ def cmd_predict_distributed(args: argparse.Namespace, paths: list[Path], model, 
                 batch_size=args.batch_size, tta=args.tta, device=args.device, pixel_size_nm=args.pixel_size,
                 probabilities=args.probabilities, overlay=not args.no_overlay, overwrite=args.overwrite,
                 fmt=fmt, progress=progress, follow_label_offset=getattr(args, "follow_label_offset", None)):
-            bar = bars.pop(path, None)
-            if bar is not None:
-                bar.close()
-            if isinstance(outcome, BaseException):
+            if finished(path, outcome, bars, verbose=args.verbose):
                 failed += 1
-                log.error("%s", outcome, exc_info=args.verbose)
             elif outcome.status == "written":
                 log.info("%s -> %s (%d page%s, %.1f s, %.2f MP/s)", path, outcome.outputs.mask, outcome.pages,
                          "" if outcome.pages == 1 else "s", outcome.seconds,
@@ -470,4 +497,5 @@ def cmd_predict_distributed(args: argparse.Namespace, paths: list[Path], model, 
     return 1 if failed else 0
 
 
-__all__ = ["add_arguments", "connect", "predict_files", "cmd_predict_distributed", "output_paths"]
+__all__ = ["add_arguments", "connect", "predict_files", "cmd_predict_distributed", "output_paths", "register_model",
+           "check_options", "worker_plugin"]

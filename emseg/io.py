@@ -10,6 +10,10 @@ Contract:
 * ``pixel_size_nm`` is the physical pixel size in nanometres per pixel (x axis), or
   None when unknown. Values above 10 µm/px (10000 nm) are treated as unknown: they come
   from screen-resolution defaults such as 72 dpi, not from a microscope.
+* ``z_spacing_nm`` is the distance between the pages of a stack in nm (ImageJ ``spacing``,
+  OME PhysicalSizeZ, the MRC header, hyperspy's navigation axis, OME-Zarr's z scale, or
+  emseg's own ``voxel_size_nm``), or None; ``voxel_size_nm`` is ``(z, y, x)`` in nm when both
+  it and the pixel size are known, else None.
 * Bad input raises :class:`emseg.errors.InputError` whose message starts with the file
   (or array name), says what is wrong and what to do.
 * Zarr / OME-Zarr stores (folders) are read lazily by :mod:`emseg.io_zarr`.
@@ -36,14 +40,15 @@ import numpy as np
 from emseg.errors import InputError
 from emseg.io_tiff import (
     _TRUNCATION_HINTS, MAX_PIXEL_SIZE_NM, _catch_tifffile_warnings, _check_tiff_extent,
-    _physical, _unit_to_nm, pixel_size_from_tiff,
+    _physical, _unit_to_nm, pixel_size_from_tiff, z_spacing_from_tiff,
 )
 from emseg.io_write import (
     PALETTE, TiffStackWriter, atomic_output, check_output_file, check_output_folder, remove_stale_partials,
     write_overlay_png,
 )
 
-__all__ = ["SUPPORTED_SUFFIXES", "ImageSource", "open_image", "array_source", "expand_inputs",
+__all__ = ["SUPPORTED_SUFFIXES", "ImageSource", "open_image", "array_source", "expand_inputs", "check_voxel_size",
+           "parse_voxel_size", "voxel_size_arg",
            "pixel_size_from_tiff", "TiffStackWriter", "atomic_output", "write_overlay_png",
            "check_output_folder", "check_output_file", "remove_stale_partials",
            "PALETTE", "MAX_PIXEL_SIZE_NM"]
@@ -79,13 +84,15 @@ class ImageSource:
 
     def __init__(self, *, path: Path | None, name: str, shape: tuple[int, int, int],
                  dtype: np.dtype, pixel_size_nm: float | None, is_stack: bool,
-                 read: Callable[[int], Any], close: Callable[[], None] | None = None) -> None:
+                 read: Callable[[int], Any], close: Callable[[], None] | None = None,
+                 z_spacing_nm: float | None = None) -> None:
         self.path = path
         self.name = name
         self.shape = tuple(int(n) for n in shape)
         self.dtype = np.dtype(dtype)
         self.pixel_size_nm = pixel_size_nm
         self.is_stack = is_stack
+        self.z_spacing_nm = z_spacing_nm
         self._read = read
         self._close = close
         self._lock = threading.Lock()
@@ -96,6 +103,13 @@ class ImageSource:
     def __repr__(self) -> str:
         return (f"ImageSource({self.name!r}, shape={self.shape}, dtype={self.dtype}, "
                 f"pixel_size_nm={self.pixel_size_nm}, is_stack={self.is_stack})")
+
+    @property
+    def voxel_size_nm(self) -> tuple[float, float, float] | None:
+        """``(z, y, x)`` in nm when the page spacing and the pixel size are both known, else None."""
+        if self.z_spacing_nm is None or self.pixel_size_nm is None:
+            return None
+        return (float(self.z_spacing_nm), float(self.pixel_size_nm), float(self.pixel_size_nm))
 
     def page(self, i: int) -> np.ndarray:
         """Read page ``i`` (negative counts from the end) as a 2D array in the original dtype.
@@ -178,12 +192,12 @@ def _validate(shape: Sequence[int], dtype: np.dtype, name: str) -> tuple[int, in
 
 
 def array_source(array: Any, *, pixel_size_nm: float | None = None,
-                 name: str = "array") -> ImageSource:
+                 name: str = "array", voxel_size_nm: Sequence[float] | None = None) -> ImageSource:
     """Wrap a 2D ``(h, w)`` or 3D ``(pages, h, w)`` numpy/dask/array-like as an ImageSource.
 
     Leading singleton axes are dropped; a 3D array whose last axis has 3 or 4 entries is
     taken as RGB (accepted only when its channels are equal). Dask pages are computed
-    one at a time.
+    one at a time. ``voxel_size_nm`` ``(z, y, x)`` sets the page spacing and the pixel size.
     """
     if not hasattr(array, "shape") or not hasattr(array, "dtype"):
         array = np.asarray(array)
@@ -193,17 +207,22 @@ def array_source(array: Any, *, pixel_size_nm: float | None = None,
     pages, h, w = _validate(array.shape, dtype, name)
     is_stack = array.ndim >= 3
     data = array.reshape((pages, h, w)) if array.ndim != 3 else array
-    return ImageSource(path=None, name=name, shape=(pages, h, w), dtype=dtype,
-                       pixel_size_nm=_check_override(pixel_size_nm, name), is_stack=is_stack,
-                       read=lambda i: data[i])
+    voxel = check_voxel_size(voxel_size_nm, name) if voxel_size_nm is not None else None
+    src = ImageSource(path=None, name=name, shape=(pages, h, w), dtype=dtype,
+                      pixel_size_nm=_check_override(pixel_size_nm, name), is_stack=is_stack,
+                      read=lambda i: data[i])
+    return _overridden(src, None, voxel)
 
 
-def open_image(path: str | os.PathLike, *, pixel_size_nm: float | None = None) -> ImageSource:
+def open_image(path: str | os.PathLike, *, pixel_size_nm: float | None = None,
+               voxel_size_nm: Sequence[float] | None = None) -> ImageSource:
     """Open an image or stack for page-by-page reading, dispatching on the file suffix.
 
     Args:
         path: TIFF/OME-TIFF/BigTIFF, PNG/JPEG/BMP, or DM3/DM4/EMD/SER/MRC/HSPY file.
         pixel_size_nm: overrides the pixel size stored in the file (nm/px).
+        voxel_size_nm: ``(z, y, x)`` in nm, overriding the file's page spacing and pixel size
+            (y must equal x: emseg takes square pixels); wins over ``pixel_size_nm``.
 
     Returns:
         An open ImageSource; close it (or use ``with``) when done.
@@ -211,13 +230,12 @@ def open_image(path: str | os.PathLike, *, pixel_size_nm: float | None = None) -
     path = Path(path).expanduser()
     name = str(path)
     override = _check_override(pixel_size_nm, name)
+    voxel = check_voxel_size(voxel_size_nm, name) if voxel_size_nm is not None else None
     if not path.exists():
         raise InputError(f"{name}: file not found; check the path and spelling")
     if _is_zarr(path):  # zarr / OME-Zarr store (a folder): emseg.io_zarr
         from emseg.io_zarr import open_zarr
-        src = open_zarr(path)
-        if override is not None:
-            src.pixel_size_nm = override
+        src = _overridden(open_zarr(path), override, voxel)
         log.debug("opened %r", src)
         return src
     if path.is_dir():
@@ -232,9 +250,54 @@ def open_image(path: str | os.PathLike, *, pixel_size_nm: float | None = None) -
     else:
         raise InputError(f"{name}: unsupported file type {path.suffix!r}; emseg reads "
                          f"{', '.join(SUPPORTED_SUFFIXES)}: convert the image to TIFF")
-    if override is not None:
-        src.pixel_size_nm = override
+    src = _overridden(src, override, voxel)
     log.debug("opened %r", src)
+    return src
+
+
+def parse_voxel_size(text: str) -> tuple[float, float, float]:
+    """``"Z,Y,X"`` in nm (``"5"`` alone means 5,5,5; ``x`` also separates) as three floats; ValueError otherwise."""
+    parts = [p for p in str(text).replace("x", ",").split(",") if p.strip()]
+    try:
+        values = tuple(float(p) for p in parts)
+    except ValueError:
+        values = ()
+    if len(values) == 1:
+        values = values * 3
+    if len(values) != 3 or not all(math.isfinite(v) and v > 0 for v in values):
+        raise ValueError(f"expected three positive numbers Z,Y,X in nm (e.g. 8,5,5), got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def voxel_size_arg(text: str) -> tuple[float, float, float]:
+    """argparse type of ``--voxel-size Z,Y,X``: a checked voxel size, or a one-line usage error."""
+    import argparse
+    try:
+        return check_voxel_size(parse_voxel_size(text), "--voxel-size")
+    except (ValueError, InputError) as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--voxel-size: ")) from None
+
+
+def check_voxel_size(value: Sequence[float], name: str = "--voxel-size") -> tuple[float, float, float]:
+    """``(z, y, x)`` as positive finite floats with y equal to x (within 2 %), else InputError."""
+    try:
+        voxel = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        voxel = ()
+    if len(voxel) != 3 or not all(math.isfinite(v) and v > 0 for v in voxel):
+        raise InputError(f"{name}: voxel size must be three positive numbers Z,Y,X in nm, got {value!r}")
+    if not math.isclose(voxel[1], voxel[2], rel_tol=0.02):
+        raise InputError(f"{name}: voxel size {voxel[0]:g} x {voxel[1]:g} x {voxel[2]:g} nm has non-square "
+                         "pixels (Y differs from X); emseg takes square pixels: resample the stack first")
+    return voxel  # type: ignore[return-value]
+
+
+def _overridden(src: ImageSource, pixel_size_nm: float | None,
+                voxel: tuple[float, float, float] | None) -> ImageSource:
+    if pixel_size_nm is not None:
+        src.pixel_size_nm = pixel_size_nm
+    if voxel is not None:
+        src.z_spacing_nm, src.pixel_size_nm = voxel[0], voxel[2]
     return src
 
 
@@ -309,7 +372,7 @@ def _tiff_source(path, tif, series, axes: str, shape: tuple[int, ...]) -> ImageS
     is_stack = dims[0] > 1 or (series.kind == "shaped" and len(shape) > 2)
     return ImageSource(path=path, name=name, shape=dims, dtype=series.dtype, pixel_size_nm=px,
                        is_stack=is_stack, read=lambda i: tif.asarray(key=i, series=0),
-                       close=tif.close)
+                       close=tif.close, z_spacing_nm=z_spacing_from_tiff(tif) if is_stack else None)
 
 
 def _open_pillow(path: Path) -> ImageSource:
@@ -398,8 +461,26 @@ def _open_hyperspy(path: Path, file_format: str | None) -> ImageSource:
         log.info("%s: no length calibration (units %r); pixel size unknown", name,
                  getattr(x_ax, "units", None))
     is_stack = len(data.shape) == 3 and sig.axes_manager.navigation_dimension >= 1
+    z = _hyperspy_z_spacing(sig, fmt, name) if is_stack else None
     return ImageSource(path=path, name=name, shape=dims, dtype=data.dtype, pixel_size_nm=px,
-                       is_stack=is_stack, read=lambda i: data[i], close=close)
+                       is_stack=is_stack, read=lambda i: data[i], close=close, z_spacing_nm=z)
+
+
+def _hyperspy_z_spacing(sig, fmt: str, name: str) -> float | None:
+    """Page spacing (nm) of a hyperspy image stack: the MRC header's Zlen / MZ (Å), else the
+    navigation axis when it is a uniform length axis."""
+    if fmt.upper() == "MRC":
+        try:
+            header = sig.original_metadata.std_header
+            zlen, mz = float(np.ravel(header.Zlen)[0]), float(np.ravel(header.MZ)[0])
+        except (AttributeError, IndexError, TypeError, ValueError):
+            zlen = mz = 0.0
+        return _physical(zlen / mz / 10.0, name) if zlen > 0 and mz > 0 else None
+    nav = [ax for ax in sig.axes_manager.navigation_axes if ax.size > 1]
+    if len(nav) != 1 or not getattr(nav[0], "is_uniform", True):
+        return None
+    unit_nm = _unit_to_nm(getattr(nav[0], "units", None))
+    return _physical(float(nav[0].scale) * unit_nm, name) if unit_nm is not None else None
 
 
 def _natural_key(text: str) -> list:

@@ -87,6 +87,23 @@ def _check_tiff_extent(path: Path, series, fail: Callable[[object], InputError])
         raise fail(f"image data needs {end} bytes but the file has only {size}")
 
 
+def _ome_physical_size(tif: Any, axis: str, where: str) -> float | None:
+    """OME-XML ``PhysicalSize{axis}`` in nm (its unit, default µm), None when absent or implausible."""
+    if not (tif.is_ome and tif.ome_metadata):
+        return None
+    try:
+        for el in ET.fromstring(tif.ome_metadata).iter():
+            if el.tag.rsplit("}", 1)[-1] == "Pixels":
+                value = el.get(f"PhysicalSize{axis}")
+                unit_nm = _unit_to_nm(el.get(f"PhysicalSize{axis}Unit", "µm"))
+                if value is not None and unit_nm is not None:
+                    return _physical(float(value) * unit_nm, where)
+                return None
+    except (ET.ParseError, ValueError) as err:
+        log.debug("%s: unreadable OME-XML: %s", where, err)
+    return None
+
+
 def pixel_size_from_tiff(tif: Any) -> float | None:
     """Physical pixel size in nm/px stored in an open ``tifffile.TiffFile``, None if unknown.
 
@@ -101,17 +118,9 @@ def pixel_size_from_tiff(tif: Any) -> float | None:
                 return _physical(float(meta["pixel_size_nm"]), where)
             except (TypeError, ValueError):
                 break
-    if tif.is_ome and tif.ome_metadata:
-        try:
-            for el in ET.fromstring(tif.ome_metadata).iter():
-                if el.tag.rsplit("}", 1)[-1] == "Pixels":
-                    value = el.get("PhysicalSizeX")
-                    unit_nm = _unit_to_nm(el.get("PhysicalSizeXUnit", "µm"))
-                    if value is not None and unit_nm is not None:
-                        return _physical(float(value) * unit_nm, where)
-                    break
-        except (ET.ParseError, ValueError) as err:
-            log.debug("%s: unreadable OME-XML: %s", where, err)
+    ome = _ome_physical_size(tif, "X", where)
+    if ome is not None:
+        return ome
     page = tif.pages.first if hasattr(tif.pages, "first") else tif.pages[0]
     tag = page.tags.get("XResolution")
     if tag is None:
@@ -128,3 +137,31 @@ def pixel_size_from_tiff(tif: Any) -> float | None:
     res_unit = int(res_unit.value) if res_unit is not None else 2  # TIFF default: INCH
     unit_nm = {2: 2.54e7, 3: 1e7, 4: 1e6, 5: 1e3}.get(res_unit)  # 4, 5: tifffile mm, µm
     return _physical(units_per_px * unit_nm, where) if unit_nm else None
+
+
+def z_spacing_from_tiff(tif: Any) -> float | None:
+    """Distance between the pages of a stack (z spacing) in nm stored in an open ``tifffile.TiffFile``.
+
+    Looks, in order, at: emseg's ``voxel_size_nm`` (z, y, x) in tifffile's JSON description; OME-XML
+    PhysicalSizeZ (+PhysicalSizeZUnit, default µm); ImageJ ``spacing`` in its ``unit``. None when
+    the file states none (or an implausible one, above 10 µm).
+    """
+    where = str(getattr(tif, "filename", "TIFF"))
+    for meta in tif.shaped_metadata or ():
+        voxel = meta.get("voxel_size_nm") if isinstance(meta, dict) else None
+        if isinstance(voxel, (list, tuple)) and len(voxel) == 3:
+            try:
+                return _physical(float(voxel[0]), where)
+            except (TypeError, ValueError):
+                break
+    ome = _ome_physical_size(tif, "Z", where)
+    if ome is not None:
+        return ome
+    ij = tif.imagej_metadata or {}
+    unit_nm = _unit_to_nm(ij.get("unit"))
+    if ij.get("spacing") is not None and unit_nm is not None:
+        try:
+            return _physical(float(ij["spacing"]) * unit_nm, where)
+        except (TypeError, ValueError):
+            return None
+    return None

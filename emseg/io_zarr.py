@@ -10,7 +10,9 @@ Contract:
   is read once and kept (only while it is under :data:`SLAB_BYTES`), so a stack chunked
   ``(64, 256, 256)`` is not decoded 64 times.
 * The pixel size (nm/px) comes from the x scale of the OME-Zarr coordinate transformations
-  with the x axis unit, or from a ``pixel_size_nm`` attribute (what emseg writes).
+  with the x axis unit, or from a ``pixel_size_nm`` attribute (what emseg writes); the page
+  spacing of a stack from the scale of an axis named ``z`` with its unit, or from emseg's
+  ``voxel_size_nm`` attribute.
 * :class:`ZarrStackWriter` writes an OME-Zarr (NGFF 0.4, zarr format 2, one chunk per page,
   Blosc-lz4) with the same ``write_page``/``close``/``abort`` interface and shapes as
   :class:`emseg.io.TiffStackWriter`, except that per-class probabilities are stored with
@@ -101,6 +103,49 @@ def _ome_pixel_size(ms: dict, ndim: int, name: str) -> float | None:
     return _physical(x * unit_nm, name)
 
 
+def _ome_z_spacing(ms: dict, ndim: int, name: str) -> float | None:
+    """nm between z planes of the first dataset of an NGFF multiscales entry (an axis named z), or None."""
+    axes = ms.get("axes") or []
+    names = [a.get("name") if isinstance(a, dict) else a for a in axes]
+    if len(axes) != ndim or "z" not in names:
+        return None
+    k = names.index("z")
+    unit = axes[k].get("unit") if isinstance(axes[k], dict) else None
+    unit_nm = (_NGFF_UNITS.get(str(unit).lower()) or _unit_to_nm(unit)) if unit else None
+    scale = _scale(ms["datasets"][0].get("coordinateTransformations"))
+    if unit_nm is None or scale is None or len(scale) != ndim:
+        return None
+    outer = _scale(ms.get("coordinateTransformations"))
+    return _physical(scale[k] * (outer[k] if outer and len(outer) == ndim else 1.0) * unit_nm, name)
+
+
+def _emseg_z_spacing(attrs: dict, name: str) -> float | None:
+    """z spacing from emseg's own ``voxel_size_nm`` attribute (top level or under ``emseg``)."""
+    for where in (attrs, attrs.get("emseg") if isinstance(attrs.get("emseg"), dict) else {}):
+        voxel = where.get("voxel_size_nm")
+        if isinstance(voxel, (list, tuple)) and len(voxel) == 3 and isinstance(voxel[0], (int, float)):
+            return _physical(float(voxel[0]), name)
+    return None
+
+
+def zarr_z_spacing(path: str | os.PathLike) -> float | None:
+    """The z spacing (nm) that a zarr/OME-Zarr store states, or None (see :func:`open_zarr`)."""
+    zarr = _zarr(str(path))
+    root = zarr.open(str(path), mode="r")
+    name = str(path)
+    if isinstance(root, zarr.Array):
+        return _emseg_z_spacing(dict(root.attrs), name)
+    ms = _multiscales(dict(root.attrs))
+    if ms is not None:
+        try:
+            ndim = root[ms[0]["datasets"][0]["path"]].ndim
+        except (KeyError, IndexError, TypeError):
+            return None
+        return _ome_z_spacing(ms[0], ndim, name) or _emseg_z_spacing(dict(root.attrs), name)
+    arrays = sorted(root.array_keys())
+    return _emseg_z_spacing(dict(root[arrays[0]].attrs), name) if len(arrays) == 1 else None
+
+
 def _resolve_array(root, name: str):
     """The image array of an opened zarr node and its pixel size (nm/px or None)."""
     zarr = _zarr(name)
@@ -176,22 +221,27 @@ def open_zarr(path: str | os.PathLike) -> "ImageSource":  # noqa: F821 - emseg.i
         cache["data"] = None
 
     return ImageSource(path=path, name=name, shape=(pages, h, w), dtype=dtype, pixel_size_nm=px,
-                       is_stack=is_stack, read=read, close=close)
+                       is_stack=is_stack, read=read, close=close,
+                       z_spacing_nm=zarr_z_spacing(path) if is_stack else None)
 
 
 # ------------------------------------------------------------------ writing
 
-def _ngff_attrs(ndim: int, probabilities: bool, pixel_size_nm: float | None, name: str) -> dict:
-    """NGFF 0.4 multiscales attributes for one level stored at path '0'."""
+def _ngff_attrs(ndim: int, probabilities: bool, pixel_size_nm: float | None, name: str,
+                z_spacing_nm: float | None = None) -> dict:
+    """NGFF 0.4 multiscales attributes for one level stored at path '0' (z scale: ``z_spacing_nm``)."""
     axes: list[dict] = []
     if probabilities:
         axes.append({"name": "c", "type": "channel"})
+    z_known = bool(z_spacing_nm and pixel_size_nm)  # one unit for all spatial axes
     if ndim - len(axes) == 3:
-        axes.append({"name": "z", "type": "space"})
+        axes.append({"name": "z", "type": "space", **({"unit": "nanometer"} if z_known else {})})
     xy_unit = {"type": "space", "unit": "nanometer"} if pixel_size_nm else {"type": "space"}
     axes += [{"name": "y", **xy_unit}, {"name": "x", **xy_unit}]
     px = float(pixel_size_nm) if pixel_size_nm else 1.0
     scale = [1.0] * (ndim - 2) + [px, px]
+    if z_known and ndim - (1 if probabilities else 0) == 3:
+        scale[-3] = float(z_spacing_nm)
     return {"multiscales": [{"version": "0.4", "name": name, "axes": axes,
                              "datasets": [{"path": "0", "coordinateTransformations": [
                                  {"type": "scale", "scale": scale}]}]}]}
@@ -213,7 +263,8 @@ class ZarrStackWriter(StackWriterBase):
     """
 
     def __init__(self, path: str | os.PathLike, *, shape: tuple[int, ...], dtype: Any,
-                 pixel_size_nm: float | None = None, metadata: dict | None = None) -> None:
+                 pixel_size_nm: float | None = None, metadata: dict | None = None,
+                 z_spacing_nm: float | None = None) -> None:
         zarr = _zarr(str(path))
         pixel_size_nm = self._init_shape(path, shape, dtype, pixel_size_nm)
         self._probabilities = len(self.shape) == 4
@@ -224,7 +275,7 @@ class ZarrStackWriter(StackWriterBase):
         if self._probabilities:
             chunks = (stored[0], *chunks[1:])  # all classes of one page in one chunk
         self._tmp = _temp_path(self.path)
-        attrs = _ngff_attrs(len(stored), self._probabilities, pixel_size_nm, self.path.stem)
+        attrs = _ngff_attrs(len(stored), self._probabilities, pixel_size_nm, self.path.stem, z_spacing_nm)
         attrs["emseg"] = {**(metadata or {}), "pixel_size_nm": pixel_size_nm,
                           "layout": "cz" if self._probabilities else "z"}
         try:
@@ -300,8 +351,17 @@ class ZarrStackWriter(StackWriterBase):
 
 
 def stack_writer(path: str | os.PathLike, *, shape: tuple[int, ...], dtype: Any,
-                 pixel_size_nm: float | None = None, metadata: dict | None = None):
-    """A :class:`ZarrStackWriter` for a path ending in ``.zarr``, else a :class:`TiffStackWriter`."""
+                 pixel_size_nm: float | None = None, metadata: dict | None = None,
+                 z_spacing_nm: float | None = None):
+    """A :class:`ZarrStackWriter` for a path ending in ``.zarr``, else a :class:`TiffStackWriter`.
+
+    ``z_spacing_nm`` (a stack's page spacing) is stored with the pixel size as ``voxel_size_nm``
+    ``[z, y, x]`` in the metadata, and as the z scale of an OME-Zarr.
+    """
+    metadata = dict(metadata or {})
+    if z_spacing_nm and pixel_size_nm and len(shape) >= 3:
+        metadata["voxel_size_nm"] = [float(z_spacing_nm), float(pixel_size_nm), float(pixel_size_nm)]
     if Path(path).suffix.lower() == ".zarr":
-        return ZarrStackWriter(path, shape=shape, dtype=dtype, pixel_size_nm=pixel_size_nm, metadata=metadata)
+        return ZarrStackWriter(path, shape=shape, dtype=dtype, pixel_size_nm=pixel_size_nm, metadata=metadata,
+                               z_spacing_nm=z_spacing_nm if len(shape) >= 3 else None)
     return TiffStackWriter(path, shape=shape, dtype=dtype, pixel_size_nm=pixel_size_nm, metadata=metadata)

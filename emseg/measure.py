@@ -8,7 +8,10 @@ Units and conventions:
   (``area_px2``, ``equivalent_diameter_px``), never a silent mix.
 * One row per object. For 3D objects (:class:`emseg.objects.Instances` with ``three_d``) the row
   describes the object's largest cross-section: ``slice`` is that slice, ``n_slices`` how many
-  slices the object spans.
+  slices the object spans; and the object itself (:mod:`emseg.measure3d`): volume in nm³, surface
+  area in nm² (marching cubes), equivalent diameter and sphericity, bounding box (voxel indices),
+  in voxels when the voxel size is unknown. A 3D object touching the first or last slice
+  ``touches_border`` too.
 * ``touches_border`` flags objects that reach the image edge in any slice: their true size is
   unknown. The summary excludes them from counts and size statistics by default and says so in
   its ``border_objects`` column; area fractions always include them (they are pixel fractions).
@@ -29,6 +32,8 @@ import numpy as np
 from skimage.measure import regionprops_table
 
 from .errors import EmsegError, InputError
+from .io import voxel_size_arg
+from .measure3d import add_3d, columns_3d, voxel_size_of
 from .objects import (Instances, class_names_from_tiff, find_instances, mask_files, mask_stem, match_images,
                       outline_rgb, read_pages, write_instances)
 
@@ -61,6 +66,7 @@ class ObjectTable:
     total_pixels: int
     class_pixels: np.ndarray
     three_d: bool = False
+    voxel_size_nm: tuple[float, float, float] | None = None
 
     def __len__(self) -> int:
         return len(self.data["label"])
@@ -101,7 +107,8 @@ def _largest_sections(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def measure_objects(instances: Instances, *, image: np.ndarray | None = None, pixel_size_nm: float | None = None,
-                    class_names: Sequence[str] | None = None, name: str = "") -> ObjectTable:
+                    class_names: Sequence[str] | None = None, name: str = "",
+                    voxel_size_nm: Sequence[float] | None = None) -> ObjectTable:
     """Measure every object of ``instances`` (pixel units inside, physical units on output).
 
     Args:
@@ -110,6 +117,7 @@ def measure_objects(instances: Instances, *, image: np.ndarray | None = None, pi
         pixel_size_nm: nm per pixel, or None when unknown (outputs then in px).
         class_names: names by class index (default ``background, class_1, ...``).
         name: the input's name, for the summary.
+        voxel_size_nm: ``(z, y, x)`` in nm, for the 3D measurements of 3D objects.
 
     Returns:
         An :class:`ObjectTable`, one row per object, ordered by label.
@@ -124,12 +132,15 @@ def measure_objects(instances: Instances, *, image: np.ndarray | None = None, pi
     per_page = [_measure_page(p, None if image is None else image[i], i) for i, p in enumerate(pages)]
     rows = {k: np.concatenate([r[k] for r in per_page]) for k in per_page[0]}
     rows = _largest_sections(rows) if instances.three_d else {**rows, "n_slices": np.ones(len(rows["label"]), np.int64)}
+    voxel = tuple(float(v) for v in voxel_size_nm) if voxel_size_nm is not None else None
+    if instances.three_d:
+        rows = add_3d(rows, labels, voxel)
     rows["class_index"] = instances.classes[rows["label"]]
     num_classes = max(len(class_names or ()), int(instances.classes.max()) + 1)
     class_pixels = np.bincount(instances.classes[labels.ravel()], minlength=num_classes)
     class_pixels[0] = 0
     names = tuple(class_names) if class_names else default_class_names(num_classes)
-    return ObjectTable(name, rows, pixel_size_nm, names, int(labels.size), class_pixels, instances.three_d)
+    return ObjectTable(name, rows, pixel_size_nm, names, int(labels.size), class_pixels, instances.three_d, voxel)
 
 
 def object_columns(table: ObjectTable, pixel_size_nm: float | None = None) -> dict[str, np.ndarray]:
@@ -152,6 +163,8 @@ def object_columns(table: ObjectTable, pixel_size_nm: float | None = None) -> di
     for key, (_, power) in _COLUMNS.items():
         name = f"{key}_{'nm' if px else 'px'}{'2' if power == 2 else ''}" if power else key
         cols[name] = d[key] * (px ** power if px and power else 1.0)
+    if table.three_d and "volume" in d:
+        cols.update(columns_3d(d, table.voxel_size_nm is not None))
     cols["mean_intensity"] = d["mean_intensity"]
     cols["touches_border"] = d["touches_border"].astype(bool)
     return cols
@@ -199,7 +212,7 @@ def summarize(tables: Sequence[ObjectTable], *, exclude_border: bool = True) -> 
     """Per input and class (and over all inputs, when several): counts, area fractions, diameters.
 
     Diameters are equivalent diameters in nm when every input has a pixel size, else in px for all
-    (logged). Objects touching the border are left out of counts and diameters when
+    (logged); of 3D objects with a voxel size, the diameter of the sphere of the same volume. Objects touching the border are left out of counts and diameters when
     ``exclude_border``; ``n_border`` counts them either way.
 
     Returns:
@@ -224,7 +237,10 @@ def _summary_row(name: str, group: list[ObjectTable], c: int, unit: str, exclude
         of_class = t.data["class_index"] == c
         border = of_class & t.data["touches_border"]
         kept = of_class & ~border if exclude_border else of_class
-        diam.append(t.data["equivalent_diameter"][kept] * (t.pixel_size_nm if unit == "nm" else 1.0))
+        if t.three_d and t.voxel_size_nm and unit == "nm":  # 3D objects: the diameter of the same-volume sphere
+            diam.append(t.data["equivalent_diameter_3d"][kept])
+        else:
+            diam.append(t.data["equivalent_diameter"][kept] * (t.pixel_size_nm if unit == "nm" else 1.0))
         n_border += int(border.sum())
         area += int(t.class_pixels[c]) if c < len(t.class_pixels) else 0
         total += t.total_pixels
@@ -246,8 +262,11 @@ def plot_size_histograms(axes: Sequence, table: ObjectTable, *, exclude_border: 
     from .io import PALETTE
 
     px = table.pixel_size_nm
-    unit = "nm" if px else "px"
+    unit, what = "nm" if px else "px", "equivalent diameter"
     d, ci = table.data["equivalent_diameter"] * (px or 1.0), table.data["class_index"]
+    if table.three_d and "equivalent_diameter_3d" in table.data:  # of the 3D objects, not their sections
+        unit, what = "nm" if table.voxel_size_nm else "vox", "3D equivalent diameter"
+        d = table.data["equivalent_diameter_3d"]
     keep = ~table.data["touches_border"] if exclude_border else np.ones(len(d), bool)
     note = "objects touching the border excluded" if exclude_border else "objects touching the border included"
     for row, (ax, c) in enumerate(zip(axes, size_classes(table))):
@@ -259,7 +278,7 @@ def plot_size_histograms(axes: Sequence, table: ObjectTable, *, exclude_border: 
         ax.set_title((f"Size distribution per class ({note})\n" if row == 0 and title else "") +
                      f"{table.class_name(c)}: n = {len(dc)}, median {np.median(dc) if len(dc) else np.nan:.3g} {unit}",
                      fontsize=10)
-        ax.set_xlabel(f"equivalent diameter ({unit})")
+        ax.set_xlabel(f"{what} ({unit})")
         ax.set_ylabel("objects")
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
 
@@ -339,7 +358,8 @@ def check_class_labels(mask: np.ndarray, path, named: int = 0) -> None:
 def measure_file(mask_path: Path, outdir: Path, *, image_path: Path | None = None,
                  class_names: Sequence[str] | None = None, pixel_size_nm: float | None = None,
                  instance_options: dict | None = None, exclude_border: bool = True, plot: bool = True,
-                 write_labels: bool = True, object_classes: Sequence[str] | None = None) -> ObjectTable:
+                 write_labels: bool = True, object_classes: Sequence[str] | None = None,
+                 voxel_size_nm: Sequence[float] | None = None) -> ObjectTable:
     """Find and measure the objects of one mask file; write ``NAME_objects.csv`` (and PNG, instance TIFF).
 
     Args:
@@ -352,6 +372,7 @@ def measure_file(mask_path: Path, outdir: Path, *, image_path: Path | None = Non
         exclude_border: leave border-touching objects out of the plot's histogram.
         plot, write_labels: also write ``NAME_measure.png`` and ``NAME_instances.tif``.
         object_classes: names of the classes to find objects of (default: every class but 0).
+        voxel_size_nm: ``(z, y, x)`` in nm for 3D objects (default: the mask's, else the image's).
 
     Returns:
         The measurements.
@@ -379,7 +400,9 @@ def measure_file(mask_path: Path, outdir: Path, *, image_path: Path | None = Non
         options["class_ids"] = [known.index(c) for c in object_classes]
     instances = find_instances(mask, **options)
     stem = mask_stem(mask_path)
-    table = measure_objects(instances, image=image, pixel_size_nm=px, class_names=names, name=stem)
+    voxel = voxel_size_nm or (voxel_size_of(mask_path, image_path) if instances.three_d else None)
+    table = measure_objects(instances, image=image, pixel_size_nm=px, class_names=names, name=stem,
+                            voxel_size_nm=voxel)
     outdir.mkdir(parents=True, exist_ok=True)
     write_csv(outdir / f"{stem}_objects.csv", object_columns(table))
     if write_labels:
@@ -403,6 +426,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="matching images: one per mask in the same order, or a folder (NAME.* for NAME_mask.tif)")
     p.add_argument("--classes", metavar="A,B,C", help="class names from class 0 when the masks do not store them")
     p.add_argument("--pixel-size", type=pixel_size, metavar="NM", help="pixel size in nm/px, overriding the files'")
+    p.add_argument("--voxel-size", type=voxel_size_arg, metavar="Z,Y,X",
+                   help="voxel size in nm for --3d (volumes in nm³), overriding the files' (default: from the mask or image)")
     g = p.add_argument_group("objects")
     g.add_argument("--objects", metavar="A,B", help="only these classes (by name); default: every class but 0")
     g.add_argument("--split", action="store_true", help="split touching objects (distance transform + watershed)")
@@ -411,7 +436,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--min-size", type=integer(0), default=0, metavar="PX",
                    help="drop objects smaller than this many pixels")
     g.add_argument("--fill-holes", action="store_true", help="fill background holes inside objects")
-    g.add_argument("--3d", dest="three_d", action="store_true", help="connect objects across the slices of a stack")
+    g.add_argument("--3d", dest="three_d", action="store_true",
+                   help="connect objects across the slices of a stack and measure them in 3D (volume, surface area, "
+                        "equivalent diameter, bounding box)")
     g.add_argument("--include-border", action="store_true",
                    help="count and size objects touching the image border too (default: excluded)")
     g = p.add_argument_group("outputs")
@@ -449,7 +476,7 @@ def run_cli(args: argparse.Namespace) -> int:
             table = measure_file(mask, args.output, image_path=image, class_names=names, pixel_size_nm=args.pixel_size,
                                  instance_options=options, exclude_border=not args.include_border,
                                  plot=not args.no_plot, write_labels=not args.no_instances,
-                                 object_classes=_names(args.objects))
+                                 object_classes=_names(args.objects), voxel_size_nm=args.voxel_size)
         except Exception as exc:  # noqa: BLE001 - one mask's failure must not stop the others
             failed += 1
             log.error("%s", input_failure(mask, exc), exc_info=getattr(args, "verbose", False))

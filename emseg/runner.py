@@ -115,7 +115,7 @@ def remake_overlay(path: Path, outputs: OutputPaths, classes, pixel_size_nm: flo
 
 def predict_file(predictor: Predictor, path: Path, outdir: Path, *, pixel_size_nm: float | None = None,
                  probabilities: bool = False, overlay: bool = True, overwrite: bool = False,
-                 progress: FileProgress | None = None, fmt: str = "tif") -> FileResult:
+                 progress: FileProgress | None = None, fmt: str = "tif", voxel_size_nm=None) -> FileResult:
     """Segment one input file into ``outdir`` (see the module docstring). Raises InputError on bad input."""
     outputs = OutputPaths.for_input(path, outdir, fmt)
     start = time.perf_counter()
@@ -129,7 +129,7 @@ def predict_file(predictor: Predictor, path: Path, outdir: Path, *, pixel_size_n
             return FileResult(path, "completed", outputs, seconds=time.perf_counter() - start)
         if outputs.mask.exists():
             log.info("%s: segmenting again, %s is missing", path, ", ".join(str(p) for p in missing))
-    with open_image(path, pixel_size_nm=pixel_size_nm) as source:
+    with open_image(path, pixel_size_nm=pixel_size_nm, voxel_size_nm=voxel_size_nm) as source:
         pages, height, width = source.shape
         page_shape = (pages, height, width) if source.is_stack else (height, width)
         num_classes = predictor.card.num_classes
@@ -139,10 +139,10 @@ def predict_file(predictor: Predictor, path: Path, outdir: Path, *, pixel_size_n
         middle = pages // 2
         outdir.mkdir(parents=True, exist_ok=True)
         mask_writer = stack_writer(outputs.mask, shape=page_shape, dtype=labels_dtype(num_classes),
-                                      pixel_size_nm=source.pixel_size_nm,
+                                      pixel_size_nm=source.pixel_size_nm, z_spacing_nm=source.z_spacing_nm,
                                       metadata={"classes": list(predictor.card.classes)})
         prob_writer = (stack_writer(outputs.probabilities, shape=prob_shape, dtype=np.float32,
-                                       pixel_size_nm=source.pixel_size_nm,
+                                       pixel_size_nm=source.pixel_size_nm, z_spacing_nm=source.z_spacing_nm,
                                        metadata={"classes": list(predictor.card.classes)})
                        if probabilities else None)
         preview = None

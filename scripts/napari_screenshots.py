@@ -1,4 +1,5 @@
-"""Take the napari plugin's screenshots for the docs: ``docs/img/napari_finetune.png`` and ``napari_segment.png``.
+"""Take the napari plugin's screenshots for the docs: ``docs/img/napari_finetune.png``, ``napari_segment.png``,
+``napari_measure.png`` and ``napari_volume.png``.
 
 Run from the checkout, with the napari extra installed, under a display (headless: Xvfb)::
 
@@ -8,7 +9,9 @@ It opens the bundled synthetic sample, docks the Fine-tune widget, paints scribb
 across the ground truth, as a person would), fine-tunes (the bundled default model when it
 exists, else a new ``vgg11_bn_micro`` model, which takes a few minutes on a CPU) and shoots the
 viewer with the live preview; then docks the Segment widget, segments the stack with the model
-just saved and shoots the result. Screenshots are napari's own ``viewer.screenshot(canvas_only=False)``.
+just saved and shoots the result. ``--only-volume`` opens the synthetic FIB-SEM volume sample,
+segments the whole volume (ortho-plane) with ``--volume-model`` (default: the bundled model) and
+shoots the 3D view with the measurements panel. Screenshots are napari's own ``viewer.screenshot(canvas_only=False)``.
 Fine-tuned models go to a temporary folder, not to ``~/.emseg/models``.
 """
 
@@ -90,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="window size in pixels")
     parser.add_argument("--only-measure", action="store_true",
                         help="only the measurements shot (objects of the default model's segmentation)")
+    parser.add_argument("--only-volume", action="store_true",
+                        help="only the volume shot (the FIB-SEM sample segmented ortho-plane, in 3D)")
+    parser.add_argument("--volume-model", type=Path, default=None,
+                        help="model for the volume shot (default: the bundled model)")
     args = parser.parse_args(argv)
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     os.environ["EMSEG_MODEL_DIR"] = tempfile.mkdtemp(prefix="emseg-screenshot-models-")
@@ -103,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     viewer = napari.Viewer(title="emseg in napari")
     viewer.window.resize(*args.size)
     app = QApplication.instance()
+    if args.only_volume:
+        return volume_shot(viewer, app, args.out, args.volume_model or default_model_path())
     image, truth = viewer.open_sample("emseg", "synthetic_tem")
     truth.visible = False
     scale_bar = viewer.canvas.overlays.scale_bar if hasattr(viewer, "canvas") else viewer.scale_bar
@@ -162,22 +171,28 @@ def main(argv: list[str] | None = None) -> int:
     return measure_shot(viewer, app, image, args.out)
 
 
+def segment_objects(viewer, app, image, model: Path, *, min_size: int, **run):
+    """Dock Segment, segment ``image`` with ``model`` finding objects (``run``: Segment.run's options);
+    returns the widget and its objects layer (None when it failed)."""
+    _dock, seg = viewer.window.add_plugin_dock_widget("emseg", "Segment")
+    seg.select_model(model)
+    seg.image.set_layer(image)
+    seg.objects.setChecked(True)
+    seg.min_size.setValue(min_size)
+    print(f"segmenting and measuring objects ({run}) with {model}…")
+    assert seg.run(**run), seg.last_message
+    wait(app, seg)
+    print(seg.last_message)
+    return seg, seg.last_objects_layer
+
+
 def measure_shot(viewer, app, image, out: Path) -> int:
     """Segment with the default model, find and measure objects, and shoot the measurements panel."""
     from emseg.modelfile import default_model_path
     for layer in list(viewer.layers):
         if layer is not image:
             layer.visible = False
-    _dock, seg = viewer.window.add_plugin_dock_widget("emseg", "Segment")
-    seg.select_model(default_model_path())
-    seg.image.set_layer(image)
-    seg.objects.setChecked(True)
-    seg.min_size.setValue(20)
-    print("segmenting and measuring objects…")
-    assert seg.run(whole_stack=True), seg.last_message
-    wait(app, seg)
-    print(seg.last_message)
-    objects = seg.last_objects_layer
+    seg, objects = segment_objects(viewer, app, image, default_model_path(), min_size=20, whole_stack=True)
     if objects is None:
         return 1
     viewer.layers.selection.active = objects
@@ -189,6 +204,29 @@ def measure_shot(viewer, app, image, out: Path) -> int:
     settle(app, 2)
     out.mkdir(parents=True, exist_ok=True)
     save_shot(viewer, out / "napari_measure.png")
+    viewer.close()
+    return 0
+
+
+def volume_shot(viewer, app, out: Path, model: Path) -> int:
+    """The synthetic FIB-SEM volume segmented with 'Segment volume (ortho)', its 3D objects in 3D."""
+    image, truth = viewer.open_sample("emseg", "synthetic_fibsem")
+    truth.visible = False
+    _seg, objects = segment_objects(viewer, app, image, model, min_size=200, ortho=True)
+    if objects is None:
+        return 1
+    for layer in viewer.layers:
+        layer.visible = layer.name in (image.name, objects.name)
+    image.opacity = 0.35
+    image.rendering = "attenuated_mip"
+    image.attenuation = 0.3
+    objects.opacity = 1.0
+    viewer.layers.selection.active = objects
+    viewer.camera.angles = (-10, 35, 60)
+    viewer.camera.zoom *= 1.3
+    settle(app, 2)
+    out.mkdir(parents=True, exist_ok=True)
+    save_shot(viewer, out / "napari_volume.png")
     viewer.close()
     return 0
 

@@ -49,7 +49,7 @@ def test_manifest_validates():
     assert manifest.name == "emseg"
     contributions = manifest.contributions
     assert len(contributions.readers) == 1 and len(contributions.writers) == 1
-    assert len(contributions.sample_data) == 1 and len(contributions.widgets) == 2
+    assert len(contributions.sample_data) == 2 and len(contributions.widgets) == 2
     patterns = contributions.readers[0].filename_patterns
     for suffix in ("dm3", "dm4", "emd", "ser", "mrc", "hspy", "tif", "tiff"):
         assert f"*.{suffix}" in patterns
@@ -59,7 +59,7 @@ def test_every_manifest_command_imports():
     npe2 = pytest.importorskip("npe2", reason='needs the napari extra: pip install "emseg[napari]"')
     pytest.importorskip("qtpy", reason='needs the napari extra: pip install "emseg[napari]"')
     manifest = npe2.PluginManifest.from_file(MANIFEST)
-    assert len(manifest.contributions.commands) == 5
+    assert len(manifest.contributions.commands) == 6
     for command in manifest.contributions.commands:
         module, _, attr = command.python_name.partition(":")
         assert callable(getattr(importlib.import_module(module), attr)), command.python_name
@@ -271,3 +271,23 @@ def test_measure_segmentation_gives_napari_features_in_nm():
                                 ObjectOptions(classes=("mitochondrion",)))
     assert list(only.features["class"].iloc[1:]) == ["mitochondrion"] * 2
     assert [row["class"] for row in only.summary] == ["mitochondrion"]
+
+
+def test_finetune_job_learns_from_the_three_planes_of_a_volume(tmp_path):
+    from emseg.modelfile import load_model
+    from emseg.synthetic3d import make_em_volume
+    from emseg_napari._jobs import FinetuneRequest, finetune
+    vol = make_em_volume((20, 48, 48), seed=1)
+    scribbles = np.zeros_like(vol.mask)
+    scribbles[:, 20, :] = vol.mask[:, 20, :] + 1  # one painted xz slice
+    scribbles[10] = vol.mask[10] + 1  # and one xy slice
+    events = []
+    result = finetune(FinetuneRequest(
+        image=vol.image, labels=scribbles, classes=("background", "membrane", "mitochondrion"),
+        out_path=tmp_path / "m.safetensors", encoder="vgg11_bn_micro", steps=2, batch_size=2, tile_size=32,
+        val_every=1, device="cpu", pixel_size_nm=5.0, planes="ortho", voxel_size_nm=(5.0, 5.0, 5.0),
+        layer_name="scribbles"), progress=events.append)
+    assert result.path is not None and result.steps_done == 2
+    training = load_model(result.path).card.training
+    assert training["sources"] == ["scribbles xy", "scribbles xz", "scribbles yz"]
+    assert training["validation_pages"] > 0

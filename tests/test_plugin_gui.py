@@ -441,3 +441,68 @@ def test_segment_finds_objects_and_shows_their_measurements(viewer, qtbot, tmp_p
     with open(path) as f:
         assert len(list(csv.DictReader(f))) == n
     assert (tmp_path / "objects_summary.csv").exists()
+
+
+# -- whole volume (ortho-plane) -------------------------------------------------------------------
+
+@pytest.fixture
+def volume(viewer):
+    """A small synthetic FIB-SEM volume with 5 nm voxels, as its sample layers come."""
+    from emseg.synthetic3d import make_em_volume
+    from emseg_napari._utils import layer_kwargs
+    vol = make_em_volume((24, 64, 64), seed=0)
+    return viewer.add_image(vol.image, name="vol", **layer_kwargs(5.0, 3, 5.0))
+
+
+def test_segment_volume_ortho_shows_3d_labels_and_3d_measurements(viewer, volume, tiny_path, qtbot):
+    seg = dock(viewer, "Segment")
+    seg.select_model(tiny_path)
+    seg.image.set_layer(volume)
+    assert seg.volume_button.isEnabled() and seg.z_spacing.value() == pytest.approx(5.0)
+    seg.objects.setChecked(True)
+    seg.object_classes.setText("")
+    seg.combine.setCurrentText("vote")
+    fractions = []
+    seg.progress.bar.valueChanged.connect(fractions.append)
+    seg.volume_button.click()
+    assert seg.running and not seg.volume_button.isEnabled()
+    wait(qtbot, seg)
+    result = viewer.layers["vol [tiny]"]
+    assert result.data.shape == (24, 64, 64) and tuple(result.scale) == pytest.approx((5.0, 5.0, 5.0))
+    assert viewer.dims.ndisplay == 3
+    assert "whole volume (ortho-plane)" in seg.last_message and seg.progress.bar.value() == 1000
+    assert len(set(fractions)) > 3  # the bar moved while the planes were segmented
+    objects = viewer.layers[seg.last_objects_layer.name]
+    assert {"volume_nm3", "surface_area_nm2", "equivalent_diameter_3d_nm", "bbox_z0"} <= set(objects.features.columns)
+    headers = [seg.measurements.table.horizontalHeaderItem(c).text()
+               for c in range(seg.measurements.table.columnCount())]
+    assert "volume_nm3" in headers and "n_slices" in headers
+
+
+def test_segment_volume_needs_a_volume_and_its_spacing_and_can_be_cancelled(viewer, volume, tiny_path, qtbot):
+    seg = dock(viewer, "Segment")
+    seg.select_model(tiny_path)
+    flat = viewer.add_image(np.zeros((40, 40), np.uint8), name="flat")
+    seg.image.set_layer(flat)
+    assert not seg.volume_button.isEnabled()
+    assert not seg.run(ortho=True) and "2D image" in seg.last_message
+    seg.image.set_layer(volume)
+    seg.z_spacing.setValue(0.0)
+    assert volume.metadata["emseg_z_spacing_nm"] is None
+    assert not seg.run(ortho=True) and "slice spacing" in seg.last_message
+    seg.z_spacing.setValue(60.0)  # ssTEM-like sections: refused in one line
+    assert tuple(volume.scale)[0] == pytest.approx(60.0)
+    assert not seg.run(ortho=True) and "12.0x anisotropic" in seg.last_message
+    seg.z_spacing.setValue(5.0)
+    seg.tta.setChecked(True)
+    before = [layer.name for layer in viewer.layers]
+    assert seg.run(ortho=True)
+    seg.progress.button.click()
+    wait(qtbot, seg)
+    assert "cancelled" in seg.last_message and [layer.name for layer in viewer.layers] == before
+
+
+def test_volume_sample_opens_with_its_voxel_size(viewer):
+    image, truth = viewer.open_sample("emseg", "synthetic_fibsem")
+    assert image.data.shape[0] > 1 and tuple(image.scale) == pytest.approx((5.0, 5.0, 5.0))
+    assert image.metadata["emseg_z_spacing_nm"] == 5.0 and list(truth.features["class"]) == list(CLASSES)

@@ -30,7 +30,7 @@ from qtpy.QtWidgets import (  # noqa: E402
 
 from ._jobs import FinetuneRequest, Outcome, check_annotations, finetune  # noqa: E402
 from ._utils import (  # noqa: E402
-    CLASSES_KEY, MODELS, find_layer, labels_layer_kwargs, layer_kwargs, layer_position, page_index,
+    CLASSES_KEY, MODELS, Z_SPACING_KEY, find_layer, labels_layer_kwargs, layer_kwargs, layer_position, page_index,
     pixel_size_of,
     safe_name, scribble_colors, scribble_features, timestamped_model_path, user_model_dir,
 )
@@ -102,6 +102,10 @@ class FinetuneWidget(StatusWidget):
                                "the preview every this many steps")
         self.device = QComboBox()
         self.device.addItems(device_choices())
+        self.ortho = QCheckBox("learn from all three planes (a 3D volume)")
+        self.ortho.setToolTip("Train on the xy, xz and yz planes of the annotated volume (paint slices in any "
+                              "direction), so that the model also knows xz/yz slices, as 'Segment volume (ortho)' "
+                              "shows them. Needs a 3D image with a pixel size and slice spacing")
         self.freeze = QCheckBox("freeze the encoder")
         self.freeze.setToolTip("Train only the decoder: faster, and safer with very few scribbles")
         self.folder = QLineEdit(str(user_model_dir()))
@@ -126,6 +130,7 @@ class FinetuneWidget(StatusWidget):
         form.addRow("Preview every", self.val_every)
         form.addRow("Device", self.device)
         form.addRow("", self.freeze)
+        form.addRow("", self.ortho)
         form.addRow("Save to", _row(self.folder, self.folder_button, stretch_first=True))
         form.addRow("Name", self.name)
 
@@ -277,7 +282,7 @@ class FinetuneWidget(StatusWidget):
             return None
         data = image.data[0] if image.multiscale else image.data
         names = self.class_names()
-        kwargs = layer_kwargs(pixel_size_of(image), data.ndim)
+        kwargs = layer_kwargs(pixel_size_of(image), data.ndim, image.metadata.get(Z_SPACING_KEY))
         kwargs["metadata"].update({SCRIBBLES_KEY: True, CLASSES_KEY: list(names)})
         from napari.utils.colormaps import DirectLabelColormap
         dtype = np.uint8 if len(names) < 255 else np.uint16
@@ -332,7 +337,7 @@ class FinetuneWidget(StatusWidget):
     def _set_running(self, running: bool) -> None:
         for w in (self.start_button, self.base, self.encoder, self.image, self.annotations, self.new_scribbles,
                   self.dense, self.add_class, self.remove_class, self.steps, self.batch, self.tile, self.lr,
-                  self.val_every, self.device, self.freeze, self.folder, self.folder_button, self.name):
+                  self.val_every, self.device, self.freeze, self.folder, self.folder_button, self.name, self.ortho):
             w.setEnabled(not running)
         if not running:
             self.encoder.setEnabled(self.base.is_new())
@@ -380,6 +385,14 @@ class FinetuneWidget(StatusWidget):
         if self.tile.value() % 32:
             self._message(f"Crop size {self.tile.value()} is not a multiple of 32", error=True)
             return False
+        voxel = None
+        if self.ortho.isChecked():
+            from ._utils import voxel_size_of
+            voxel = voxel_size_of(image)
+            if data.ndim != 3 or voxel is None:
+                self._message(f"'{image.name}': learning from all three planes needs a 3D image with a known pixel "
+                              "size and slice spacing (set them in the Segment widget)", error=True)
+                return False
         page = page_index(image, self.viewer.dims.point) if data.ndim == 3 else None
         self._preview_page, self._preview_target = page, image.name
         preview_source = data[page] if page is not None else data
@@ -393,7 +406,7 @@ class FinetuneWidget(StatusWidget):
             val_every=self.val_every.value(), device=self.device.currentText(),
             freeze_encoder=self.freeze.isChecked(), pixel_size_nm=pixel_size_of(image),
             preview_page=np.asarray(preview_source), name=self.name.text() or "model",
-            layer_name=annotations.name)
+            layer_name=annotations.name, planes="ortho" if voxel else "xy", voxel_size_nm=voxel)
         if request.base_path is None and not self.base.is_new():
             self._message("No base model: choose one, or 'new model'", error=True)
             return False

@@ -61,6 +61,9 @@ class SegmentRequest:
     probabilities: bool = False
     objects: ObjectOptions | None = None
     measure_pixel_size_nm: float | None = None
+    ortho: bool = False  # the whole volume through its xy, xz and yz planes (emseg.volume)
+    voxel_size_nm: tuple[float, float, float] | None = None  # needed with ortho
+    combine: str = "mean"
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,8 @@ def segment(request: SegmentRequest, load_model: Callable[[Path], Any], *,
     model = load_model(request.model_path)
     predictor = model.predictor(tile=request.tile, overlap=request.overlap, tta=request.tta,
                                 device=request.device, batch_size=request.batch_size)
+    if request.ortho:
+        return _segment_volume(request, model, predictor, start, progress, stop)
     image = request.image
     is_stack = image.ndim == 3
     pages = request.pages if (is_stack and request.pages is not None) else (
@@ -154,12 +159,39 @@ def segment(request: SegmentRequest, load_model: Callable[[Path], Any], *,
                          time.perf_counter() - start, str(predictor.device), objects)
 
 
+def _segment_volume(request: SegmentRequest, model, predictor, start: float, progress, stop) -> SegmentResult:
+    """The whole volume with ortho-plane inference; objects connected and measured in 3D."""
+    from emseg.volume import predict_volume
+
+    def on_progress(done: float, total: float, text: str) -> None:
+        if stop is not None and stop.is_set():
+            raise Cancelled()
+        if progress is not None:
+            progress(done / max(total, 1e-9), f"ortho-plane: {text}")
+
+    out = predict_volume(predictor, request.image, voxel_size_nm=request.voxel_size_nm, combine=request.combine,
+                         return_probabilities=request.probabilities, progress=on_progress, name="image layer")
+    labels, probs = out if request.probabilities else (out, None)
+    objects = None
+    if request.objects is not None:
+        if progress is not None:
+            progress(1.0, "finding and measuring 3D objects…")
+        objects = measure_segmentation(labels, np.asarray(request.image), model.card.classes,
+                                       request.measure_pixel_size_nm, request.objects, three_d=True,
+                                       voxel_size_nm=request.voxel_size_nm)
+    return SegmentResult(labels, probs, None, model.card.classes, request.model_path, time.perf_counter() - start,
+                         str(predictor.device), objects)
+
+
 def measure_segmentation(labels: np.ndarray, image: np.ndarray | None, classes: Sequence[str],
                          pixel_size_nm: float | None, options: ObjectOptions, *, pages: Sequence[int] | None = None,
-                         name: str = "image layer") -> ObjectsResult:
+                         name: str = "image layer", three_d: bool = False,
+                         voxel_size_nm: Sequence[float] | None = None) -> ObjectsResult:
     """Objects of every foreground class of ``labels`` (per slice for a stack) and their measurements
     in nm (px when ``pixel_size_nm`` is None), as ``emseg predict --instances --measure`` makes them.
-    ``pages``: the stack slices that ``labels`` holds, so that the ``slice`` column names them."""
+    ``pages``: the stack slices that ``labels`` holds, so that the ``slice`` column names them.
+    ``three_d``: objects connected across slices, with their volume, surface and bounding box
+    (in nm with ``voxel_size_nm``)."""
     import pandas as pd
 
     from emseg.measure import measure_objects, object_columns, summarize
@@ -167,12 +199,13 @@ def measure_segmentation(labels: np.ndarray, image: np.ndarray | None, classes: 
 
     class_ids = [list(classes).index(c) for c in options.classes] if options.classes else None
     instances = find_instances(labels, split=options.split, min_size_px=options.min_size_px,
-                               fill_holes=options.fill_holes, class_ids=class_ids)
-    table = measure_objects(instances, image=image, pixel_size_nm=pixel_size_nm, class_names=classes, name=name)
+                               fill_holes=options.fill_holes, class_ids=class_ids, three_d=three_d)
+    table = measure_objects(instances, image=image, pixel_size_nm=pixel_size_nm, class_names=classes, name=name,
+                            voxel_size_nm=voxel_size_nm)
     if pages is not None:
         table.data["slice"] = np.asarray(pages)[table.data["slice"]]
     columns = object_columns(table)
-    background = {k: (0 if k in ("label", "class_index", "slice") else
+    background = {k: (0 if k in ("label", "class_index", "slice", "n_slices") or k.startswith("bbox_") else
                       "background" if k == "class" else False if k == "touches_border" else np.nan)
                   for k in columns}
     features = pd.concat([pd.DataFrame([background]), pd.DataFrame(columns)], ignore_index=True)
@@ -218,6 +251,8 @@ class FinetuneRequest:
     name: str = "fine-tuned"
     layer_name: str = "layer"
     extra: dict = field(default_factory=dict)
+    planes: str = "xy"  # "ortho": pages from the xy, xz and yz planes of the annotated volume (emseg.volume_train)
+    voxel_size_nm: tuple[float, float, float] | None = None  # needed with ortho
 
 
 @dataclass
@@ -271,10 +306,18 @@ def finetune(request: FinetuneRequest, *, progress: Callable[[Any], None] | None
                          "shape (press 'New scribble layer')")
     check_annotations(request.labels, request.classes, sparse=request.sparse, name=request.layer_name)
     base = load_model(request.base_path) if request.base_path is not None else None
-    image, labels = annotated_pages(request.image, request.labels)
     norm = base.card.normalization if base is not None else None
-    items = annotations_from_arrays(image, labels, sparse=request.sparse, pixel_size_nm=request.pixel_size_nm,
-                                    name=request.layer_name, norm=norm)
+    val_items = None
+    if request.planes == "ortho":
+        from emseg.card import Normalization
+        from emseg.volume_train import volume_splits
+        items, val_items = volume_splits(np.asarray(request.image), request.labels, 0.2,
+                                         voxel_size_nm=request.voxel_size_nm, sparse=request.sparse,
+                                         norm=norm or Normalization(), name=request.layer_name)
+    else:
+        image, labels = annotated_pages(request.image, request.labels)
+        items = annotations_from_arrays(image, labels, sparse=request.sparse, pixel_size_nm=request.pixel_size_nm,
+                                        name=request.layer_name, norm=norm)
     preview = request.preview_page
     model_nm = base.card.pixel_size_nm if base is not None else None
     card_nm = None  # a new pixel size for the saved model's card, when it changes
@@ -286,6 +329,7 @@ def finetune(request: FinetuneRequest, *, progress: Callable[[Any], None] | None
         card_nm = request.pixel_size_nm
     elif model_nm and request.pixel_size_nm:
         items = rescale_items(items, model_nm)
+        val_items = rescale_items(val_items, model_nm) if val_items is not None else None
         factor = request.pixel_size_nm / model_nm
     if preview is not None and abs(factor - 1) > 0.02:
         preview = _resize_page(np.asarray(preview, np.float32), factor)
@@ -306,7 +350,8 @@ def finetune(request: FinetuneRequest, *, progress: Callable[[Any], None] | None
         if progress is not None:
             progress(event)
 
-    result = train(items, config, None, base=base, preview_image=preview, progress=on_event, stop=stop)
+    result = train(items, config, None, base=base, val_data=val_items, preview_image=preview, progress=on_event,
+                   stop=stop)
     if steps_done == 0:
         return FinetuneResult(None, result.model.classes, 0, None, True, time.perf_counter() - start)
     if not request.out_path.parent.exists():

@@ -87,7 +87,7 @@ class MeasurementsWidget(QWidget):
         from emseg.measure import plot_size_histograms, size_classes
         self.result, self.layer, self.exclude_border = objects, layer, exclude_border
         table = objects.table
-        self.summary.setText(summary_text(objects.summary, len(table)))
+        self.summary.setText(summary_text(objects.summary, len(table), three_d=table.three_d))
         self.figure.clear()
         classes = size_classes(table)
         axes = self.figure.subplots(len(classes), 1, squeeze=False)[:, 0]
@@ -158,15 +158,17 @@ class MeasurementsWidget(QWidget):
         return path
 
 
-def summary_text(summary: list[dict], count: int) -> str:
-    """``42 objects · mitochondrion: 40, median 212 nm, 3.1 % of the area (2 at the border excluded)``."""
-    parts = [f"{count} objects"]
+def summary_text(summary: list[dict], count: int, *, three_d: bool = False) -> str:
+    """``42 objects · mitochondrion: 40, median 212 nm, 3.1 % of the area (2 at the border excluded)``;
+    for 3D objects: ``42 3D objects``, ``of the volume``."""
+    parts = [f"{count} {'3D ' if three_d else ''}objects"]
+    where = "volume" if three_d else "area"
     for row in summary:
         unit = "nm" if any(k.endswith("_nm") for k in row if k.startswith("diameter_median")) else "px"
         median = row.get(f"diameter_median_{unit}", np.nan)
         median_text = "" if median is None or np.isnan(median) else f", median diameter {median:.3g} {unit}"
         border = (f" ({row['n_border']} at the border {row['border_objects']})" if row["n_border"] else "")
-        parts.append(f"{row['class']}: {row['count']}{median_text}, {100 * row['area_fraction']:.1f} % of the area"
+        parts.append(f"{row['class']}: {row['count']}{median_text}, {100 * row['area_fraction']:.1f} % of the {where}"
                      f"{border}")
     return "\n".join(parts)
 

@@ -2,7 +2,8 @@
 
 Reading goes through :func:`emseg.io.open_image`, so napari sees exactly what ``emseg predict``
 sees: the same first image signal, greyscale pages, and the physical pixel size (nm/px), which
-becomes the layer's ``scale`` with ``units`` nm (napari's scale bar then reads right). A TIFF
+becomes the layer's ``scale`` with ``units`` nm (napari's scale bar then reads right); a stack's
+page spacing, when the file states it, is the scale of its page axis (3D views to scale). A TIFF
 whose emseg metadata lists ``classes`` and holds integers (a mask written by ``emseg predict``
 or by this plugin's writer) opens as a Labels layer with those class names.
 
@@ -78,10 +79,10 @@ def read_layer(path: str | os.PathLike) -> LayerData:
     classes = _mask_classes(path) if np.dtype(data.dtype).kind in "biu" else None
     name = _display_name(path)
     if classes:
-        kwargs = labels_layer_kwargs(classes, source.pixel_size_nm, ndim)
+        kwargs = labels_layer_kwargs(classes, source.pixel_size_nm, ndim, z_spacing_nm=source.z_spacing_nm)
         kwargs["metadata"]["emseg_source"] = str(path)
         return data, {"name": name, **kwargs}, "labels"
-    kwargs = layer_kwargs(source.pixel_size_nm, ndim)
+    kwargs = layer_kwargs(source.pixel_size_nm, ndim, source.z_spacing_nm)
     kwargs["metadata"]["emseg_source"] = str(path)
     log.info("%s: %s %s, pixel size %s nm", path, data.shape, data.dtype, source.pixel_size_nm)
     return data, {"name": name, **kwargs}, "image"

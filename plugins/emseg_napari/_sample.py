@@ -1,4 +1,4 @@
-"""napari sample data: the synthetic serial-section TEM stack and its ground truth.
+"""napari sample data: the synthetic serial-section TEM stack, a synthetic FIB-SEM volume, their ground truth.
 
 Uses ``data_samples/sample_stack.tif`` and ``sample_masks.tif`` of a source checkout when they
 are there, and otherwise generates the same kind of stack with :func:`emseg.synthetic.make_em_stack`
@@ -57,4 +57,22 @@ def make_sample_data():
     return [
         (image, {"name": "emseg sample", **image_kwargs}, "image"),
         (masks, {"name": "emseg sample ground truth", **labels_kwargs}, "labels"),
+    ]
+
+
+VOLUME_SHAPE = (80, 192, 192)
+
+
+def make_volume_sample_data():
+    """A synthetic isotropic FIB-SEM volume (5 nm voxels; :func:`emseg.synthetic3d.make_em_volume`,
+    a few seconds) and its ground truth, for 'Segment volume (ortho)' and 3D views."""
+    from emseg.synthetic3d import CLASS_NAMES, make_em_volume
+    volume = make_em_volume(VOLUME_SHAPE, seed=0)
+    z, _, x = volume.voxel_size_nm
+    image_kwargs = layer_kwargs(x, 3, z)
+    labels_kwargs = labels_layer_kwargs(CLASS_NAMES, x, 3, z_spacing_nm=z)
+    labels_kwargs.update(opacity=0.5, visible=False)
+    return [
+        (volume.image, {"name": "emseg FIB-SEM volume", **image_kwargs}, "image"),
+        (volume.mask, {"name": "emseg FIB-SEM volume ground truth", **labels_kwargs}, "labels"),
     ]

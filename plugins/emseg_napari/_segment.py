@@ -1,10 +1,15 @@
-"""The Segment widget: run an emseg model on the current slice or the whole stack of an image layer.
+"""The Segment widget: run an emseg model on the current slice, the whole stack, or the whole volume.
 
 The work runs in a worker thread (the viewer stays responsive) with a progress bar and a Cancel
 button. The result is a Labels layer named ``IMAGE [MODEL]`` with the image's scale, translation
 and units, the model's class names as features, and emseg's class colours; optionally one image
 layer of probabilities per foreground class. Segmenting one slice of a stack fills that slice of
 the result layer (created with the stack's shape), so slices can be segmented one by one.
+
+"Segment volume (ortho)" runs the model over every xy, xz and yz plane of a 3D image and combines
+them (:mod:`emseg.volume`; mean or vote), for near-isotropic FIB-SEM/SBF-SEM stacks: it needs the
+slice spacing (read from the file, or typed in), and shows the result in napari's 3D view; objects
+are then connected across slices and measured in 3D (volume, surface, bounding box).
 
 With "find objects and measure them", the objects of the segmented slices become a second Labels
 layer, ``IMAGE [MODEL] objects`` (one label per object, per slice), whose ``features`` are the
@@ -31,8 +36,8 @@ from qtpy.QtWidgets import (  # noqa: E402
 
 from ._jobs import ObjectOptions, Outcome, SegmentRequest, class_fractions, segment  # noqa: E402
 from ._utils import (  # noqa: E402
-    MODEL_KEY, PIXEL_SIZE_KEY, ModelCache, find_layer, labels_layer_kwargs, notify_warning, page_index,
-    pixel_size_of, scale_mismatch,
+    MODEL_KEY, PIXEL_SIZE_KEY, Z_SPACING_KEY, ModelCache, find_layer, labels_layer_kwargs, notify_warning,
+    page_index, pixel_size_of, scale_mismatch, voxel_size_of,
 )
 from ._widgets import (  # noqa: E402
     StatusWidget,
@@ -44,8 +49,9 @@ log = logging.getLogger(__name__)
 
 def _give_pixel_size(layer, value: float) -> None:
     ndim = layer.ndim
+    z = layer.metadata.get(Z_SPACING_KEY) if ndim == 3 else None
     if value > 0:
-        layer.scale = (value,) * ndim
+        layer.scale = ((z,) if z else ()) + (value,) * (ndim - (1 if z else 0))
         layer.units = ("nm",) * ndim
         layer.metadata[PIXEL_SIZE_KEY] = float(value)
     else:
@@ -78,6 +84,18 @@ class SegmentWidget(StatusWidget):
         self.pixel_size.setKeyboardTracking(False)
         self.pixel_size.setToolTip("The image layer's pixel size, read from the file. Set it when the file has "
                                    "none: it becomes the layer's scale (and the scale bar's)")
+        self.z_spacing = QDoubleSpinBox()
+        self.z_spacing.setDecimals(3)
+        self.z_spacing.setRange(0.0, 100_000.0)
+        self.z_spacing.setSpecialValueText("unknown")
+        self.z_spacing.setSuffix(" nm")
+        self.z_spacing.setKeyboardTracking(False)
+        self.z_spacing.setToolTip("Distance between the slices of a 3D image, read from the file. Needed for "
+                                  "'Segment volume (ortho)'; it becomes the scale of the layer's slice axis")
+        self.combine = QComboBox()
+        self.combine.addItems(["mean", "vote"])
+        self.combine.setToolTip("How 'Segment volume (ortho)' combines the xy, xz and yz planes: the mean of their "
+                                "probabilities, or the class two of the three directions agree on")
         self.tile = QSpinBox()
         self.tile.setRange(32, 4096)
         self.tile.setSingleStep(32)
@@ -125,9 +143,11 @@ class SegmentWidget(StatusWidget):
         form.addRow(self.model_info)
         form.addRow("Image", self.image)
         form.addRow("Pixel size", self.pixel_size)
+        form.addRow("Slice spacing", self.z_spacing)
         form.addRow("Tile size", self.tile)
         form.addRow("Overlap", self.overlap)
         form.addRow("Device", self.device)
+        form.addRow("Ortho planes", self.combine)
         form.addRow("", self.rescale)
         form.addRow("", self.tta)
         form.addRow("", self.probabilities)
@@ -140,9 +160,13 @@ class SegmentWidget(StatusWidget):
         self.slice_button.setToolTip("Segment the slice shown in the viewer")
         self.stack_button = QPushButton("Segment stack")
         self.stack_button.setToolTip("Segment every slice of the image")
+        self.volume_button = QPushButton("Segment volume (ortho)")
+        self.volume_button.setToolTip("Whole volume (ortho-plane): segment every xy, xz and yz plane of a 3D image "
+                                      "and combine them; for near-isotropic FIB-SEM/SBF-SEM stacks. Shown in 3D")
         buttons = QHBoxLayout()
         buttons.addWidget(self.slice_button)
         buttons.addWidget(self.stack_button)
+        buttons.addWidget(self.volume_button)
         self.progress = ProgressRow("Cancel")
         self.status = small_label()
 
@@ -155,10 +179,12 @@ class SegmentWidget(StatusWidget):
 
         self.slice_button.clicked.connect(lambda: self.run(whole_stack=False))
         self.stack_button.clicked.connect(lambda: self.run(whole_stack=True))
+        self.volume_button.clicked.connect(lambda: self.run(ortho=True))
         self.progress.button.clicked.connect(self.cancel)
         self.model.changed.connect(self._on_model_changed)
         self.image.currentIndexChanged.connect(lambda _i: self._show_pixel_size())
         self.pixel_size.valueChanged.connect(self._set_pixel_size)
+        self.z_spacing.valueChanged.connect(self._set_z_spacing)
         self._show_pixel_size()
         self.runner.started.connect(lambda: self._set_running(True))
         self.runner.finished.connect(lambda: self._set_running(False))
@@ -173,8 +199,11 @@ class SegmentWidget(StatusWidget):
 
     def _set_running(self, running: bool) -> None:
         for w in (self.slice_button, self.stack_button, self.model, self.image, self.tile, self.overlap,
-                  self.device, self.tta, self.probabilities, self.rescale, self.pixel_size, self.objects):
+                  self.device, self.tta, self.probabilities, self.rescale, self.pixel_size, self.objects,
+                  self.combine, self.volume_button, self.z_spacing):
             w.setEnabled(not running)
+        if not running:
+            self._show_pixel_size()  # the volume controls only for a 3D image
         self._on_objects_toggled(self.objects.isChecked() and not running)
         self.progress.button.setEnabled(running)
         if running:
@@ -212,6 +241,25 @@ class SegmentWidget(StatusWidget):
         self.pixel_size.setValue(value or 0.0)
         self.pixel_size.blockSignals(False)
         self.pixel_size.setEnabled(image is not None and not self.running)
+        volume = image is not None and not image.rgb and image.ndim == 3
+        self.z_spacing.blockSignals(True)
+        self.z_spacing.setValue(float(image.metadata.get(Z_SPACING_KEY) or 0.0) if volume else 0.0)
+        self.z_spacing.blockSignals(False)
+        self.z_spacing.setEnabled(volume and not self.running)
+        self.volume_button.setEnabled(volume and not self.running)
+
+    def _set_z_spacing(self, value: float) -> None:
+        """Give the 3D image layer (and the layers of its shape and scale) the slice spacing typed in."""
+        image = self.image.layer()
+        if image is None or image.ndim != 3:
+            return
+        old = tuple(image.scale)
+        for layer in self.viewer.layers:
+            if layer.name == image.name or (layer.ndim == 3 and tuple(layer.data.shape) == tuple(image.data.shape)
+                                            and tuple(layer.scale) == old):
+                layer.metadata[Z_SPACING_KEY] = float(value) if value > 0 else None
+                if value > 0 and pixel_size_of(layer):
+                    layer.scale = (float(value), *tuple(layer.scale)[1:])
 
     def _set_pixel_size(self, value: float) -> None:
         """Give the image layer the pixel size typed in: its scale, units and emseg metadata.
@@ -237,8 +285,9 @@ class SegmentWidget(StatusWidget):
             self.runner.stop()
             self.progress.set(self.progress.bar.value() / 1000, "cancelling…")
 
-    def run(self, whole_stack: bool = True) -> bool:
-        """Start segmenting; returns False (after a notification) when the inputs are not usable."""
+    def run(self, whole_stack: bool = True, *, ortho: bool = False) -> bool:
+        """Start segmenting (``ortho``: the whole volume through its three plane directions); returns False
+        (after a notification) when the inputs are not usable."""
         if self.running:
             return False
         image = self.image.layer()
@@ -259,8 +308,26 @@ class SegmentWidget(StatusWidget):
             self._message(f"Tile size {self.tile.value()} is not a multiple of 32; choose "
                           f"{max(32, self.tile.value() // 32 * 32)}", error=True)
             return False
+        voxel = None
+        if ortho:
+            if data.ndim != 3:
+                self._message(f"'{image.name}' is a 2D image; 'Segment volume (ortho)' needs a 3D stack", error=True)
+                return False
+            voxel = voxel_size_of(image)
+            if voxel is None:
+                self._message(f"'{image.name}': the voxel size is unknown; set the pixel size and the slice "
+                              "spacing above (nm), then segment the volume again", error=True)
+                return False
+            from emseg.errors import InputError
+            from emseg.volume import check_volume
+            try:
+                check_volume(data.shape, voxel, f"'{image.name}'")
+            except InputError as exc:
+                self._message(str(exc).replace("--planes xy", "'Segment stack'").replace("--voxel-size Z,Y,X",
+                              "the slice spacing"), error=True)
+                return False
         pages = None
-        if data.ndim == 3 and not whole_stack:
+        if data.ndim == 3 and not whole_stack and not ortho:
             pages = [page_index(image, self.viewer.dims.point)]
         pixel_size = pixel_size_of(image) if self.rescale.isChecked() else None
         if pixel_size is not None:
@@ -290,9 +357,11 @@ class SegmentWidget(StatusWidget):
             device=self.device.currentText(), probabilities=self.probabilities.isChecked(),
             objects=ObjectOptions(split=self.split.isChecked(), min_size_px=self.min_size.value(),
                                   classes=object_classes) if self.objects.isChecked() else None,
-            measure_pixel_size_nm=pixel_size_of(image))
+            measure_pixel_size_nm=pixel_size_of(image), ortho=ortho, voxel_size_nm=voxel,
+            combine=self.combine.currentText())
         what = "the whole stack" if data.ndim == 3 and pages is None else (
             f"slice {pages[0] + 1}" if pages else "the image")
+        what = "the whole volume (ortho-plane)" if ortho else what
 
         def job(emit, stop):
             return segment(request, self.models.get, progress=lambda f, t: emit((f, t)), stop=stop)
@@ -300,10 +369,10 @@ class SegmentWidget(StatusWidget):
         self.status.setText(f"Segmenting {what} of '{image.name}' with {model_path.stem}…")
         self.runner.start(job, doing=f"Segmenting '{image.name}'",
                           on_progress=lambda p: self.progress.set(*p),
-                          on_done=lambda outcome: self._finished(outcome, image, data.shape))
+                          on_done=lambda outcome: self._finished(outcome, image, data.shape, ortho))
         return True
 
-    def _finished(self, outcome: Outcome, image, shape: tuple[int, ...]) -> None:
+    def _finished(self, outcome: Outcome, image, shape: tuple[int, ...], ortho: bool = False) -> None:
         if outcome.cancelled:
             self.progress.set(0.0, "cancelled")
             self._message("Segmentation cancelled; no layer was changed")
@@ -328,7 +397,10 @@ class SegmentWidget(StatusWidget):
         found = ""
         if result.objects is not None:
             self.last_objects_layer = self._show_objects(result, image, shape)
-            found = f"; {len(result.objects.table)} objects measured"
+            found = f"; {len(result.objects.table)} {'3D ' if ortho else ''}objects measured"
+        if ortho:
+            pages = "the whole volume (ortho-plane) of "
+            self.viewer.dims.ndisplay = 3  # the result in 3D
         self._message(f"Segmented {pages}'{image.name}' with {result.model_path.stem} in {result.seconds:.1f} s "
                       f"({result.device}): {class_fractions(result.labels, result.classes)}{found}")
 
@@ -363,6 +435,7 @@ class SegmentWidget(StatusWidget):
                 data = np.zeros(shape, labels.dtype)
                 fill(data)
             kwargs = labels_layer_kwargs(result.classes, pixel_size_of(image), len(shape),
+                                         z_spacing_nm=image.metadata.get(Z_SPACING_KEY),
                                          **{MODEL_KEY: str(result.model_path)})
             kwargs.update(scale=tuple(image.scale), translate=tuple(image.translate), units=image.units)
             return self.viewer.add_labels(data, name=name, opacity=0.6, **kwargs)
@@ -388,7 +461,8 @@ class SegmentWidget(StatusWidget):
         layer = self.viewer.add_labels(
             data, name=name, features=objects.features, scale=tuple(image.scale), translate=tuple(image.translate),
             units=image.units, opacity=0.7, visible=True,
-            metadata={PIXEL_SIZE_KEY: pixel_size_of(image), MODEL_KEY: str(result.model_path)})
+            metadata={PIXEL_SIZE_KEY: pixel_size_of(image), MODEL_KEY: str(result.model_path),
+                      Z_SPACING_KEY: image.metadata.get(Z_SPACING_KEY)})
         self.measurements = dock_measurements(self.viewer, self.measurements)
         self.measurements.show_result(objects, layer)
         return layer

@@ -2,8 +2,9 @@
 
 Layer conventions (what the reader writes and the widgets read):
 
-* ``scale`` is the pixel size in nm on every axis (a stack's page axis too, as napari has no
-  better default) and ``units`` is ``nm``; ``metadata["emseg_pixel_size_nm"]`` repeats the
+* ``scale`` is the pixel size in nm on every axis and ``units`` is ``nm``; a stack's page axis
+  has the page spacing when the file states it (``metadata["emseg_z_spacing_nm"]``), else the
+  pixel size, as napari has no better default. ``metadata["emseg_pixel_size_nm"]`` repeats the
   pixel size, or holds None when the file has no calibration (then the scale is 1 pixel).
 * Labels layers made by emseg carry their class names as ``features`` (columns ``index`` and
   ``class``, one row per label value) and in ``metadata["emseg_classes"]``; label k is drawn
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 
 INSTALL_HINT = 'pip install "emseg[napari]"'
 PIXEL_SIZE_KEY = "emseg_pixel_size_nm"
+Z_SPACING_KEY = "emseg_z_spacing_nm"
 CLASSES_KEY = "emseg_classes"
 MODEL_KEY = "emseg_model"
 MODEL_SUFFIX = ".safetensors"
@@ -74,12 +76,26 @@ def require_napari() -> None:
 
 # -- scale -------------------------------------------------------------------------------------
 
-def layer_kwargs(pixel_size_nm: float | None, ndim: int) -> dict[str, Any]:
-    """``scale``/``units``/``metadata`` keyword arguments for a layer of ``ndim`` axes."""
+def layer_kwargs(pixel_size_nm: float | None, ndim: int, z_spacing_nm: float | None = None) -> dict[str, Any]:
+    """``scale``/``units``/``metadata`` keyword arguments for a layer of ``ndim`` axes (``z_spacing_nm``:
+    the page spacing of a stack, its scale along the page axis)."""
     if pixel_size_nm is None:
         return {"metadata": {PIXEL_SIZE_KEY: None}}
-    return {"scale": (float(pixel_size_nm),) * ndim, "units": ("nm",) * ndim,
-            "metadata": {PIXEL_SIZE_KEY: float(pixel_size_nm)}}
+    scale = [float(pixel_size_nm)] * ndim
+    meta = {PIXEL_SIZE_KEY: float(pixel_size_nm)}
+    if z_spacing_nm and ndim == 3:
+        scale[0] = float(z_spacing_nm)
+        meta[Z_SPACING_KEY] = float(z_spacing_nm)
+    return {"scale": tuple(scale), "units": ("nm",) * ndim, "metadata": meta}
+
+
+def voxel_size_of(layer) -> tuple[float, float, float] | None:
+    """``(z, y, x)`` in nm of a 3D layer whose page spacing and pixel size are known, else None."""
+    px = pixel_size_of(layer)
+    z = (getattr(layer, "metadata", None) or {}).get(Z_SPACING_KEY)
+    if px is None or not z or getattr(layer, "ndim", 0) != 3:
+        return None
+    return float(z), px, px
 
 
 def pixel_size_of(layer) -> float | None:
@@ -179,10 +195,10 @@ def scribble_colors(n_classes: int) -> dict[int | None, tuple[float, ...]]:
     return colors
 
 
-def labels_layer_kwargs(classes: Sequence[str], pixel_size_nm: float | None, ndim: int,
-                        **extra_meta: Any) -> dict[str, Any]:
+def labels_layer_kwargs(classes: Sequence[str], pixel_size_nm: float | None, ndim: int, *,
+                        z_spacing_nm: float | None = None, **extra_meta: Any) -> dict[str, Any]:
     """Everything but the data for a Labels layer holding emseg classes."""
-    kwargs = layer_kwargs(pixel_size_nm, ndim)
+    kwargs = layer_kwargs(pixel_size_nm, ndim, z_spacing_nm)
     kwargs["metadata"].update({CLASSES_KEY: list(classes), **extra_meta})
     kwargs["features"] = class_features(classes)
     kwargs["colormap"] = label_colormap(len(classes))
