@@ -4,7 +4,7 @@ One run, the same models (a U-Net with a VGG16-BN encoder and one with emseg's d
 random weights), the same generated uint16 TIFF stack, the same tile, overlap, Gaussian blending
 (sigma = tile / 8) and batch size, three ways:
 
-* emseg:       ``emseg predict MODEL STACK -o OUT`` end to end, file to file (``emseg.cli.main``);
+* emseg:       ``emseg predict MODEL STACK -o OUT`` end to end, file to file (``emseg.cli.app.main``);
 * MONAI:       ``tifffile.imread`` of the stack, emseg's percentile normalisation, mirror padding by
                half the overlap (as emseg), ``monai.inferers.sliding_window_inference`` (Gaussian
                mode with emseg's Gaussian passed as ``roi_weight_map``, the same tiles), softmax, argmax,
@@ -60,17 +60,17 @@ QUICK = {"encoders": {"vgg16_bn": (1, 192), "vgg11_bn_slim": (2, 192)}, "tile": 
 
 def _warm() -> None:
     """Import everything the pipelines import (emseg's CLI parser pulls in its subcommands' modules),
-    with the OpenMP settings that the ``emseg`` command starts torch with (emseg.cli), for all three."""
+    with the OpenMP settings that the ``emseg`` command starts torch with (emseg.cli.app), for all three."""
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import monai.inferers  # noqa: F401
     import tifffile  # noqa: F401
     import torch  # noqa: F401
 
-    import emseg.modelfile  # noqa: F401
-    import emseg.runner  # noqa: F401
-    import emseg.summary  # noqa: F401
-    from emseg.cli import build_parser
+    import emseg.infer.runner  # noqa: F401
+    import emseg.model.modelfile  # noqa: F401
+    import emseg.model.summary  # noqa: F401
+    from emseg.cli.app import build_parser
     build_parser()
 
 
@@ -103,7 +103,7 @@ def _init_device(device: str) -> None:
 def run_emseg(cfg: dict) -> dict:
     """``emseg predict`` end to end; start-up = CUDA initialisation, reading the model file and building
     the predictor (until the first input is opened), the rest is the run."""
-    import emseg.runner
+    import emseg.infer.runner
     from emseg.cli import main
     argv = ["-q", "predict", cfg["model"], cfg["stack"], "-o", cfg["out"], "--tile", str(cfg["tile"]),
             "--overlap", str(cfg["overlap"]), "--batch-size", str(cfg["batch"]), "--device", cfg["device"],
@@ -111,12 +111,12 @@ def run_emseg(cfg: dict) -> dict:
     if cfg.get("null_network"):
         _use_null_network()
     marks = {}
-    predict_file = emseg.runner.predict_file
+    predict_file = emseg.infer.runner.predict_file
 
     def timed_predict_file(*args, **kwargs):
         marks.setdefault("first_input", time.perf_counter())
         return predict_file(*args, **kwargs)
-    emseg.runner.predict_file = timed_predict_file
+    emseg.infer.runner.predict_file = timed_predict_file
     start = time.perf_counter()
     _init_device(cfg["device"])
     rc = main(argv)
@@ -131,8 +131,8 @@ def _use_null_network() -> None:
     the U-Net: class 1's logit is the input, class 0's its negative."""
     import torch
 
-    import emseg.modelfile
-    from emseg.modelfile import Model, load_card
+    import emseg.model.modelfile
+    from emseg.model.modelfile import Model, load_card
 
     class NullNet(torch.nn.Module):
         def forward(self, x):
@@ -140,7 +140,7 @@ def _use_null_network() -> None:
 
     def load_null(path, **_):
         return Model(NullNet(), load_card(path), path=path)
-    emseg.modelfile.load_model = load_null
+    emseg.model.modelfile.load_model = load_null
 
 
 def _monai_page(net, page, cfg, device, amp):
@@ -149,8 +149,8 @@ def _monai_page(net, page, cfg, device, amp):
     import torch
     from monai.inferers import sliding_window_inference
 
-    from emseg.preprocess import normalize_page
-    from emseg.tiling import TileGrid, blend_weights
+    from emseg.infer.preprocess import normalize_page
+    from emseg.infer.tiling import TileGrid, blend_weights
     x = normalize_page(page, cfg["normalization"])
     grid = TileGrid(*x.shape, cfg["tile"], cfg["overlap"])
     padded = torch.from_numpy(np.ascontiguousarray(np.pad(x, grid.padding, mode="reflect")))[None, None].to(device)
@@ -173,7 +173,7 @@ def run_monai(cfg: dict) -> dict:
     import tifffile
     import torch
 
-    from emseg.modelfile import load_model
+    from emseg.model.modelfile import load_model
     start = time.perf_counter()
     _init_device(cfg["device"])
     model = load_model(cfg["model"])
@@ -193,7 +193,7 @@ def run_lower_bound(cfg: dict) -> dict:
     """The forward pass alone over ``cfg['tiles']`` tiles, in emseg's execution settings."""
     import torch
 
-    from emseg.modelfile import load_model
+    from emseg.model.modelfile import load_model
     begin = time.perf_counter()
     _init_device(cfg["device"])
     model = load_model(cfg["model"])
@@ -225,11 +225,11 @@ def run_agreement(cfg: dict) -> dict:
     import tifffile
     import torch
 
-    from emseg.modelfile import load_model
+    from emseg.model.modelfile import load_model
     model = load_model(cfg["model"])
     predictor = model.predictor(tile=cfg["tile"], overlap=cfg["overlap"], batch_size=cfg["batch"],
                                 device=cfg["device"])
-    from emseg.tiling import TileGrid
+    from emseg.infer.tiling import TileGrid
     full = tifffile.imread(cfg["stack"], key=0)
     grid = TileGrid(*full.shape, cfg["tile"], cfg["overlap"])
     batch = predictor.resolve_batch_size(grid)  # "auto": measured once, then the same for all three
@@ -255,7 +255,7 @@ def run_device_agreement(cfg: dict) -> dict:
     import numpy as np
     import tifffile
 
-    from emseg.modelfile import load_model
+    from emseg.model.modelfile import load_model
     model = load_model(cfg["model"])
     page = tifffile.imread(cfg["stack"], key=0)[:1024, :1024]
     options = dict(tile=cfg["tile"], overlap=cfg["overlap"], batch_size=4)
@@ -293,8 +293,8 @@ def run_prepare(cfg: dict) -> dict:
     """Write the model file (random weights, seed 0) and the input stack; describe the machine."""
     import torch
 
-    from emseg.card import ModelCard
-    from emseg.modelfile import Model
+    from emseg.model.card import ModelCard
+    from emseg.model.modelfile import Model
     torch.manual_seed(0)
     card = ModelCard(encoder=cfg["encoder"], classes=("background", "membrane"), tile_size=cfg["tile"],
                      overlap=cfg["overlap"])
@@ -308,7 +308,7 @@ def run_prepare(cfg: dict) -> dict:
 
 
 def run_flops(cfg: dict) -> dict:
-    from emseg.summary import measure_cost
+    from emseg.model.summary import measure_cost
     return {"gflops_per_mp": measure_cost(cfg["encoder"], classes=2).gflops_per_mp}
 
 

@@ -1,5 +1,5 @@
 """How fast the training batches are made: albumentations in 1, 2, ... loader threads (the CPU
-path), and the batched torch augmentation of emseg.augment_torch (the GPU path) on a device.
+path), and the batched torch augmentation of emseg.train.augment_device (the GPU path) on a device.
 
     python benchmarks/bench_loader.py [--threads 1,2,4,8] [--batches 60] [--device cpu|cuda]
 
@@ -36,9 +36,10 @@ def main() -> int:
     args = parser.parse_args()
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     import torch
-    from emseg.augment import AugmentConfig, build_transform
-    from emseg.dataset import CropSampler, Prefetcher
-    from emseg.training import TrainConfig, annotations_from_arrays
+
+    from emseg.train.augment import AugmentConfig, build_transform
+    from emseg.train.data import CropSampler, Prefetcher
+    from emseg.train.loop import TrainConfig, annotations_from_arrays
 
     cores = os.cpu_count() or 1
     counts = ([int(c) for c in args.threads.split(",")] if args.threads
@@ -74,8 +75,8 @@ def main() -> int:
         results.append({"threads": n, "batches_per_s": rate, "ms_per_batch": 1000 / rate})
         print(f"{n:2d} thread(s): {rate:6.1f} batches/s ({1000 / rate:5.0f} ms per batch, "
               f"{rate / results[0]['batches_per_s']:.2f}x one thread)")
-    from emseg.augment_torch import DeviceCropSampler
-    from emseg.dataset import border_weights
+    from emseg.train.augment_device import DeviceCropSampler
+    from emseg.train.data import border_weights
     device = torch.device(args.device)
     maps = [border_weights(it.target, 1, config.border_weight, config.border_sigma) for it in items]
     on_device = DeviceCropSampler(items, config.tile_size, config=AugmentConfig(), device=device, seed=0,

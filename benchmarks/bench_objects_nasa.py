@@ -3,7 +3,7 @@
 Trains nothing. For each of the 4 validation pairs in ``../shared/data/nasa_super/val``
 (``images/NAME.png``, ``masks/NAME.png``; classes 0 matrix, 1 secondary, 2 tertiary precipitates),
 objects are found in the ground-truth mask and in the model's predicted mask with the same
-options (connected components by default) and measured with :mod:`emseg.measure`. Printed per
+options (connected components by default) and measured with :mod:`emseg.analysis.measure`. Printed per
 class, pooled over the images: object count and median equivalent diameter of the ground truth,
 of the prediction, and the relative error ``(prediction - truth) / truth``; also the area fraction.
 
@@ -31,8 +31,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from emseg.measure import measure_objects, summarize  # noqa: E402
-from emseg.objects import find_instances, read_pages  # noqa: E402
+from emseg.analysis.measure import measure_objects, summarize  # noqa: E402
+from emseg.analysis.objects import find_instances, read_pages  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "nasa_super" / "val"
 CLASSES = ("matrix", "secondary", "tertiary")
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     pairs = load_pairs(args.data)
     truth = per_class(pairs, args)
-    from emseg.modelfile import default_model_path, load_model
+    from emseg.model.modelfile import default_model_path, load_model
     model_path = args.model or default_model_path()
     pred = None
     if not Path(model_path).exists():

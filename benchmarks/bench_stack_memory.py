@@ -53,8 +53,8 @@ def main() -> None:
     parser.add_argument("--tile", type=int, default=512)
     parser.add_argument("--encoder", default="vgg11_bn_micro")
     args = parser.parse_args()
-    from emseg.card import ModelCard
-    from emseg.modelfile import Model
+    from emseg.model.card import ModelCard
+    from emseg.model.modelfile import Model
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model = Model.new(ModelCard(encoder=args.encoder, classes=("background", "membrane"))).save(tmp / "m.safetensors")

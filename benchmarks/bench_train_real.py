@@ -22,7 +22,7 @@
     --tag NAME        name of the run (default: the data set), for runs/bench/NAME.json
     --fit-slices N    isbi-fit: train on ISBI slices 0..N-1 (default 2)
 
-Each run trains with `emseg.training.train` and the defaults of `emseg train` (only the classes,
+Each run trains with `emseg.train.loop.train` and the defaults of `emseg train` (only the classes,
 the held-out data and the time limit are set), then evaluates the held-out slices with the same code
 as `emseg evaluate` and prints the metrics as JSON and a Markdown row for docs/training.md.
 Skips with a message when ../shared/data is absent. The environment variables EMSEG_BENCH_DATA (a folder
@@ -83,7 +83,7 @@ def evaluate_arrays(model, images: np.ndarray, masks: np.ndarray, tmp: Path, pix
 
     The pixel size matters when the model was trained at another one (a fine-tuned model keeps its base's):
     the pages are then rescaled to the model's pixel size and the predictions back."""
-    from emseg.evaluate import evaluate
+    from emseg.analysis.evaluate import evaluate
     tifffile.imwrite(tmp / "val_img.tif", images, photometric="minisblack")
     tifffile.imwrite(tmp / "val_msk.tif", masks, photometric="minisblack")
     predictor = model.predictor(tta=tta, device="auto")
@@ -105,7 +105,7 @@ def edge_distance(target: np.ndarray) -> np.ndarray:
 def membrane_study(probs: np.ndarray, masks: np.ndarray) -> dict:
     """Sensitivity of the ISBI metrics to the membrane threshold, and the Rand error without border
     thinning (predicted membrane pixels scored as one more region), on the held-out slices."""
-    from emseg.metrics import adapted_rand_error
+    from emseg.analysis.metrics import adapted_rand_error
     target = (masks > 0).astype(np.uint8)
     sweep = {}
     for threshold in (0.3, 0.4, 0.5, 0.6):
@@ -146,10 +146,11 @@ def offset_study(model, images: np.ndarray, masks: np.ndarray, train_images: np.
 
     The model's pixel error on its training slices (overfitting or not), the pixel error with its
     predictions moved one pixel each way, the shift at which the image's darkness correlates best
-    with the membrane mask, and the offset `emseg.alignment` measures on these slices with what
+    with the membrane mask, and the offset `emseg.infer.alignment` measures on these slices with what
     following it would score (optimistic: measured on the slices it is scored on)."""
     from scipy import ndimage as ndi
-    from emseg.alignment import estimate_offset, shift_probabilities
+
+    from emseg.infer.alignment import estimate_offset, shift_probabilities
     target = masks > 0
     probs = membrane_probs(model, images)
     pred = probs >= 0.5
@@ -203,7 +204,8 @@ def batchnorm_study(model, images: np.ndarray, masks: np.ndarray, train_images: 
     back? The metrics on the held-out slices with them, and again with the statistics recomputed on the
     whole, unaugmented training slices ("precise BN": every slice weighted alike). Changes a copy only."""
     import copy
-    from emseg.preprocess import normalize_page
+
+    from emseg.infer.preprocess import normalize_page
     keys = ("pixel_error", "mean_iou", "adapted_rand_error")
     out = {"trained": {k: evaluate_arrays(model, images, masks, tmp, 4.0)[k] for k in keys}}
     recomputed = copy.deepcopy(model)
@@ -290,7 +292,7 @@ def finetune_figure(models: dict, image: np.ndarray, mask: np.ndarray, pixel_nm:
 
 def parse_settings(pairs: list[str]) -> dict:
     """``KEY=VALUE`` strings to TrainConfig keyword arguments (numbers parsed)."""
-    from emseg.training import TrainConfig
+    from emseg.train.loop import TrainConfig
     fields = TrainConfig.__dataclass_fields__
     out = {}
     for pair in pairs:
@@ -313,8 +315,8 @@ def parse_settings(pairs: list[str]) -> dict:
 def train_on(name, images, masks, classes, pixel_nm, minutes, *, base=None, sparse=False, steps=None, val=None,
              **settings):
     """Train with `emseg train`'s code; ``val``: (images, masks) held out for validation, else strips."""
-    from emseg.card import Normalization
-    from emseg.training import TrainConfig, annotations_from_arrays, train
+    from emseg.model.card import Normalization
+    from emseg.train.loop import TrainConfig, annotations_from_arrays, train
     norm = base.card.normalization if base else Normalization()
     items = annotations_from_arrays(images, masks, sparse=sparse, pixel_size_nm=pixel_nm, name=name, norm=norm)
     val_items = None if val is None else annotations_from_arrays(*val, sparse=False, pixel_size_nm=pixel_nm,
@@ -333,7 +335,7 @@ def fit_study(minutes: float, n_slices: int, tmp: Path, **settings) -> dict:
     trained on and on slices 24-29. An error on the trained slices far below the test slices' says that the
     network can place the annotation's edges on slices it has seen often enough (by learning or memorising:
     a few slices cannot tell); near it, that it cannot, even there."""
-    from emseg.augment import PRESETS
+    from emseg.train.augment import PRESETS
     img, msk, vimg, vmsk, classes, px = load("isbi")
     settings = {"augment": PRESETS["none"], "border_weight": 0.0, "patience": 10_000, "ema_decay": 0.0,
                 **settings}
@@ -380,10 +382,10 @@ def main() -> int:
     args = parser.parse_args()
     settings = parse_settings(args.set)
     if args.augment:
-        from emseg.cli_train import _augment_config
+        from emseg.cli.train import _augment_config
         settings["augment"] = _augment_config(argparse.Namespace(augment_preset=None, augment=args.augment), {})
     if args.widths:
-        from emseg.models import register_narrow_vgg
+        from emseg.model.networks import register_narrow_vgg
         w = tuple(int(v) for v in args.widths.split(","))
         d = tuple(int(v) for v in args.decoder.split(",")) if args.decoder else None
         settings["encoder"] = register_narrow_vgg(w, d, tuple(int(v) for v in args.convs.split(",")))
@@ -401,7 +403,7 @@ def main() -> int:
         if args.dataset == "isbi-fit":
             report["fit_study"] = fit_study(args.minutes, args.fit_slices, tmp, **settings)
         elif args.dataset == "isbi-errors":
-            from emseg.modelfile import load_model
+            from emseg.model.modelfile import load_model
             model = load_model(args.base)
             timg, tmsk, vimg, vmsk, _, _ = load("isbi")
             report["model"] = str(args.base)
@@ -413,7 +415,7 @@ def main() -> int:
             if tag == "isbi-errors":  # the docs figure; a study of another model (--tag) leaves it alone
                 report["figure"] = str(errors_figure(vimg[0], vmsk[0], probs[0], ROOT / "docs" / "img" / "isbi_errors.png"))
         elif args.dataset == "finetune":
-            from emseg.modelfile import load_model
+            from emseg.model.modelfile import load_model
             base_path = args.base
             if not base_path.exists():
                 print(f"skipped: run the isbi benchmark first ({base_path} is missing)")
@@ -445,7 +447,7 @@ def main() -> int:
                      "fine-tuned on scribbles": scrib.model}, vimg[2], vmsk[2], px,
                     ROOT / "docs" / "img" / "finetune_epfl.png"))
         else:
-            from emseg.summary import measure_cost
+            from emseg.model.summary import measure_cost
             img, msk, vimg, vmsk, classes, px = load(args.dataset)
             result, seconds = train_on(tag, img, msk, classes, px, args.minutes,
                                        val=(vimg, vmsk) if args.val_on_heldout else None, **settings)

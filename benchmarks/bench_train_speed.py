@@ -7,7 +7,7 @@ settings (channels-last; bf16 autocast on CUDA):
 
 * synthetic: random tensors already on the device, forward + loss + backward + optimiser step + the
   weights' moving average, nothing else: what the device can do;
-* emseg: ``emseg.training.train`` with the defaults (EM augmentation, border weights, batches made on
+* emseg: ``emseg.train.loop.train`` with the defaults (EM augmentation, border weights, batches made on
   the device on a GPU and by albumentations threads on the CPU), on ISBI 2012 slices 0-23 from
   ../shared/data (EMSEG_BENCH_DATA) when present, else a synthetic stack of the same size; no
   validation inside the timed steps (``val_every`` beyond them), and the first steps (warm-up,
@@ -37,8 +37,8 @@ WARMUP = 25  # steps left out (a multiple of the loss read-back interval, where 
 def synthetic_rate(encoder: str, device, steps: int, batch: int, tile: int) -> float:
     import torch
 
-    from emseg.models import build_unet
-    from emseg.training import TrainConfig, _averaged, _Loss
+    from emseg.model.networks import build_unet
+    from emseg.train.loop import TrainConfig, _averaged, _Loss
     config = TrainConfig()
     torch.manual_seed(0)
     net = build_unet(encoder, 2).to(device, memory_format=torch.channels_last).train()
@@ -66,7 +66,7 @@ def synthetic_rate(encoder: str, device, steps: int, batch: int, tile: int) -> f
 
 
 def emseg_rate(encoder: str, device, steps: int) -> tuple[float, str]:
-    from emseg.training import TrainConfig, annotations_from_arrays, train
+    from emseg.train.loop import TrainConfig, annotations_from_arrays, train
     if (DATA / "train-volume.tif").exists():
         import tifffile
         images = tifffile.imread(DATA / "train-volume.tif")[:24]
@@ -100,7 +100,7 @@ def main() -> int:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     import torch
 
-    from emseg.models import DEFAULT_ENCODER
+    from emseg.model.networks import DEFAULT_ENCODER
     device = torch.device(args.device)
     steps = args.steps or (300 if device.type == "cuda" else 10)
     encoder = args.encoder or DEFAULT_ENCODER

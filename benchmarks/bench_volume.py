@@ -9,7 +9,7 @@ synthetic: a vgg11_bn_micro U-Net is trained on the xy slices of one synthetic v
 (mean and vote; optionally also a model trained with --planes ortho). Mitochondria are the objects:
 3D connected components of the predicted class (at least MIN_VOXELS voxels) against the exact 3D
 labels: object counts, splits and merges, variation of information (split, merge), adapted Rand
-error (emseg.measure3d.segmentation_scores_3d, scikit-image), and IoU per class.
+error (emseg.analysis.measure3d.segmentation_scores_3d, scikit-image), and IoU per class.
 
 epfl: the same on the EPFL stack (27 slices, 5 nm, mitochondria): trained on the xy of the first
 17 slices, evaluated on the held-out ones. The stack's slices are NOT contiguous (slices.txt: gaps of
@@ -55,7 +55,7 @@ def machine() -> str:
 
 
 def train_micro(items, classes, steps: int, *, val_items=None, seed: int = 0):
-    from emseg.training import TrainConfig, train
+    from emseg.train.loop import TrainConfig, train
     config = TrainConfig(encoder="vgg11_bn_micro", classes=classes, tile_size=128, batch_size=4, steps=steps,
                          val_every=max(50, steps // 5), device="cpu", pixel_size_nm=5.0, seed=seed,
                          label_offset=False)
@@ -66,7 +66,7 @@ def train_micro(items, classes, steps: int, *, val_items=None, seed: int = 0):
 
 def predict(model, image, mode: str, voxel=(5.0, 5.0, 5.0)):
     """Labels of a volume: ``xy`` page by page, else ortho-plane with combine ``mode``; and seconds."""
-    from emseg.volume import predict_volume
+    from emseg.infer.volume import predict_volume
     predictor = model.predictor(device="cpu", tile=256, overlap=64)
     start = time.perf_counter()
     directions = ("xy",) if mode == "xy" else ("xy", "xz", "yz")
@@ -77,8 +77,8 @@ def predict(model, image, mode: str, voxel=(5.0, 5.0, 5.0)):
 
 def scores(pred: np.ndarray, mask: np.ndarray, objects: np.ndarray, mito: int) -> dict:
     """3D object scores of class ``mito`` against the true instances ``objects``, IoU per class, z flicker."""
-    from emseg.measure3d import segmentation_scores_3d
-    from emseg.objects import find_instances
+    from emseg.analysis.measure3d import segmentation_scores_3d
+    from emseg.analysis.objects import find_instances
     found = find_instances(pred, three_d=True, class_ids=[mito], min_size_px=MIN_VOXELS).labels
     out = segmentation_scores_3d(found, objects)
     out.pop("iou")
@@ -111,15 +111,15 @@ KEYS = ["objects_true", "objects_pred", "count_error", "splits", "merges", "vi_s
 
 def cmd_synthetic(args) -> dict:
     from emseg.synthetic3d import make_em_volume
-    from emseg.training import annotations_from_arrays
+    from emseg.train.loop import annotations_from_arrays
     shape_train, shape_test = tuple(args.train_shape), tuple(args.test_shape)
     train_vol, test_vol = make_em_volume(shape_train, seed=0), make_em_volume(shape_test, seed=1)
     items = annotations_from_arrays(train_vol.image, train_vol.mask, sparse=False, pixel_size_nm=5.0, name="train")
     model, train_s = train_micro(items, CLASSES, args.steps)
     models = {"xy-trained": (model, train_s)}
     if args.ortho_training:
-        from emseg.card import Normalization
-        from emseg.volume_train import volume_splits
+        from emseg.model.card import Normalization
+        from emseg.train.volume import volume_splits
         ortho_items, val = volume_splits(train_vol.image, train_vol.mask, 0.2, voxel_size_nm=(5, 5, 5), sparse=False,
                                          norm=Normalization(), name="train")
         models["ortho-trained"] = train_micro(ortho_items, CLASSES, args.steps, val_items=val)
@@ -148,7 +148,7 @@ def figure(vol, preds: dict, path: Path) -> None:
              [(n.replace("xy-trained, ", "predicted: "), preds[n][:, y]) for n in names]
     fig, axes = plt.subplots(len(panels), 1, figsize=(7, 1.25 * len(panels) * vol.image.shape[0] / 64 + 0.6),
                              constrained_layout=True)
-    from emseg.io import PALETTE
+    from emseg.io.write import PALETTE
     for ax, (title, data) in zip(axes, panels):
         if title.startswith("image"):
             ax.imshow(data, cmap="gray", interpolation="nearest")
@@ -167,7 +167,7 @@ def figure(vol, preds: dict, path: Path) -> None:
 
 
 def cmd_epfl(args) -> dict:
-    from emseg.training import annotations_from_arrays
+    from emseg.train.loop import annotations_from_arrays
     folder = DATA / "epfl_mito"
     if not folder.exists():
         raise SystemExit(f"skipped: the EPFL data is not at {folder} (it lives beside the checkout in ../shared/data)")
@@ -177,7 +177,7 @@ def cmd_epfl(args) -> dict:
                                     name="epfl")
     model, train_s = train_micro(items, ("background", "mitochondrion"), args.steps)
     rows = {}
-    from emseg.objects import find_instances
+    from emseg.analysis.objects import find_instances
     for run, index in EPFL_RUNS.items():
         sub, truth = image[list(index)], mask[list(index)]
         objects = find_instances(truth, three_d=True).labels
@@ -227,8 +227,8 @@ def cube(size: int, path: Path) -> None:
 
 
 def cmd_scale(args) -> dict:
-    from emseg.card import ModelCard
-    from emseg.modelfile import Model
+    from emseg.model.card import ModelCard
+    from emseg.model.modelfile import Model
     work = RUNS / "scale"
     work.mkdir(parents=True, exist_ok=True)
     model = args.model or Model.new(ModelCard(encoder="vgg11_bn_micro", classes=CLASSES, pixel_size_nm=5.0)).save(

@@ -39,10 +39,11 @@ def main() -> int:
         return 0
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     import tifffile
-    from emseg.augment import AugmentConfig, build_transform
-    from emseg.dataset import CropSampler
-    from emseg.models import DEFAULT_ENCODER, build_unet
-    from emseg.training import TrainConfig, _averaged, _Loss, annotations_from_arrays
+
+    from emseg.model.networks import DEFAULT_ENCODER, build_unet
+    from emseg.train.augment import AugmentConfig, build_transform
+    from emseg.train.data import CropSampler
+    from emseg.train.loop import TrainConfig, _averaged, _Loss, annotations_from_arrays
 
     config = TrainConfig()
     encoder = args.encoder or DEFAULT_ENCODER

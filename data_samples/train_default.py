@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from emseg.cli import main
-from emseg.modelfile import default_model_path, load_model
+from emseg.model.modelfile import default_model_path, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / "runs" / "default"

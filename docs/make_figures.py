@@ -68,8 +68,8 @@ def sparse_figure() -> Path:
 
 
 def demo_overlay() -> Path | None:
-    from emseg.io import write_overlay_png
-    from emseg.modelfile import default_model_path, load_model
+    from emseg.io.write import write_overlay_png
+    from emseg.model.modelfile import default_model_path, load_model
     if not default_model_path().exists():
         return None
     model = load_model(default_model_path())

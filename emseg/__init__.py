@@ -17,9 +17,9 @@ __all__ = ["__version__", "load_model", "default_model_path", "Model", "ModelCar
 def __getattr__(name):
     # Lazy: `import emseg` stays cheap (no torch import) until a model is needed.
     if name in ("load_model", "default_model_path", "Model"):
-        from . import modelfile
+        from emseg.model import modelfile
         return getattr(modelfile, name)
     if name == "ModelCard":
-        from .card import ModelCard
+        from emseg.model.card import ModelCard
         return ModelCard
     raise AttributeError(f"module 'emseg' has no attribute {name!r}")

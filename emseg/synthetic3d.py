@@ -34,7 +34,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 
-from .synthetic import BACKGROUND, CLASS_NAMES, MEMBRANE, MITOCHONDRION
+from emseg.synthetic import BACKGROUND, CLASS_NAMES, MEMBRANE, MITOCHONDRION
 
 log = logging.getLogger(__name__)
 

@@ -32,8 +32,8 @@ OUT = REPO / "docs" / "img"
 
 def strokes(truth: np.ndarray, *, n: int = 14, width: int = 3, seed: int = 0) -> np.ndarray:
     """Scribbles like a person's: ``n`` straight strokes per page, labelled with the true class + 1."""
-    from skimage.draw import line
     from scipy import ndimage as ndi
+    from skimage.draw import line
     rng = np.random.default_rng(seed)
     out = np.zeros(truth.shape, np.uint8)
     for p in range(truth.shape[0]):
@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import napari
     from qtpy.QtWidgets import QApplication
-    from emseg.modelfile import default_model_path
+
+    from emseg.model.modelfile import default_model_path
 
     viewer = napari.Viewer(title="emseg in napari")
     viewer.window.resize(*args.size)
@@ -188,7 +189,7 @@ def segment_objects(viewer, app, image, model: Path, *, min_size: int, **run):
 
 def measure_shot(viewer, app, image, out: Path) -> int:
     """Segment with the default model, find and measure objects, and shoot the measurements panel."""
-    from emseg.modelfile import default_model_path
+    from emseg.model.modelfile import default_model_path
     for layer in list(viewer.layers):
         if layer is not image:
             layer.visible = False

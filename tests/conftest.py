@@ -26,8 +26,9 @@ def shared_data(*parts: str) -> Path:
 def tiny_model():
     """A randomly initialised 3-class U-Net with the very narrow VGG encoder (0.4 M parameters)."""
     import torch
-    from emseg.card import ModelCard
-    from emseg.modelfile import Model
+
+    from emseg.model.card import ModelCard
+    from emseg.model.modelfile import Model
     torch.manual_seed(0)
     card = ModelCard(encoder="vgg11_bn_micro", classes=("background", "membrane", "mitochondrion"),
                      tile_size=64, overlap=16)

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from emseg import training
-from emseg.alignment import estimate_offset, is_offset, shift_image, shift_probabilities
-from emseg.inference import Predictor
-from emseg.metrics import IGNORE
-from emseg.modelfile import Model
+from emseg.analysis.metrics import IGNORE
+from emseg.infer.alignment import estimate_offset, is_offset, shift_image, shift_probabilities
+from emseg.infer.predictor import Predictor
+from emseg.model.modelfile import Model
 from emseg.synthetic import make_em_stack
-from emseg.training import TrainConfig, annotations_from_arrays, train
+from emseg.train import loop as training
+from emseg.train.loop import TrainConfig, annotations_from_arrays, train
 
 CLASSES = ("background", "membrane", "mitochondrion")
 
@@ -231,7 +231,7 @@ def test_an_offset_is_followed_only_when_the_model_was_trained_to_or_a_predictio
     import tempfile
     from pathlib import Path
 
-    from emseg.modelfile import load_model
+    from emseg.model.modelfile import load_model
     page = rng.random((96, 80)).astype(np.float32)
     plain = Predictor(tiny_model, device="cpu").predict_page(page)
     with tempfile.TemporaryDirectory() as tmp:

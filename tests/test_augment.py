@@ -12,9 +12,8 @@ import pytest
 import yaml
 from scipy import ndimage as ndi
 
-from emseg.augment import (PRESETS, AugmentConfig, ClipUnit, EdgeSafeElastic,
-                           augment_preview, build_transform)
 from emseg.synthetic import CLASS_NAMES, make_em_stack
+from emseg.train.augment import PRESETS, AugmentConfig, ClipUnit, EdgeSafeElastic, augment_preview, build_transform
 
 NONE = PRESETS["none"]
 GEOMETRIC = AugmentConfig(flips=True, elastic=1.0, affine=1.0, intensity=0.0, noise=0.0,

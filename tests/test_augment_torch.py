@@ -1,4 +1,4 @@
-"""Training's GPU path, tested on the CPU: batches augmented on the device (emseg.augment_torch) against
+"""Training's GPU path, tested on the CPU: batches augmented on the device (emseg.train.augment_device) against
 the albumentations reference, the fused moving average of the weights against torch's AveragedModel,
 and a run whose batches are made on the training device."""
 
@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from emseg.augment import ELASTIC_ALPHA, ELASTIC_SIGMA, AugmentConfig, EdgeSafeElastic, build_transform
-from emseg.augment_torch import DeviceCropSampler
-from emseg.dataset import Annotated
-from emseg.metrics import IGNORE
+from emseg.analysis.metrics import IGNORE
+from emseg.train.augment import ELASTIC_ALPHA, ELASTIC_SIGMA, AugmentConfig, EdgeSafeElastic, build_transform
+from emseg.train.augment_device import DeviceCropSampler
+from emseg.train.data import Annotated
 
 GEOMETRY_ONLY = AugmentConfig(intensity=0, noise=0, blur=0)
 INTENSITY_ONLY = AugmentConfig(flips=False, elastic=0, affine=0)
@@ -135,7 +135,7 @@ def test_pages_smaller_than_the_crop_are_grown_as_the_cpu_sampler_does():
 def test_fused_moving_average_equals_torchs_averaged_model():
     from torch.optim.swa_utils import AveragedModel
 
-    from emseg.training import WeightAverage
+    from emseg.train.loop import WeightAverage
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1))
     cap = 0.9
@@ -167,10 +167,10 @@ def test_fused_moving_average_equals_torchs_averaged_model():
 def test_a_run_with_batches_made_on_the_device(tmp_path):
     """The whole training loop with DeviceCropSampler batches (here on the CPU), border weights
     included; it learns and writes a resumable checkpoint."""
-    from emseg.card import Normalization
-    from emseg.dataset import mask_to_target, normalise01
+    from emseg.model.card import Normalization
     from emseg.synthetic import make_em_stack
-    from emseg.training import TrainConfig, train
+    from emseg.train.data import mask_to_target, normalise01
+    from emseg.train.loop import TrainConfig, train
     images, masks = make_em_stack(pages=2, height=128, width=128, seed=0)
     items = [Annotated(normalise01(im, Normalization()), mask_to_target(m, sparse=False, name="m"), f"p{i}")
              for i, (im, m) in enumerate(zip(images, masks))]
@@ -196,10 +196,10 @@ def test_batches_are_made_on_the_gpu_aligned():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; none is visible to torch")
 def test_a_short_gpu_run_learns():
-    from emseg.card import Normalization
-    from emseg.dataset import mask_to_target, normalise01
+    from emseg.model.card import Normalization
     from emseg.synthetic import make_em_stack
-    from emseg.training import TrainConfig, train
+    from emseg.train.data import mask_to_target, normalise01
+    from emseg.train.loop import TrainConfig, train
     images, masks = make_em_stack(pages=2, height=128, width=128, seed=0)
     items = [Annotated(normalise01(im, Normalization()), mask_to_target(m, sparse=False, name="m"), f"p{i}")
              for i, (im, m) in enumerate(zip(images, masks))]

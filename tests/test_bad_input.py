@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from emseg.cli import main
 from emseg.errors import EmsegError, InputError, ModelFileError
-from emseg.modelfile import load_card, load_model
+from emseg.model.modelfile import load_card, load_model
 
 REPO = Path(__file__).resolve().parents[1]
 FUZZ = settings(max_examples=80, deadline=None, database=None,
@@ -74,11 +74,11 @@ def one_line_about(lines, name: str, *words: str) -> str:
 
 def no_model_loaded(monkeypatch):
     """Make loading a model fail the test: an output problem must be found before any work."""
-    import emseg.modelfile
+    import emseg.model.modelfile
 
     def refuse(*_a, **_k):
         raise AssertionError("the model was loaded before the output location was checked")
-    monkeypatch.setattr(emseg.modelfile, "load_model", refuse)
+    monkeypatch.setattr(emseg.model.modelfile, "load_model", refuse)
 
 
 # ---------------------------------------------------------------- one bad input, the others run
@@ -105,8 +105,8 @@ def test_absurd_pixel_size_in_a_file_is_refused_before_allocating(tmp_path, mode
 
 
 def test_a_rescaled_page_larger_than_memory_is_refused(tmp_path, model_file, capsys, monkeypatch):
-    import emseg.preprocess
-    monkeypatch.setattr(emseg.preprocess, "_physical_memory", lambda: 10_000_000)  # a 10 MB machine
+    import emseg.infer.preprocess
+    monkeypatch.setattr(emseg.infer.preprocess, "_physical_memory", lambda: 10_000_000)  # a 10 MB machine
     write_image(tmp_path / "a.tif", shape=(200, 200), pixel_size_nm=60.0)  # 10x: 2000x2000 x 5 planes = 80 MB
     assert main(["-q", "predict", str(model_file), str(tmp_path / "a.tif"), "-o", str(tmp_path / "o")]) == 1
     one_line_about(errors_of(capsys), "a.tif", "2000x2000", "GB", "memory")
@@ -116,7 +116,7 @@ def test_a_rescaled_page_larger_than_memory_is_refused(tmp_path, model_file, cap
 @given(image_nm=st.floats(min_value=1e-6, max_value=1e7), model_nm=st.floats(min_value=1e-3, max_value=1e4),
        height=st.integers(1, 5000), width=st.integers(1, 5000))
 def test_the_rescale_check_refuses_with_one_error_or_bounds_the_page(image_nm, model_nm, height, width):
-    from emseg.preprocess import MAX_RESCALE, check_rescale, rescale_factor, scaled_shape
+    from emseg.infer.preprocess import MAX_RESCALE, check_rescale, rescale_factor, scaled_shape
     try:
         check_rescale("x.tif", (height, width), image_nm, model_nm, channels=4)
     except InputError as exc:
@@ -138,14 +138,14 @@ def test_pixel_size_option_out_of_range_is_a_usage_error(tmp_path, model_file, c
 
 
 def test_an_unexpected_failure_of_one_input_is_one_line(tmp_path, model_file, capsys, monkeypatch):
-    import emseg.runner
-    real = emseg.runner.predict_file
+    import emseg.infer.runner
+    real = emseg.infer.runner.predict_file
 
     def flaky(predictor, path, *args, **kwargs):
         if path.name == "bad.tif":
             raise MemoryError("cannot allocate 182 GB")
         return real(predictor, path, *args, **kwargs)
-    monkeypatch.setattr(emseg.runner, "predict_file", flaky)
+    monkeypatch.setattr(emseg.infer.runner, "predict_file", flaky)
     for name in ("bad.tif", "good.tif"):
         write_image(tmp_path / name)
     args = ["predict", str(model_file), str(tmp_path / "bad.tif"), str(tmp_path / "good.tif"), "-o", str(tmp_path / "o")]
@@ -196,11 +196,11 @@ def test_a_read_only_output_folder_is_one_line(tmp_path, model_file, capsys, mon
     """Simulated (root may write anywhere): the write test in the folder is refused."""
     from types import SimpleNamespace
 
-    import emseg.io_write
+    import emseg.io.write
 
     def denied(*_a, **_k):
         raise PermissionError(13, "Permission denied")
-    monkeypatch.setattr(emseg.io_write, "tempfile", SimpleNamespace(mkstemp=denied))
+    monkeypatch.setattr(emseg.io.write, "tempfile", SimpleNamespace(mkstemp=denied))
     no_model_loaded(monkeypatch)
     write_image(tmp_path / "a.tif")
     (tmp_path / "ro").mkdir()
@@ -304,8 +304,8 @@ def test_a_bad_yaml_value_names_the_file_and_the_key(tmp_path, stacks, capsys, t
 
 
 def test_yaml_numbers_pyyaml_reads_as_text_are_numbers(tmp_path):
-    from emseg.cli import build_parser
-    from emseg.cli_train import train_config
+    from emseg.cli.app import build_parser
+    from emseg.cli.train import train_config
     (tmp_path / "run.yaml").write_text("lr: 1e-3\nsteps: 10\nclasses: [bg, membrane]\nfreeze_bn: null\n"
                                        "augment:\n  noise: 0\n")
     args = build_parser().parse_args(["train", "--images", "x", "--masks", "y", "-o", "o",
@@ -321,7 +321,7 @@ def test_yaml_numbers_pyyaml_reads_as_text_are_numbers(tmp_path):
        key=st.sampled_from(["lr", "steps", "batch_size", "tile_size", "classes", "val_fraction", "seed", "sparse",
                             "device", "time_limit_minutes", "ema_decay", "loader_workers", "name"]))
 def test_any_yaml_value_is_taken_or_refused_with_its_key(tmp_path, key, value):
-    from emseg.cli_train import _yaml_value
+    from emseg.cli.train import _yaml_value
     try:
         _yaml_value(tmp_path / "c.yaml", key, value)
     except InputError as exc:
@@ -518,11 +518,11 @@ def test_the_outputs_of_one_input_are_one_unit_on_a_re_run(tmp_path, model_file,
 
 def test_the_mask_is_renamed_last(tmp_path, model_file, monkeypatch, capsys):
     """A failure (or kill) before the overlay is written leaves no mask, so the re-run redoes the input."""
-    import emseg.runner
+    import emseg.infer.runner
 
     def fail(*_a, **_k):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(emseg.runner, "write_overlay_png", fail)
+    monkeypatch.setattr(emseg.infer.runner, "write_overlay_png", fail)
     write_image(tmp_path / "a.tif")
     assert main(["-q", "predict", str(model_file), str(tmp_path / "a.tif"), "-o", str(tmp_path / "o"),
                  "--probabilities"]) == 1
@@ -538,7 +538,7 @@ def _dead_pid() -> int:
 
 
 def test_stale_partial_files_of_dead_processes_are_removed(tmp_path, model_file):
-    from emseg.io_write import _HOST_TAG
+    from emseg.io.write import _HOST_TAG
     out = tmp_path / "o"
     out.mkdir()
     dead, alive = _dead_pid(), os.getpid()
@@ -615,14 +615,14 @@ def test_train_into_a_folder_with_a_checkpoint_needs_resume(tmp_path, stacks, ca
     assert main(_train_args(stacks, run)) == 1
     one_line_about(errors_of(capsys), str(run), "checkpoint", "step 2", "--resume", "another folder")
     assert digest(*sorted(p for p in run.rglob("*") if p.is_file())) == before
-    from emseg.training import TrainConfig, annotations_from_arrays, train
+    from emseg.train.loop import TrainConfig, annotations_from_arrays, train
     with pytest.raises(EmsegError, match="--resume"):
         train(annotations_from_arrays(np.zeros((64, 64)), np.ones((64, 64), np.uint8), sparse=True),
               TrainConfig(encoder="vgg11_bn_micro", steps=1), run)
 
 
 def _checkpoint_parts():
-    from emseg.training import TrainConfig
+    from emseg.train.loop import TrainConfig
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3))
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
@@ -639,7 +639,7 @@ def _step(net, optimizer, scheduler):
 def test_the_checkpoint_pair_is_one_unit(tmp_path, monkeypatch):
     """A kill after the tensors were renamed and before state.json was written must not pair new
     weights with an old step: the state travels inside the tensors file."""
-    import emseg.checkpoint as ckpt
+    import emseg.train.checkpoint as ckpt
     net, optimizer, scheduler, config = _checkpoint_parts()
     folder = tmp_path / "checkpoint"
     _step(net, optimizer, scheduler)
@@ -660,7 +660,7 @@ def test_the_checkpoint_pair_is_one_unit(tmp_path, monkeypatch):
 
 
 def test_a_kill_while_the_checkpoint_is_written_keeps_the_previous_one(tmp_path, monkeypatch):
-    import emseg.checkpoint as ckpt
+    import emseg.train.checkpoint as ckpt
     net, optimizer, scheduler, config = _checkpoint_parts()
     folder = tmp_path / "checkpoint"
     ckpt.save_checkpoint(folder, net, optimizer, scheduler, config, {"step": 2}, {}, config.classes)
@@ -681,7 +681,7 @@ def test_a_kill_while_the_checkpoint_is_written_keeps_the_previous_one(tmp_path,
 
 def test_a_checkpoint_of_an_older_emseg_still_resumes(tmp_path):
     """Older checkpoints kept the state in state.json only."""
-    import emseg.checkpoint as ckpt
+    import emseg.train.checkpoint as ckpt
     net, optimizer, scheduler, config = _checkpoint_parts()
     folder = tmp_path / "checkpoint"
     ckpt.save_checkpoint(folder, net, optimizer, scheduler, config, {"step": 6}, {}, config.classes)
@@ -728,7 +728,7 @@ def test_measure_refuses_instance_labels_huge_and_negative_values_and_goes_on(tm
 @FUZZ
 @given(values=st.lists(st.integers(-(2**31), 2**31 - 1), min_size=1, max_size=20), named=st.integers(0, 300))
 def test_the_class_label_check_refuses_exactly_negative_and_too_many(values, named):
-    from emseg.measure import MAX_CLASSES, check_class_labels
+    from emseg.analysis.measure import MAX_CLASSES, check_class_labels
     mask = np.array(values, np.int64).reshape(1, -1)
     bad = min(values) < 0 or max(values) >= max(MAX_CLASSES, named)
     if bad:
@@ -748,11 +748,11 @@ def test_an_empty_mask_still_gets_a_summary_with_its_header(tmp_path):
 def test_evaluate_sparse_with_nothing_annotated_says_so(tmp_path, model_file, stacks, capsys, monkeypatch):
     img, _ = stacks
     tifffile.imwrite(tmp_path / "none.tif", np.zeros((2, 96, 128), np.uint8))
-    import emseg.inference
+    import emseg.infer.predictor
 
     def no_inference(*_a, **_k):
         raise AssertionError("inference ran although nothing is annotated")
-    monkeypatch.setattr(emseg.inference.Predictor, "predict_page", no_inference)
+    monkeypatch.setattr(emseg.infer.predictor.Predictor, "predict_page", no_inference)
     assert main(["-q", "evaluate", str(model_file), "--images", str(img), "--masks", str(tmp_path / "none.tif"),
                  "--sparse"]) == 1
     one_line_about(errors_of(capsys), "none.tif", "nothing to evaluate", "--sparse")
@@ -791,6 +791,6 @@ def test_every_training_option_is_checked():
     """A TrainConfig field without a parser would reach the training loop unchecked from YAML."""
     import dataclasses
 
-    from emseg.cli_train import OPTIONS
-    from emseg.training import TrainConfig
+    from emseg.cli.train import OPTIONS
+    from emseg.train.loop import TrainConfig
     assert {f.name for f in dataclasses.fields(TrainConfig)} - {"augment"} <= set(OPTIONS)

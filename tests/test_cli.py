@@ -5,7 +5,7 @@ import pytest
 import tifffile
 
 from emseg.cli import main
-from emseg.io import open_image
+from emseg.io.read import open_image
 
 
 @pytest.fixture
@@ -129,7 +129,7 @@ def test_bad_tile_option_is_a_usage_error(tmp_path, model_file, capsys):
 
 
 def test_models_lists_every_encoder_with_measured_cost(capsys):
-    from emseg.models import ENCODERS
+    from emseg.model.networks import ENCODERS
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     rows = {line.split()[0]: line.split() for line in out.splitlines()[1:] if line and line.split()[0] in ENCODERS}

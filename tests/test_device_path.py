@@ -1,4 +1,4 @@
-"""The device pipeline (emseg.inference: upload, normalise, rescale, pad, tile, blend, shift, argmax as
+"""The device pipeline (emseg.infer.predictor: upload, normalise, rescale, pad, tile, blend, shift, argmax as
 torch operations on the predictor's device) against a plain reference of the documented steps in numpy
 and scipy, run here on the CPU: same probabilities (float tolerance) and the same labels, with and
 without probabilities kept (two classes take a shortcut then: the sign of class 1's centred sum)."""
@@ -11,15 +11,14 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+from conftest import REPO
 from scipy import ndimage as ndi
 
-from emseg.card import ModelCard
-from emseg.io import array_source
-from emseg.modelfile import Model
-from emseg.preprocess import rescale_factor, resize, scaled_shape
-from emseg.tiling import TileGrid, blend_weights
-
-from conftest import REPO
+from emseg.infer.preprocess import rescale_factor, resize, scaled_shape
+from emseg.infer.tiling import TileGrid, blend_weights
+from emseg.io.read import array_source
+from emseg.model.card import ModelCard
+from emseg.model.modelfile import Model
 
 
 def reference_probabilities(model: Model, page: np.ndarray, *, tile: int, overlap: int,
@@ -170,7 +169,7 @@ def test_compiling_falls_back_to_eager_mode_when_it_fails(monkeypatch, rng, capl
     monkeypatch.setattr(torch, "compile", broken_compile)
     model = model_with(2)
     page = rng.random((100, 90), dtype=np.float32)
-    with caplog.at_level(logging.WARNING, logger="emseg.inference"):
+    with caplog.at_level(logging.WARNING, logger="emseg.infer.predictor"):
         compiled = model.predictor(tile=64, overlap=16, device="cpu", compile=True).predict_page(page)
     assert caplog.text.count("torch.compile failed") == 1
     np.testing.assert_allclose(compiled, model.predictor(tile=64, overlap=16, device="cpu").predict_page(page),
@@ -223,7 +222,7 @@ def test_a_page_whose_canvas_does_not_fit_is_blended_in_bands(classes, keep, pag
     source = array_source(stack, pixel_size_nm=page_nm)
     whole = list(model.predictor(tile=64, overlap=16, batch_size=3, device="cpu").iter_pages(
         source, keep_probabilities=keep))
-    with caplog.at_level(logging.INFO, logger="emseg.inference"):
+    with caplog.at_level(logging.INFO, logger="emseg.infer.predictor"):
         banded = list(model.predictor(tile=64, overlap=16, batch_size=3, device="cpu", max_canvas_bytes=1)
                       .iter_pages(source, keep_probabilities=keep))
     assert caplog.text.count("one row of tiles at a time") == 1

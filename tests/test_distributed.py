@@ -1,4 +1,4 @@
-"""Scaling out: dask.distributed runs (emseg.distributed) and the Predictor's scaling paths
+"""Scaling out: dask.distributed runs (emseg.infer.distributed) and the Predictor's scaling paths
 (out-of-memory recovery, automatic batch size, channels-last, page prefetch), tested on the CPU.
 
 The CUDA code paths are exercised with fakes: a network that raises ``torch.cuda.OutOfMemoryError``
@@ -18,12 +18,11 @@ import tifffile
 import torch
 from torch import nn
 
-from emseg.card import ModelCard
 from emseg.errors import EmsegError, InputError
-from emseg.inference import CPU_AUTO_BATCH, auto_batch_size, is_out_of_memory
-from emseg.modelfile import Model
-from emseg.runner import predict_file
-
+from emseg.infer.predictor import CPU_AUTO_BATCH, auto_batch_size, is_out_of_memory
+from emseg.infer.runner import predict_file
+from emseg.model.card import ModelCard
+from emseg.model.modelfile import Model
 
 # ------------------------------------------------------------------ Predictor: OOM and batch size
 
@@ -53,7 +52,7 @@ def test_out_of_memory_halves_the_batch_and_the_run_goes_on(rng, caplog):
     predictor = model.predictor(batch_size=8)
     released = []
     predictor._release_memory = lambda: released.append(True)  # torch.cuda.empty_cache on CUDA
-    with caplog.at_level(logging.WARNING, logger="emseg.inference"):
+    with caplog.at_level(logging.WARNING, logger="emseg.infer.predictor"):
         probs = predictor.predict_page(page)
         probs_again = predictor.predict_page(page)
     np.testing.assert_allclose(probs, reference, atol=1e-6)
@@ -93,8 +92,8 @@ def test_automatic_batch_size_from_free_memory(rng, monkeypatch):
     monkeypatch.setattr(predictor, "_tiles_per_second", lambda b: timed.append(b) or 100.0 * min(b, 8))
     predictor.predict_page(rng.random((400, 400), dtype=np.float32))
     predictor.predict_page(rng.random((400, 400), dtype=np.float32))
-    from emseg.inference import _Workspace
-    from emseg.tiling import TileGrid
+    from emseg.infer.predictor import _Workspace
+    from emseg.infer.tiling import TileGrid
     cap = int(0.6 * (1000 * 2**20 - _Workspace.nbytes(TileGrid(400, 400, 64, 16), 1, 2)) / (50 * 2**20))
     assert cap == 11 and timed == [1, 2, 4, 8, cap]  # the powers of two that fit the free memory, and the most
     assert predictor.batch_size == 8 and len(probes) == 1  # the smallest at the best rate, measured once
@@ -105,8 +104,8 @@ def test_automatic_batch_size_from_free_memory(rng, monkeypatch):
 
 def test_automatic_batch_size_counts_the_page_buffers(monkeypatch):
     """A 16k x 16k page's canvas and padded input (~2 GiB for two classes) come off the free memory."""
-    from emseg.inference import _Workspace
-    from emseg.tiling import TileGrid
+    from emseg.infer.predictor import _Workspace
+    from emseg.infer.tiling import TileGrid
     grid = TileGrid(16384, 16384, 512, 128)
     buffers = _Workspace.nbytes(grid, 1, 2)
     # 4 bytes x (input + class 1's blended probability) per pixel: two classes blend one channel, and the
@@ -120,7 +119,7 @@ def test_automatic_batch_size_counts_the_page_buffers(monkeypatch):
 
 
 def test_folding_channels_last_and_prefetch_change_nothing_but_speed(tiny_model, rng):
-    from emseg.io import array_source
+    from emseg.io.read import array_source
     stack = rng.integers(0, 65535, (3, 70, 90), dtype=np.uint16)
     fast = [r.probabilities for r in tiny_model.predictor().iter_pages(array_source(stack), keep_probabilities=True)]
     plain = tiny_model.predictor(channels_last=False, fold_bn=False, prefetch=False)
@@ -133,7 +132,7 @@ def test_folding_channels_last_and_prefetch_change_nothing_but_speed(tiny_model,
 
 def test_prefetch_reports_a_bad_page_in_order(tiny_model, rng):
     from emseg.errors import InputError
-    from emseg.io import array_source
+    from emseg.io.read import array_source
     stack = rng.random((3, 64, 64)).astype(np.float32)
     stack[2, 0, 0] = np.nan
     pages = tiny_model.predictor().iter_pages(array_source(stack, name="nanstack"))
@@ -178,12 +177,12 @@ def single_process(model, path, outdir, probabilities=True):
 
 
 def run(client, model, paths, outdir, **options):
-    from emseg.distributed import predict_files
+    from emseg.infer.distributed import predict_files
     return list(predict_files(client, model, paths, outdir, **options))
 
 
 def test_cluster_run_equals_the_single_process_run(thread_client, model, tmp_path):
-    from emseg.distributed import ModelPlugin
+    from emseg.infer.distributed import ModelPlugin
     make_stack(tmp_path / "a.tif")
     make_stack(tmp_path / "b.tif", pages=2, seed=1)
     builds = []
@@ -221,7 +220,7 @@ def test_zarr_output_skips_and_failures_keep_input_order(thread_client, model, t
     outcomes = run(thread_client, model, paths, tmp_path / "out", fmt="zarr", overlay=False, window=2)
     assert [p.name for p, _ in outcomes] == ["a.tif", "broken.tif", "gone.tif", "c.tif"]
     assert [type(o).__name__ for _, o in outcomes] == ["FileResult", "InputError", "InputError", "FileResult"]
-    from emseg.io import open_image
+    from emseg.io.read import open_image
     with open_image(tmp_path / "out" / "a_mask.zarr") as src:
         assert src.pixel_size_nm == pytest.approx(5.0)
         np.testing.assert_array_equal(np.stack(list(src)), model.predict(data, pixel_size_nm=5.0))
@@ -245,9 +244,10 @@ def test_a_page_that_fails_on_a_worker_fails_only_its_file(thread_client, model,
 
 
 def test_cli_options_and_the_local_cluster_command(tmp_path, model, monkeypatch):
-    from emseg import distributed as dist
+    from emseg.cli import predict as cli_predict
+    from emseg.infer import distributed as dist
     parser = argparse.ArgumentParser()
-    dist.add_arguments(parser.add_argument_group("cluster"))
+    cli_predict.add_cluster_arguments(parser.add_argument_group("cluster"))
     args = parser.parse_args(["--scheduler", "local", "--workers", "2"])
     assert (args.scheduler, args.workers) == ("local", 2)
     with pytest.raises(ValueError, match="at least 1"):
@@ -256,15 +256,15 @@ def test_cli_options_and_the_local_cluster_command(tmp_path, model, monkeypatch)
         dist.connect("tcp://127.0.0.1:1", None, timeout="1s")
     # the command: a real (in-process) cluster behind connect(), the CLI's args namespace
     make_stack(tmp_path / "a.tif", pages=2)
-    monkeypatch.setattr(dist, "connect", lambda scheduler, workers: distributed.Client(
+    monkeypatch.setattr(cli_predict, "connect", lambda scheduler, workers: distributed.Client(
         distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0")))
     ns = argparse.Namespace(scheduler="local", workers=1, output=tmp_path / "out", tile=None, overlap=None,
                             batch_size=4, tta=False, device="cpu", pixel_size=None, probabilities=False,
                             no_overlay=True, overwrite=False, quiet=True, verbose=False, format="tif")
-    assert dist.cmd_predict_distributed(ns, [tmp_path / "a.tif"], model) == 0
+    assert cli_predict.cmd_predict_distributed(ns, [tmp_path / "a.tif"], model) == 0
     mask, _ = single_process(model, tmp_path / "a.tif", tmp_path / "single")
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "out" / "a_mask.tif"), mask)
-    assert dist.cmd_predict_distributed(ns, [tmp_path / "gone.tif"], model, failed=1) == 1
+    assert cli_predict.cmd_predict_distributed(ns, [tmp_path / "gone.tif"], model, failed=1) == 1
 
 
 @pytest.mark.slow

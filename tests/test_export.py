@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from emseg.export import add_parser, export_onnx, export_torchscript, run_cli
-from emseg.preprocess import normalize_page
+from emseg.cli.export import add_parser, run_cli
+from emseg.infer.preprocess import normalize_page
+from emseg.model.export import export_onnx, export_torchscript
 
 ATOL = 1e-4
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
@@ -84,10 +85,10 @@ def test_cli_export_torchscript(tiny_model, tmp_path):
 
 
 def test_export_warns_that_the_label_offset_stays_behind(tiny_model, tmp_path, caplog):
-    from emseg.export import export_model
+    from emseg.model.export import export_model
     plain = tiny_model.save(tmp_path / "plain.safetensors")
     moved = tiny_model.save(tmp_path / "moved.safetensors", tiny_model.card.updated(label_offset=(-0.6, 0.2)))
-    caplog.set_level("WARNING", logger="emseg.export")
+    caplog.set_level("WARNING", logger="emseg.model.export")
     export_model(plain, "torchscript", tmp_path / "plain.pt")
     assert "label_offset" not in caplog.text
     export_model(moved, "torchscript", tmp_path / "moved.pt")
@@ -96,6 +97,7 @@ def test_export_warns_that_the_label_offset_stays_behind(tiny_model, tmp_path, c
 
 def test_missing_optional_dependency_names_the_extra(tiny_model, tmp_path, monkeypatch):
     import builtins
+
     from emseg.errors import EmsegError
     real_import = builtins.__import__
 
@@ -116,9 +118,9 @@ def bioimageio_package(tmp_path_factory):
     """A tiny model with a pixel size and training notes, exported once as a bioimage.io zip."""
     pytest.importorskip("bioimageio.spec")
     pytest.importorskip("onnx")
-    from emseg.card import ModelCard
-    from emseg.export import export_bioimageio
-    from emseg.modelfile import Model
+    from emseg.model.card import ModelCard
+    from emseg.model.export import export_bioimageio
+    from emseg.model.modelfile import Model
     torch.manual_seed(0)
     card = ModelCard(encoder="vgg11_bn_micro", classes=("background", "membrane", "mitochondrion"), tile_size=64,
                      overlap=16, pixel_size_nm=6.0, training={"epochs": 3, "images": ["a.tif", "b.tif"]})
@@ -153,7 +155,7 @@ def test_bioimageio_preprocessing_reproduces_emseg(bioimageio_package):
 
     import bioimageio.spec as spec
 
-    from emseg.card import Normalization
+    from emseg.model.card import Normalization
     descr = spec.load_description(bioimageio_package)
     raw = np.load(io.BytesIO(zipfile.ZipFile(bioimageio_package).read("test_input.npy")))[0, 0]
     x = raw.astype(np.float64)
@@ -184,7 +186,7 @@ def test_bioimageio_without_pixel_size(tiny_model, tmp_path):
     pytest.importorskip("onnx")
     import bioimageio.spec as spec
 
-    from emseg.export import export_bioimageio
+    from emseg.model.export import export_bioimageio
     sample = np.random.default_rng(1).integers(0, 255, (80, 100)).astype(np.uint8)
     path = export_bioimageio(tiny_model, tmp_path / "nopx.zip", sample=sample, authors=["A"])
     descr = spec.load_description(path)

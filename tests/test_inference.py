@@ -1,15 +1,14 @@
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 from torch import nn
 
-from emseg.card import ModelCard
 from emseg.errors import InputError
-from emseg.inference import resolve_device
-from emseg.modelfile import Model
-from emseg.tiling import TileGrid
-
-from conftest import REPO
+from emseg.infer.predictor import resolve_device
+from emseg.infer.tiling import TileGrid
+from emseg.model.card import ModelCard
+from emseg.model.modelfile import Model
 
 # Measured with the bundled default model on sample pages 0, 3, 7 (see docs/inference.md):
 # mean |diff| 0.0004-0.0006, 99.9th percentile 0.04-0.09, labels agree on 99.91-99.96 % of pixels.
@@ -71,7 +70,8 @@ def _tile_edges(shape, tile, overlap, width=8):
 def test_tiled_output_matches_a_whole_image_pass(page_index):
     """The seamless-tiling claim on the trained default model and the sample stack, tile borders included."""
     import tifffile
-    from emseg.modelfile import default_model_path, load_model
+
+    from emseg.model.modelfile import default_model_path, load_model
     if not default_model_path().exists():
         pytest.skip("the bundled default model is not built yet (data_samples/train_default.py)")
     model = load_model(default_model_path())

@@ -1,4 +1,4 @@
-"""Tests for emseg.io: reading images page by page, pixel sizes, atomic writers, overlays."""
+"""Tests for emseg.io.read: reading images page by page, pixel sizes, atomic writers, overlays."""
 
 from __future__ import annotations
 
@@ -13,11 +13,10 @@ import tifffile
 from PIL import Image
 
 from emseg.errors import InputError
-from emseg.io import (
-    SUPPORTED_SUFFIXES, ImageSource, TiffStackWriter, array_source, atomic_output, expand_inputs,
-    open_image, pixel_size_from_tiff, write_overlay_png,
-)
-from emseg.io_tiff import _unit_to_nm
+from emseg.io.read import SUPPORTED_SUFFIXES, array_source, expand_inputs, open_image
+from emseg.io.source import ImageSource
+from emseg.io.tiff import _unit_to_nm, pixel_size_from_tiff
+from emseg.io.write import TiffStackWriter, atomic_output, write_overlay_png
 
 EM_FORMATS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "em_formats"
 
@@ -460,7 +459,7 @@ def test_real_microscope_files(name, shape, pixel_nm):
 
 
 def test_io_import_stays_light():
-    code = ("import sys, emseg.io; bad = [m for m in ('hyperspy', 'matplotlib', 'napari', "
+    code = ("import sys, emseg.io.read; bad = [m for m in ('hyperspy', 'matplotlib', 'napari', "
             "'PyQt5', 'PyQt6', 'qtpy') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 

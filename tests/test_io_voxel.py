@@ -1,4 +1,4 @@
-"""Voxel size (page spacing) read from files and written into outputs (emseg.io, emseg.io_zarr)."""
+"""Voxel size (page spacing) read from files and written into outputs (emseg.io.read, emseg.io.zarr_store)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import tifffile
 
 from emseg.errors import InputError
-from emseg.io import array_source, check_voxel_size, open_image
+from emseg.io.read import array_source, check_voxel_size, open_image
 
 
 def test_imagej_spacing_and_unit(tmp_path):
@@ -60,7 +60,7 @@ def test_override_and_checks(tmp_path):
 
 
 def test_writer_stores_voxel_size_and_reader_reads_it(tmp_path):
-    from emseg.io_zarr import stack_writer
+    from emseg.io.zarr_store import stack_writer
     for name in ("mask.tif", "mask.zarr"):
         path = tmp_path / name
         with stack_writer(path, shape=(3, 8, 8), dtype=np.uint8, pixel_size_nm=5.0, z_spacing_nm=7.0) as writer:
@@ -72,7 +72,7 @@ def test_writer_stores_voxel_size_and_reader_reads_it(tmp_path):
 
 def test_ome_zarr_z_scale_is_written(tmp_path):
     zarr = pytest.importorskip("zarr")
-    from emseg.io_zarr import stack_writer
+    from emseg.io.zarr_store import stack_writer
     path = tmp_path / "p.zarr"
     with stack_writer(path, shape=(2, 3, 8, 8), dtype=np.float32, pixel_size_nm=5.0, z_spacing_nm=9.0) as writer:
         writer.write_page(np.zeros((3, 8, 8), np.float32))

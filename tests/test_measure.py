@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from skimage.draw import disk, ellipse
 
-from emseg.measure import add_parser, measure_objects, object_columns, run_cli, summarize
-from emseg.objects import class_names_from_tiff, find_instances, mask_stem, match_images
+from emseg.analysis.measure import measure_objects, object_columns, summarize
+from emseg.analysis.objects import class_names_from_tiff, find_instances, mask_stem, match_images
+from emseg.cli.measure import add_parser, run_cli
 
 PX = 2.0  # nm per pixel
 RADII = (6, 9, 12, 15, 18)  # disc radii in px, well inside the image
@@ -123,7 +124,7 @@ def test_summary_over_inputs_and_mixed_units():
 
 
 def _write_mask(path, mask, classes=None, px=PX):
-    from emseg.io import TiffStackWriter
+    from emseg.io.write import TiffStackWriter
     with TiffStackWriter(path, shape=mask.shape, dtype=np.uint8, pixel_size_nm=px,
                          metadata={"classes": list(classes)} if classes else None) as w:
         w.write_page(mask)
@@ -187,7 +188,7 @@ def test_class_names_from_tiff(tmp_path):
 
 
 def test_empty_masks(tmp_path):
-    from emseg.measure import plot_measurements
+    from emseg.analysis.measure import plot_measurements
     for mask, options in ((np.zeros((30, 40), np.uint8), {}), (np.zeros((3, 30, 40), np.uint8), {"three_d": True})):
         instances = find_instances(mask, **options)
         table = measure_objects(instances, class_names=("bg", "a"))

@@ -1,4 +1,4 @@
-"""3D measurements (emseg.measure3d) through `measure_objects` and `emseg measure --3d`, and 3D scores."""
+"""3D measurements (emseg.analysis.measure3d) through `measure_objects` and `emseg measure --3d`, and 3D scores."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import tifffile
 
-from emseg.measure import measure_objects, object_columns
-from emseg.measure3d import measure_3d, segmentation_scores_3d, surface_area
-from emseg.objects import find_instances
+from emseg.analysis.measure import measure_objects, object_columns
+from emseg.analysis.measure3d import measure_3d, segmentation_scores_3d, surface_area
+from emseg.analysis.objects import find_instances
 
 
 def _ball(shape, centre, radius_nm, voxel):
@@ -56,7 +56,7 @@ def test_measure_objects_adds_3d_columns_with_units_and_flags_end_slices():
     assert {"surface_area_nm2", "equivalent_diameter_3d_nm", "sphericity", "centroid_z_nm", "bbox_z0"} <= set(cols)
     assert cols["touches_border"].tolist() == [False, True]
     assert cols["n_slices"].tolist() == [5, 4]
-    from emseg.measure import summarize
+    from emseg.analysis.measure import summarize
     [row] = [r for r in summarize([table]) if r["class"] == "mito"]
     assert row["count"] == 1 and row["n_border"] == 1  # the one at the first slice is left out
     assert row["diameter_median_nm"] == pytest.approx(cols["equivalent_diameter_3d_nm"][0])
@@ -86,7 +86,7 @@ def test_scores_count_splits_and_merges():
 
 def test_cli_measure_3d_writes_volumes_in_nm(tmp_path):
     from emseg.cli import main
-    from emseg.io_zarr import stack_writer
+    from emseg.io.zarr_store import stack_writer
     mask = np.zeros((10, 32, 32), np.uint8)
     mask[2:7, 4:14, 4:14] = 2
     mask[3:9, 18:28, 18:28] = 2

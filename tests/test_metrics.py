@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from emseg.metrics import IGNORE, adapted_rand_error, boundary_class_of, confusion, scores
+from emseg.analysis.metrics import IGNORE, adapted_rand_error, boundary_class_of, confusion, scores
 
 
 def test_scores_from_a_known_confusion():

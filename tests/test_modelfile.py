@@ -4,9 +4,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from emseg.card import FORMAT_VERSION, ModelCard, Normalization
 from emseg.errors import ModelFileError
-from emseg.modelfile import CARD_KEY, FOLDER_CARD, load_card, load_model, save_model
+from emseg.model.card import FORMAT_VERSION, ModelCard, Normalization
+from emseg.model.modelfile import CARD_KEY, FOLDER_CARD, load_card, load_model, save_model
 
 
 def _same_weights(a, b):
@@ -91,7 +91,7 @@ def test_card_rejects_bad_normalisation():
 
 
 def test_decoder_layout_travels_with_the_card(tmp_path):
-    from emseg.modelfile import Model
+    from emseg.model.modelfile import Model
     torch.manual_seed(0)
     card = ModelCard(encoder="vgg11_bn_micro", classes=("background", "membrane"), tile_size=64, overlap=16)
     model = Model.new(card)
@@ -132,11 +132,11 @@ def test_default_loads_the_bundled_model_in_python_as_in_the_cli(tmp_path, monke
     """`emseg.load_model("default")` is the bundled model (the README's Python example), unless a file
     of that name exists in the working folder."""
     import emseg
-    from emseg.modelfile import default_model_path
+    from emseg.model.modelfile import default_model_path
     if not default_model_path().exists():
         pytest.skip("the bundled default model is not built yet (data_samples/train_default.py)")
     model = emseg.load_model("default")
     assert model.path == default_model_path()
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(emseg.modelfile.ModelFileError, match="not found"):
+    with pytest.raises(emseg.model.modelfile.ModelFileError, match="not found"):
         emseg.load_model("other")

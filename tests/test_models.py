@@ -3,7 +3,7 @@ import torch
 from segmentation_models_pytorch.encoders.densenet import DenseNetEncoder
 from segmentation_models_pytorch.encoders.vgg import VGGEncoder
 
-from emseg.models import DEFAULT_ENCODER, ENCODERS, build_unet, encoder_names, get_spec
+from emseg.model.networks import DEFAULT_ENCODER, ENCODERS, build_unet, encoder_names, get_spec
 
 REQUIRED = ["vgg11", "vgg13", "vgg16", "vgg19", "vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn",
             "densenet121", "densenet169", "densenet201", "densenet161"]
@@ -57,7 +57,7 @@ def test_at_least_two_classes():
 
 
 def test_width_study_encoders_register_and_build_at_their_width():
-    from emseg.models import register_narrow_vgg
+    from emseg.model.networks import register_narrow_vgg
     name = register_narrow_vgg((12, 24, 48, 96, 96), (96, 48, 24, 12, 12))
     assert name == "vgg11_bn_w12-24-48-96-96" and name in ENCODERS
     net = build_unet(name, 2).eval()

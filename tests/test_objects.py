@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from skimage.draw import disk, ellipse
 
-from emseg.objects import find_instances, instance_dtype, split_touching, write_instances
+from emseg.analysis.objects import find_instances, instance_dtype, split_touching, write_instances
 
 
 def _discs(shape, centres, radius, value=1, mask=None):
@@ -99,7 +99,7 @@ def test_bad_mask_is_refused():
 def test_write_instances_roundtrip(tmp_path):
     import tifffile
 
-    from emseg.io import open_image
+    from emseg.io.read import open_image
     stack = np.stack([_discs((40, 50), [(20, 20)], 8), _discs((40, 50), [(10, 30), (30, 30)], 5, value=2)])
     inst = find_instances(stack)
     path = write_instances(tmp_path / "x_instances.tif", inst, pixel_size_nm=3.5, class_names=("bg", "a", "b"))

@@ -12,7 +12,6 @@ import textwrap
 
 import numpy as np
 import pytest
-
 from conftest import REPO, shared_data
 
 MANIFEST = REPO / "plugins" / "emseg_napari" / "napari.yaml"
@@ -88,7 +87,7 @@ def test_missing_napari_says_what_to_install(monkeypatch):
 # -- reader ----------------------------------------------------------------------------------
 
 def _write_tiff(path, array, pixel_size_nm=None, metadata=None):
-    from emseg.io import TiffStackWriter
+    from emseg.io.write import TiffStackWriter
     with TiffStackWriter(path, shape=array.shape, dtype=array.dtype, pixel_size_nm=pixel_size_nm,
                          metadata=metadata) as w:
         w.write_page(array)
@@ -183,8 +182,9 @@ def test_writer_round_trip_with_scale_and_classes(tmp_path):
 def test_writer_takes_the_scale_from_units(tmp_path):
     pytest.importorskip("napari", reason='needs the napari extra: pip install "emseg[napari]"')
     import pint
-    from emseg.io import open_image
     from emseg_napari._writer import write_labels
+
+    from emseg.io.read import open_image
     um = pint.get_application_registry().Unit("µm")
     [written] = write_labels(str(tmp_path / "out.tif"), np.ones((8, 8), np.uint8),
                              {"scale": (0.01, 0.01), "units": (um, um)})
@@ -203,8 +203,9 @@ def test_writer_refuses_negative_labels(tmp_path):
 
 def test_out_of_memory_message_says_what_to_do():
     import torch
-    from emseg.errors import ModelFileError
     from emseg_napari._utils import describe_error
+
+    from emseg.errors import ModelFileError
     text = describe_error(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"), "Segmenting")
     assert "tile size" in text and "cpu" in text
     assert describe_error(ModelFileError("m.safetensors: not an emseg model file")).startswith("m.safetensors")
@@ -222,8 +223,9 @@ def test_sample_data_has_image_and_ground_truth():
 
 
 def test_finetune_job_refuses_bad_annotations():
-    from emseg.errors import InputError
     from emseg_napari._jobs import check_annotations
+
+    from emseg.errors import InputError
     classes = ("background", "membrane")
     with pytest.raises(InputError, match="nothing is painted"):
         check_annotations(np.zeros((8, 8), np.uint8), classes, sparse=True, name="s")
@@ -244,8 +246,8 @@ def test_absurd_rescaling_is_refused():
 def test_measure_segmentation_gives_napari_features_in_nm():
     """Discs of known size on slices 1 and 3 of a stack: one features row per label (row 0 the
     background), diameters in nm within a pixel, slices named as in the stack."""
-    from skimage.draw import disk
     from emseg_napari._jobs import ObjectOptions, measure_segmentation
+    from skimage.draw import disk
     labels = np.zeros((2, 80, 120), np.uint8)
     for page, (r, c, rad, cls) in enumerate([(30, 30, 10, 2), (40, 80, 15, 1)]):
         labels[(page, *disk((r, c), rad))] = cls
@@ -274,9 +276,10 @@ def test_measure_segmentation_gives_napari_features_in_nm():
 
 
 def test_finetune_job_learns_from_the_three_planes_of_a_volume(tmp_path):
-    from emseg.modelfile import load_model
-    from emseg.synthetic3d import make_em_volume
     from emseg_napari._jobs import FinetuneRequest, finetune
+
+    from emseg.model.modelfile import load_model
+    from emseg.synthetic3d import make_em_volume
     vol = make_em_volume((20, 48, 48), seed=1)
     scribbles = np.zeros_like(vol.mask)
     scribbles[:, 20, :] = vol.mask[:, 20, :] + 1  # one painted xz slice

@@ -12,7 +12,6 @@ import os
 
 import numpy as np
 import pytest
-
 from conftest import shared_data
 
 pytest.importorskip("napari", reason='needs the napari extra: pip install "emseg[napari]"')
@@ -38,7 +37,7 @@ def isolated_models(tmp_path, monkeypatch):
     monkeypatch.setattr(_utils.MODELS, "_added", [])
     monkeypatch.setattr(_utils.MODELS, "_listeners", [])
     monkeypatch.setattr(_utils.MODELS, "latest", None)
-    monkeypatch.setattr("emseg.modelfile.default_model_path", lambda: tmp_path / "no_default.safetensors")
+    monkeypatch.setattr("emseg.model.modelfile.default_model_path", lambda: tmp_path / "no_default.safetensors")
     return tmp_path / "models"
 
 
@@ -122,7 +121,7 @@ def test_dm3_opens_with_its_scale_and_segments(viewer, tiny_model, tmp_path, qtb
 def test_segment_stack_gives_labels_with_the_image_scale(viewer, sample, tiny_path, qtbot, monkeypatch):
     import time
 
-    from emseg.inference import Predictor
+    from emseg.infer.predictor import Predictor
     forward = Predictor.forward
 
     def slow_forward(self, batch, **options):  # segmenting lasts long enough for the GUI timer to tick
@@ -280,7 +279,7 @@ def test_finetune_new_model_stop_keeps_a_checkpoint(viewer, sample, qtbot):
     wait(qtbot, ft)
     assert ft.last_model_path is not None and ft.last_model_path.exists(), ft.last_message
     assert ft.last_message.startswith("Stopped after")
-    from emseg.modelfile import load_card
+    from emseg.model.modelfile import load_card
     card = load_card(ft.last_model_path)
     assert card.encoder == "vgg11_bn_micro" and card.classes == CLASSES
     assert card.training["steps"] < 100_000
@@ -321,9 +320,11 @@ def test_open_segment_paint_finetune_resegment_save(viewer, tmp_path, isolated_m
     the default model, paint scribbles on the mistakes, fine-tune, re-segment, see them fixed, save."""
     import napari
     import torch
-    from emseg.card import ModelCard
-    from emseg.io import TiffStackWriter, open_image
-    from emseg.modelfile import Model, load_model
+
+    from emseg.io.read import open_image
+    from emseg.io.write import TiffStackWriter
+    from emseg.model.card import ModelCard
+    from emseg.model.modelfile import Model, load_model
 
     image, truth = _disks()
     path = tmp_path / "disks.tif"
@@ -332,7 +333,7 @@ def test_open_segment_paint_finetune_resegment_save(viewer, tmp_path, isolated_m
     torch.manual_seed(0)
     default = Model.new(ModelCard(encoder="vgg11_bn_micro", classes=("background", "disk"), tile_size=64,
                                   overlap=16)).save(tmp_path / "default_model.safetensors")
-    monkeypatch.setattr("emseg.modelfile.default_model_path", lambda: default)
+    monkeypatch.setattr("emseg.model.modelfile.default_model_path", lambda: default)
     default_digest = digest(default)
 
     # open: the scale is the file's pixel size
@@ -400,6 +401,7 @@ def test_segment_finds_objects_and_shows_their_measurements(viewer, qtbot, tmp_p
     """Segment with "find objects": an objects layer whose features are the measurements in nm, and
     the measurements panel (summary, histograms, table) that takes the viewer to a clicked object."""
     import csv
+
     from conftest import REPO
     from emseg_napari._sample import make_sample_data
     (image_data, kwargs, _), *_ = make_sample_data()
@@ -448,8 +450,9 @@ def test_segment_finds_objects_and_shows_their_measurements(viewer, qtbot, tmp_p
 @pytest.fixture
 def volume(viewer):
     """A small synthetic FIB-SEM volume with 5 nm voxels, as its sample layers come."""
-    from emseg.synthetic3d import make_em_volume
     from emseg_napari._utils import layer_kwargs
+
+    from emseg.synthetic3d import make_em_volume
     vol = make_em_volume((24, 64, 64), seed=0)
     return viewer.add_image(vol.image, name="vol", **layer_kwargs(5.0, 3, 5.0))
 

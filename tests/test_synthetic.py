@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from emseg.synthetic import (BACKGROUND, CLASS_NAMES, MEMBRANE, MITOCHONDRION,
-                             make_em_stack)
+from emseg.synthetic import BACKGROUND, CLASS_NAMES, MEMBRANE, MITOCHONDRION, make_em_stack
 
 SAMPLES = Path(__file__).resolve().parents[1] / "data_samples"
 

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from emseg.errors import InputError
-from emseg.tiling import TileCanvas, TileGrid, axis_layout, blend_weights, sliding_window, tile_starts
+from emseg.infer.tiling import TileCanvas, TileGrid, axis_layout, blend_weights, sliding_window, tile_starts
 
 
 def identity(batch: torch.Tensor) -> torch.Tensor:
@@ -176,11 +176,11 @@ def test_a_network_that_changes_the_tile_size_raises():
 
 
 def test_absurd_tile_counts_are_warned_about(caplog):
-    with caplog.at_level(logging.WARNING, logger="emseg.tiling"):
+    with caplog.at_level(logging.WARNING, logger="emseg.infer.tiling"):
         TileGrid(2000, 2000, tile=64, overlap=63).check_size()
     assert "tiles of 64 x 64" in caplog.text and "overlap of a quarter" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="emseg.tiling"):
+    with caplog.at_level(logging.WARNING, logger="emseg.infer.tiling"):
         TileGrid(2000, 2000, tile=512, overlap=128).check_size()
     assert caplog.text == ""
 

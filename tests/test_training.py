@@ -9,15 +9,23 @@ import tifffile
 import torch
 from safetensors.torch import load_file
 
-from emseg.card import Normalization
+from emseg.analysis.metrics import IGNORE
 from emseg.cli import main
-from emseg.dataset import (Annotated, CropSampler, Prefetcher, border_weights, load_pairs, mask_to_target,
-                           pair_inputs, split_regions)
 from emseg.errors import InputError
-from emseg.metrics import IGNORE
-from emseg.modelfile import Model, load_model
+from emseg.model.card import Normalization
+from emseg.model.modelfile import Model, load_model
 from emseg.synthetic import make_em_stack
-from emseg.training import TrainConfig, _averaged, _Loss, annotations_from_arrays, loader_workers, train
+from emseg.train.data import (
+    Annotated,
+    CropSampler,
+    Prefetcher,
+    border_weights,
+    load_pairs,
+    mask_to_target,
+    pair_inputs,
+    split_regions,
+)
+from emseg.train.loop import TrainConfig, _averaged, _Loss, annotations_from_arrays, loader_workers, train
 
 CLASSES = ("background", "membrane", "mitochondrion")
 
@@ -154,7 +162,7 @@ def test_weighted_loss_follows_the_weights_and_crops_carry_them():
     target_page = np.zeros((128, 128), np.uint8)
     target_page[:, 60:62] = 1
     item = Annotated(np.random.default_rng(0).random((128, 128), np.float32), target_page, "x")
-    from emseg.augment import AugmentConfig, build_transform
+    from emseg.train.augment import AugmentConfig, build_transform
     sampler = CropSampler([item], 64, rng=np.random.default_rng(0), border=(1, 10.0, 5.0),
                           transform=build_transform(AugmentConfig(), seed=0))
     _, targets, weights = sampler.batch(4)
@@ -163,7 +171,7 @@ def test_weighted_loss_follows_the_weights_and_crops_carry_them():
 
 
 def _augmented_sampler(seed=0):
-    from emseg.augment import AugmentConfig, build_transform
+    from emseg.train.augment import AugmentConfig, build_transform
     rng = np.random.default_rng(seed)
     target = (np.arange(128)[None, :] % 20 < 3).repeat(128, 0).astype(np.uint8)
     item = Annotated(rng.random((128, 128), np.float32), target, "x")
@@ -235,7 +243,7 @@ def test_sparse_training_runs_on_scribbles(em):
 def test_border_weighted_training_runs(em, caplog):
     result = train(items_from(em), tiny_config(border_weight=10.0))
     assert result.history[-1]["val"]["mean_iou"] is not None
-    caplog.set_level("INFO", logger="emseg.training")  # the CLI tests may have quietened "emseg"
+    caplog.set_level("INFO", logger="emseg.train.loop")  # the CLI tests may have quietened "emseg"
     train(items_from(em, sparse=True), tiny_config(border_weight=10.0, sparse=True, steps=1))
     assert "border weighting needs dense masks" in caplog.text
 
@@ -250,7 +258,7 @@ def test_time_limit_fits_the_run_and_its_schedule(em):
 
 
 def test_early_stopping_after_patience_validations_without_gain(em, caplog):
-    caplog.set_level("INFO", logger="emseg.training")
+    caplog.set_level("INFO", logger="emseg.train.loop")
     # lr 0 and frozen batch-norm statistics: the validation metric can never improve after the first
     result = train(items_from(em), tiny_config(steps=50, val_every=1, patience=2, lr=0.0, freeze_bn=True))
     assert [h["step"] for h in result.history] == [1, 2, 3]
@@ -429,7 +437,7 @@ def test_cli_augment_preview(tmp_path, stacks):
 
 
 def test_training_records_the_decoder_variant_in_the_card():
-    from emseg.training import _prepare_network
+    from emseg.train.loop import _prepare_network
     for skip, upsampling in ((False, "nearest"), (True, "bilinear")):
         net, card = _prepare_network(TrainConfig(encoder="vgg11_bn_micro", full_resolution_skip=skip,
                                                  decoder_upsampling=upsampling), ("background", "membrane"), None)

@@ -1,4 +1,4 @@
-"""Ortho-plane inference (emseg.volume): geometry, halos, resampling and combining, checked with oracle
+"""Ortho-plane inference (emseg.infer.volume): geometry, halos, resampling and combining, checked with oracle
 "predictors" whose answers are known exactly, and with a tiny real model."""
 
 from __future__ import annotations
@@ -10,8 +10,14 @@ import pytest
 from scipy import ndimage as ndi
 
 from emseg.errors import InputError
-from emseg.volume import (
-    OrthoPlanes, Slab, check_volume, parse_voxel_size, plan_slabs, predict_volume, slab_thickness,
+from emseg.infer.volume import (
+    OrthoPlanes,
+    Slab,
+    check_volume,
+    parse_voxel_size,
+    plan_slabs,
+    predict_volume,
+    slab_thickness,
 )
 
 
@@ -71,11 +77,11 @@ def test_bad_input_gets_one_clear_line(caplog):
         with pytest.raises(InputError, match=words) as err:
             check_volume(shape, voxel, "stack.tif")
         assert "\n" not in str(err.value) and str(err.value).startswith("stack.tif: ")
-    with caplog.at_level(logging.WARNING, logger="emseg.volume"):
+    with caplog.at_level(logging.WARNING, logger="emseg.infer.volume"):
         assert check_volume((8, 64, 64), (15, 5, 5), "sbf.tif") == (15.0, 5.0, 5.0)
     assert "3.0x anisotropic" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="emseg.volume"):
+    with caplog.at_level(logging.WARNING, logger="emseg.infer.volume"):
         check_volume((4, 64, 64), (5, 5, 5), "thin.tif")
         assert "4 slices make xz/yz planes only 4 px tall" in caplog.text
         caplog.clear()

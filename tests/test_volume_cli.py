@@ -1,4 +1,4 @@
-"""`emseg predict --planes ortho`: files in, 3D masks out (emseg.volume_run), here and on a dask cluster."""
+"""`emseg predict --planes ortho`: files in, 3D masks out (emseg.infer.volume_run), here and on a dask cluster."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import tifffile
 
 from emseg.cli import main
-from emseg.volume import predict_volume
+from emseg.infer.volume import predict_volume
 
 CLASSES = ["background", "membrane", "mitochondrion"]
 
@@ -53,7 +53,7 @@ def test_ortho_vote_zarr_and_voxel_flag(model_path, tmp_path):
     out = tmp_path / "out"
     assert main(["-q", "predict", str(model_path), str(tmp_path / "plain.tif"), "-o", str(out), "--planes", "ortho",
                  "--combine", "vote", "--voxel-size", "5,5,5", "--format", "zarr", "--no-overlay"]) == 0
-    from emseg.io import open_image
+    from emseg.io.read import open_image
     with open_image(out / "plain_mask.zarr") as src:
         assert src.voxel_size_nm == (5.0, 5.0, 5.0) and src.shape == data.shape
     assert not (out / "plain_overlay.png").exists()
@@ -108,7 +108,7 @@ def test_xy_mode_carries_the_voxel_size_into_the_mask(model_path, tmp_path):
 
 def test_cluster_run_equals_the_local_run(model_path, tiny_model, tmp_path):
     distributed = pytest.importorskip("distributed", reason="needs dask.distributed (the distributed extra)")
-    from emseg.volume_run import predict_volume_file, predict_volume_files_distributed
+    from emseg.infer.volume_run import predict_volume_file, predict_volume_files_distributed
     data = _volume((14, 48, 40), seed=6)
     _imagej_stack(tmp_path / "vol.tif", data)
     (tmp_path / "bad.tif").write_bytes(b"II*\x00garbage")
@@ -134,9 +134,9 @@ def test_cluster_run_equals_the_local_run(model_path, tiny_model, tmp_path):
 
 def test_cli_scheduler_runs_ortho_slabs_on_the_cluster(model_path, tmp_path, monkeypatch):
     distributed = pytest.importorskip("distributed", reason="needs dask.distributed (the distributed extra)")
-    from emseg import distributed as dist
+    from emseg.cli import predict as cli_predict
     _imagej_stack(tmp_path / "vol.tif", _volume((8, 48, 40), seed=7))
-    monkeypatch.setattr(dist, "connect", lambda scheduler, workers: distributed.Client(
+    monkeypatch.setattr(cli_predict, "connect", lambda scheduler, workers: distributed.Client(
         distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0")))
     common = ["-q", "predict", str(model_path), str(tmp_path / "vol.tif"), "--planes", "ortho", "--device", "cpu",
               "--no-overlay"]

@@ -1,4 +1,4 @@
-"""Training from volume annotations (emseg.volume_train, `emseg train --planes ortho`)."""
+"""Training from volume annotations (emseg.train.volume, `emseg train --planes ortho`)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import tifffile
 
-from emseg.card import Normalization
+from emseg.analysis.metrics import IGNORE
 from emseg.errors import InputError
-from emseg.metrics import IGNORE
-from emseg.volume_train import volume_items, volume_splits
+from emseg.model.card import Normalization
+from emseg.train.volume import volume_items, volume_splits
 
 
 def _labelled(shape=(12, 20, 24), seed=0):
@@ -74,7 +74,7 @@ def test_refuses_ssTEM_like_anisotropy():
 
 def test_cli_train_planes_ortho(tmp_path):
     from emseg.cli import main
-    from emseg.modelfile import load_model
+    from emseg.model.modelfile import load_model
     from emseg.synthetic3d import make_em_volume
     vol = make_em_volume((24, 48, 48), seed=0)
     tifffile.imwrite(tmp_path / "img.tif", vol.image, imagej=True, resolution=(0.2, 0.2),

@@ -1,4 +1,4 @@
-"""Zarr / OME-Zarr input and output (emseg.io_zarr) and their dispatch from emseg.io."""
+"""Zarr / OME-Zarr input and output (emseg.io.zarr_store) and their dispatch from emseg.io.read."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from emseg.errors import InputError
-from emseg.io import expand_inputs, open_image
-from emseg.io_zarr import ZarrStackWriter, is_zarr, stack_writer
-from emseg.io_write import TiffStackWriter
+from emseg.io.read import expand_inputs, open_image
+from emseg.io.write import TiffStackWriter
+from emseg.io.zarr_store import ZarrStackWriter, is_zarr, stack_writer
 
 zarr = pytest.importorskip("zarr")
 
@@ -182,7 +182,8 @@ def test_zarr_stores_are_single_inputs_of_expand_inputs(tmp_path):
 
 def test_predict_file_reads_zarr_and_writes_a_tiff_mask(tmp_path, tiny_model, rng):
     import tifffile
-    from emseg.runner import predict_file
+
+    from emseg.infer.runner import predict_file
     data = rng.integers(0, 255, (2, 48, 40), dtype=np.uint8)
     write_ome(tmp_path / "in.zarr", data, "zyx", [1, 0.005, 0.005])
     result = predict_file(tiny_model.predictor(), tmp_path / "in.zarr", tmp_path / "out", overlay=False)

@@ -23,20 +23,49 @@ require_napari()
 from qtpy.QtCore import Qt  # noqa: E402
 from qtpy.QtGui import QColor, QIcon, QPixmap  # noqa: E402
 from qtpy.QtWidgets import (  # noqa: E402
-    QAbstractItemView, QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QHBoxLayout,
-    QHeaderView, QLineEdit, QPushButton, QSpinBox, QTableWidget, QTableWidgetItem,
+    QAbstractItemView,
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QHeaderView,
+    QLineEdit,
+    QPushButton,
+    QSpinBox,
+    QTableWidget,
+    QTableWidgetItem,
     QWidget,
 )
 
 from ._jobs import FinetuneRequest, Outcome, check_annotations, finetune  # noqa: E402
 from ._utils import (  # noqa: E402
-    CLASSES_KEY, MODELS, Z_SPACING_KEY, find_layer, labels_layer_kwargs, layer_kwargs, layer_position, page_index,
+    CLASSES_KEY,
+    MODELS,
+    Z_SPACING_KEY,
+    find_layer,
+    labels_layer_kwargs,
+    layer_kwargs,
+    layer_position,
+    page_index,
     pixel_size_of,
-    safe_name, scribble_colors, scribble_features, timestamped_model_path, user_model_dir,
+    safe_name,
+    scribble_colors,
+    scribble_features,
+    timestamped_model_path,
+    user_model_dir,
 )
 from ._widgets import (  # noqa: E402
+    JobRunner,
+    LayerChooser,
+    ModelChooser,
+    ProgressRow,
     StatusWidget,
-    JobRunner, LayerChooser, ModelChooser, ProgressRow, device_choices, fit_width, scrolling_layout, small_label,
+    device_choices,
+    fit_width,
+    scrolling_layout,
+    small_label,
 )
 
 log = logging.getLogger(__name__)
@@ -51,7 +80,8 @@ class FinetuneWidget(StatusWidget):
     def __init__(self, napari_viewer, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         from napari.layers import Image, Labels
-        from emseg.models import DEFAULT_ENCODER, encoder_names
+
+        from emseg.model.networks import DEFAULT_ENCODER, encoder_names
         self.viewer = napari_viewer
         self.runner = JobRunner(self)
         self.last_message = ""
@@ -249,7 +279,7 @@ class FinetuneWidget(StatusWidget):
             self.dense.setChecked(True)
 
     def _on_base_changed(self) -> None:
-        from emseg.modelfile import load_card
+        from emseg.model.modelfile import load_card
         path = self.base.path()
         self.encoder.setEnabled(self.base.is_new())
         if self.base.is_new() or path is None:

@@ -61,14 +61,14 @@ class SegmentRequest:
     probabilities: bool = False
     objects: ObjectOptions | None = None
     measure_pixel_size_nm: float | None = None
-    ortho: bool = False  # the whole volume through its xy, xz and yz planes (emseg.volume)
+    ortho: bool = False  # the whole volume through its xy, xz and yz planes (emseg.infer.volume)
     voxel_size_nm: tuple[float, float, float] | None = None  # needed with ortho
     combine: str = "mean"
 
 
 @dataclass(frozen=True)
 class ObjectOptions:
-    """How to turn the segmented classes into objects (see :func:`emseg.objects.find_instances`)."""
+    """How to turn the segmented classes into objects (see :func:`emseg.analysis.objects.find_instances`)."""
 
     split: bool = False
     min_size_px: int = 0
@@ -83,7 +83,7 @@ class ObjectsResult:
 
     ``features`` has one row per label value, row 0 for the background, as napari's Labels layer
     wants its features; ``columns`` the same without the background row (the CSV of ``emseg
-    measure``); ``summary`` the per-class rows of :func:`emseg.measure.summarize`.
+    measure``); ``summary`` the per-class rows of :func:`emseg.analysis.measure.summarize`.
     """
 
     instances: Any
@@ -111,8 +111,8 @@ def segment(request: SegmentRequest, load_model: Callable[[Path], Any], *,
             progress: Callable[[float, str], None] | None = None,
             stop: threading.Event | None = None) -> SegmentResult:
     """Segment the requested pages; ``progress(fraction, text)``; raises :class:`Cancelled` on stop."""
-    from emseg.inference import labels_dtype
-    from emseg.io import array_source
+    from emseg.infer.predictor import labels_dtype
+    from emseg.io.read import array_source
 
     start = time.perf_counter()
     model = load_model(request.model_path)
@@ -161,7 +161,7 @@ def segment(request: SegmentRequest, load_model: Callable[[Path], Any], *,
 
 def _segment_volume(request: SegmentRequest, model, predictor, start: float, progress, stop) -> SegmentResult:
     """The whole volume with ortho-plane inference; objects connected and measured in 3D."""
-    from emseg.volume import predict_volume
+    from emseg.infer.volume import predict_volume
 
     def on_progress(done: float, total: float, text: str) -> None:
         if stop is not None and stop.is_set():
@@ -194,8 +194,8 @@ def measure_segmentation(labels: np.ndarray, image: np.ndarray | None, classes: 
     (in nm with ``voxel_size_nm``)."""
     import pandas as pd
 
-    from emseg.measure import measure_objects, object_columns, summarize
-    from emseg.objects import find_instances
+    from emseg.analysis.measure import measure_objects, object_columns, summarize
+    from emseg.analysis.objects import find_instances
 
     class_ids = [list(classes).index(c) for c in options.classes] if options.classes else None
     instances = find_instances(labels, split=options.split, min_size_px=options.min_size_px,
@@ -251,7 +251,7 @@ class FinetuneRequest:
     name: str = "fine-tuned"
     layer_name: str = "layer"
     extra: dict = field(default_factory=dict)
-    planes: str = "xy"  # "ortho": pages from the xy, xz and yz planes of the annotated volume (emseg.volume_train)
+    planes: str = "xy"  # "ortho": pages from the xy, xz and yz planes of the annotated volume (emseg.train.volume)
     voxel_size_nm: tuple[float, float, float] | None = None  # needed with ortho
 
 
@@ -294,10 +294,10 @@ def annotated_pages(image: Any, labels: np.ndarray) -> tuple[np.ndarray, np.ndar
 def finetune(request: FinetuneRequest, *, progress: Callable[[Any], None] | None = None,
              stop: threading.Event | None = None) -> FinetuneResult:
     """Train on the annotations and save the model to ``request.out_path`` (the base stays untouched)."""
-    from emseg.dataset import rescale_items
     from emseg.errors import InputError
-    from emseg.modelfile import load_model
-    from emseg.training import TrainConfig, annotations_from_arrays, train
+    from emseg.model.modelfile import load_model
+    from emseg.train.data import rescale_items
+    from emseg.train.loop import TrainConfig, annotations_from_arrays, train
 
     start = time.perf_counter()
     if request.labels.shape != tuple(request.image.shape):
@@ -309,8 +309,8 @@ def finetune(request: FinetuneRequest, *, progress: Callable[[Any], None] | None
     norm = base.card.normalization if base is not None else None
     val_items = None
     if request.planes == "ortho":
-        from emseg.card import Normalization
-        from emseg.volume_train import volume_splits
+        from emseg.model.card import Normalization
+        from emseg.train.volume import volume_splits
         items, val_items = volume_splits(np.asarray(request.image), request.labels, 0.2,
                                          voxel_size_nm=request.voxel_size_nm, sparse=request.sparse,
                                          norm=norm or Normalization(), name=request.layer_name)
@@ -364,7 +364,7 @@ def finetune(request: FinetuneRequest, *, progress: Callable[[Any], None] | None
 
 
 def _resize_page(page: np.ndarray, factor: float) -> np.ndarray:
-    from emseg.preprocess import resize, scaled_shape
+    from emseg.infer.preprocess import resize, scaled_shape
     return resize(page, scaled_shape(page.shape, factor)).numpy()
 
 

@@ -19,7 +19,13 @@ from ._utils import require_napari
 require_napari()
 
 from qtpy.QtWidgets import (  # noqa: E402
-    QAbstractItemView, QFileDialog, QHBoxLayout, QPushButton, QTableWidget, QTableWidgetItem, QVBoxLayout,
+    QAbstractItemView,
+    QFileDialog,
+    QHBoxLayout,
+    QPushButton,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
     QWidget,
 )
 
@@ -34,7 +40,7 @@ class _NumberItem(QTableWidgetItem):
     """A table cell that sorts by its number, not its text."""
 
     def __init__(self, value) -> None:
-        from emseg.measure import _fmt
+        from emseg.analysis.measure import _fmt
         super().__init__(_fmt(value) if not isinstance(value, (float, np.floating)) else
                          ("" if np.isnan(value) else f"{float(value):.4g}"))
         self.value = float(value) if isinstance(value, (int, float, np.integer, np.floating, bool, np.bool_)) else 0.0
@@ -84,7 +90,7 @@ class MeasurementsWidget(QWidget):
 
     def show_result(self, objects, layer, *, exclude_border: bool = True) -> None:
         """Show the :class:`~emseg_napari._jobs.ObjectsResult` of ``layer`` (the objects Labels layer)."""
-        from emseg.measure import plot_size_histograms, size_classes
+        from emseg.analysis.measure import plot_size_histograms, size_classes
         self.result, self.layer, self.exclude_border = objects, layer, exclude_border
         table = objects.table
         self.summary.setText(summary_text(objects.summary, len(table), three_d=table.three_d))
@@ -143,7 +149,7 @@ class MeasurementsWidget(QWidget):
 
     def save(self, path: str | Path | None = None) -> Path | None:
         """Write ``PATH`` (objects) and ``PATH_summary.csv``; asks for a path when none is given."""
-        from emseg.measure import write_csv
+        from emseg.analysis.measure import write_csv
         if self.result is None:
             return None
         if path is None:

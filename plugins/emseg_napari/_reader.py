@@ -1,6 +1,6 @@
 """napari reader: microscope files (DM3/DM4, EMD, SER, MRC, hspy) and TIFF stacks with their scale.
 
-Reading goes through :func:`emseg.io.open_image`, so napari sees exactly what ``emseg predict``
+Reading goes through :func:`emseg.io.read.open_image`, so napari sees exactly what ``emseg predict``
 sees: the same first image signal, greyscale pages, and the physical pixel size (nm/px), which
 becomes the layer's ``scale`` with ``units`` nm (napari's scale bar then reads right); a stack's
 page spacing, when the file states it, is the scale of its page axis (3D views to scale). A TIFF
@@ -64,7 +64,7 @@ def read_em(path: str | os.PathLike | list) -> list[LayerData] | None:
 
 def read_layer(path: str | os.PathLike) -> LayerData:
     """One file as ``(data, layer kwargs, layer type)``; raises :class:`emseg.errors.InputError`."""
-    from emseg.io import open_image
+    from emseg.io.read import open_image
 
     path = Path(path)
     source = open_image(path)

@@ -32,7 +32,7 @@ def load_sample() -> tuple[np.ndarray, np.ndarray, float | None]:
     from emseg.synthetic import CLASS_NAMES  # noqa: F401 - the classes the masks use
     image_path, mask_path = sample_files()
     if image_path.is_file() and mask_path.is_file():
-        from emseg.io import open_image
+        from emseg.io.read import open_image
         with open_image(image_path) as src:
             image = np.stack(list(src)) if src.is_stack else src.page(0)
             pixel_size = src.pixel_size_nm

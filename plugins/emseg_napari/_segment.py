@@ -7,7 +7,7 @@ layer of probabilities per foreground class. Segmenting one slice of a stack fil
 the result layer (created with the stack's shape), so slices can be segmented one by one.
 
 "Segment volume (ortho)" runs the model over every xy, xz and yz plane of a 3D image and combines
-them (:mod:`emseg.volume`; mean or vote), for near-isotropic FIB-SEM/SBF-SEM stacks: it needs the
+them (:mod:`emseg.infer.volume`; mean or vote), for near-isotropic FIB-SEM/SBF-SEM stacks: it needs the
 slice spacing (read from the file, or typed in), and shows the result in napari's 3D view; objects
 are then connected across slices and measured in 3D (volume, surface, bounding box).
 
@@ -30,18 +30,41 @@ from ._utils import require_napari
 require_napari()
 
 from qtpy.QtWidgets import (  # noqa: E402
-    QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QHBoxLayout, QLineEdit, QPushButton, QSpinBox,
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFormLayout,
+    QHBoxLayout,
+    QLineEdit,
+    QPushButton,
+    QSpinBox,
     QWidget,
 )
 
 from ._jobs import ObjectOptions, Outcome, SegmentRequest, class_fractions, segment  # noqa: E402
 from ._utils import (  # noqa: E402
-    MODEL_KEY, PIXEL_SIZE_KEY, Z_SPACING_KEY, ModelCache, find_layer, labels_layer_kwargs, notify_warning,
-    page_index, pixel_size_of, scale_mismatch, voxel_size_of,
+    MODEL_KEY,
+    PIXEL_SIZE_KEY,
+    Z_SPACING_KEY,
+    ModelCache,
+    find_layer,
+    labels_layer_kwargs,
+    notify_warning,
+    page_index,
+    pixel_size_of,
+    scale_mismatch,
+    voxel_size_of,
 )
 from ._widgets import (  # noqa: E402
+    JobRunner,
+    LayerChooser,
+    ModelChooser,
+    ProgressRow,
     StatusWidget,
-    JobRunner, LayerChooser, ModelChooser, ProgressRow, device_choices, fit_width, scrolling_layout, small_label,
+    device_choices,
+    fit_width,
+    scrolling_layout,
+    small_label,
 )
 
 log = logging.getLogger(__name__)
@@ -215,7 +238,7 @@ class SegmentWidget(StatusWidget):
 
     def _on_model_changed(self) -> None:
         """Show the model's classes and take its tile size and overlap."""
-        from emseg.modelfile import load_card
+        from emseg.model.modelfile import load_card
         path = self.model.path()
         if path is None:
             self.model_info.setText("No model file yet: choose one with … (or fine-tune one in the "
@@ -228,7 +251,7 @@ class SegmentWidget(StatusWidget):
             return
         scale = f", trained at {card.pixel_size_nm:.3g} nm/px" if card.pixel_size_nm else ""
         self.model_info.setText(f"{card.encoder}: {', '.join(card.classes)}{scale}")
-        from emseg.metrics import boundary_class_of
+        from emseg.analysis.metrics import boundary_class_of
         boundary = boundary_class_of(card.classes)
         self.object_classes.setText(", ".join(c for i, c in enumerate(card.classes) if i and i != boundary))
         self.tile.setValue(card.tile_size)
@@ -319,7 +342,7 @@ class SegmentWidget(StatusWidget):
                               "spacing above (nm), then segment the volume again", error=True)
                 return False
             from emseg.errors import InputError
-            from emseg.volume import check_volume
+            from emseg.infer.volume import check_volume
             try:
                 check_volume(data.shape, voxel, f"'{image.name}'")
             except InputError as exc:
@@ -331,7 +354,7 @@ class SegmentWidget(StatusWidget):
             pages = [page_index(image, self.viewer.dims.point)]
         pixel_size = pixel_size_of(image) if self.rescale.isChecked() else None
         if pixel_size is not None:
-            from emseg.modelfile import load_card
+            from emseg.model.modelfile import load_card
             try:
                 mismatch = scale_mismatch(pixel_size, load_card(model_path).pixel_size_nm)
             except Exception:  # noqa: BLE001 - the job reports a broken model file
@@ -341,7 +364,7 @@ class SegmentWidget(StatusWidget):
                 pixel_size = None
         object_classes = tuple(c.strip() for c in self.object_classes.text().split(",") if c.strip()) or None
         if self.objects.isChecked() and object_classes:
-            from emseg.modelfile import load_card
+            from emseg.model.modelfile import load_card
             try:
                 known = load_card(model_path).classes
             except Exception:  # noqa: BLE001 - the job reports a broken model file
@@ -469,6 +492,7 @@ class SegmentWidget(StatusWidget):
 
     def _show_probabilities(self, result, image, shape) -> None:
         from napari.layers import Image
+
         from ._utils import label_colors
         colors = label_colors(len(result.classes))
         for k, cls in enumerate(result.classes):

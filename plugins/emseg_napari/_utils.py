@@ -8,7 +8,7 @@ Layer conventions (what the reader writes and the widgets read):
   pixel size, or holds None when the file has no calibration (then the scale is 1 pixel).
 * Labels layers made by emseg carry their class names as ``features`` (columns ``index`` and
   ``class``, one row per label value) and in ``metadata["emseg_classes"]``; label k is drawn
-  in colour k of :data:`emseg.io.PALETTE`, the colours of ``emseg predict``'s overlays.
+  in colour k of :data:`emseg.io.write.PALETTE`, the colours of ``emseg predict``'s overlays.
 """
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ def class_features(classes: Sequence[str]) -> dict[str, list]:
 
 def label_colors(n_labels: int) -> dict[int | None, tuple[float, ...]]:
     """Label value -> RGBA: 0 transparent, k -> PALETTE[(k - 1) % 7] (as in emseg's overlays)."""
-    from emseg.io import PALETTE
+    from emseg.io.write import PALETTE
     colors: dict[int | None, tuple[float, ...]] = {None: (0.5, 0.5, 0.5, 1.0), 0: (0.0, 0.0, 0.0, 0.0)}
     for k in range(1, max(n_labels, 8)):
         r, g, b = PALETTE[(k - 1) % len(PALETTE)]
@@ -285,7 +285,7 @@ class ModelRegistry:
 
     def entries(self) -> list[tuple[str, Path]]:
         """``(label, path)`` of every existing model: default first, then newest first."""
-        from emseg.modelfile import default_model_path
+        from emseg.model.modelfile import default_model_path
         out: list[tuple[str, Path]] = []
         seen: set[Path] = set()
 
@@ -341,7 +341,7 @@ class ModelCache:
         self._cache: dict[tuple[str, int], Any] = {}
 
     def get(self, path: Path):
-        from emseg.modelfile import load_model
+        from emseg.model.modelfile import load_model
         stat = path.stat() if path.exists() else None
         key = (str(path.resolve()), stat.st_mtime_ns if stat else 0)
         if key not in self._cache:

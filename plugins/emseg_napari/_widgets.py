@@ -23,12 +23,21 @@ load_torch_beside_opengl()
 
 from qtpy.QtCore import QEvent, QObject, Qt, Signal  # noqa: E402
 from qtpy.QtWidgets import (  # noqa: E402
-    QComboBox, QFileDialog, QFrame, QHBoxLayout, QLabel, QProgressBar, QPushButton, QScrollArea, QSizePolicy,
-    QVBoxLayout, QWidget,
+    QComboBox,
+    QFileDialog,
+    QFrame,
+    QHBoxLayout,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+    QScrollArea,
+    QSizePolicy,
+    QVBoxLayout,
+    QWidget,
 )
 
 from ._jobs import Outcome, run_job  # noqa: E402
-from ._utils import MODELS, MODEL_SUFFIX, notify  # noqa: E402
+from ._utils import MODEL_SUFFIX, MODELS, notify  # noqa: E402
 
 log = logging.getLogger(__name__)
 

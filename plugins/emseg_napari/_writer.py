@@ -1,6 +1,6 @@
 """napari writer: a Labels layer as a (multi-page) TIFF with its pixel size and class names.
 
-The file is written by :class:`emseg.io.TiffStackWriter` (atomic, zlib, BigTIFF when large), so
+The file is written by :class:`emseg.io.write.TiffStackWriter` (atomic, zlib, BigTIFF when large), so
 Fiji reads the calibration from the resolution tags and emseg's reader opens it again as a
 Labels layer with the same scale and classes.
 """
@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 def write_labels(path: str, data: Any, attributes: dict) -> list[str]:
     """Write one Labels layer to ``path`` (``.tif``/``.tiff``); return the paths written."""
-    from emseg.io import TiffStackWriter
+    from emseg.io.write import TiffStackWriter
 
     out = Path(path)
     if out.suffix.lower() not in (".tif", ".tiff"):
