@@ -278,101 +278,175 @@ def predict_files(client, model, paths: list[Path], outdir: Path, *, tile: int |
     ``NAME_probs.zarr``), written atomically by the client. Any other error (or an interrupt)
     aborts all unfinished outputs, cancels the submitted pages and is raised.
     """
-    from emseg.infer.predictor import labels_dtype
-    from emseg.infer.preprocess import check_rescale
-    from emseg.infer.runner import FileResult, missing_outputs, remake_overlay
-    from emseg.io.read import open_image
-    from emseg.io.write import write_overlay_png
-    from emseg.io.zarr_store import stack_writer
-
-    distributed = _distributed()
     options = dict(tile=tile, overlap=overlap, batch_size=batch_size, tta=tta, device=device,
                    follow_label_offset=follow_label_offset)
     check_options(model, options)
     fmt_paths = [output_paths(path, outdir, fmt) for path in paths]  # checks fmt before any work
     name = register_model(client, model, options)
-    run = uuid.uuid4().hex[:8]
     if window is None:
         threads = sum(w.get("nthreads", 1) for w in client.scheduler_info()["workers"].values())
         window = max(2, 2 * threads)
-    num_classes = model.card.num_classes
-    meta = {"classes": list(model.card.classes)}
-    inputs = iter(enumerate(zip(paths, fmt_paths)))
-    slots: collections.deque[list] = collections.deque()  # [path, outcome or None], in input order
-    jobs: list[_FileJob] = []  # open inputs, in input order
-    inflight: collections.deque = collections.deque()  # (job, page, future), in submission order
+    run = _ClusterRun(client, model, name, list(zip(paths, fmt_paths)), outdir, window=window,
+                      pixel_size_nm=pixel_size_nm, probabilities=probabilities, overlay=overlay,
+                      overwrite=overwrite, progress=progress)
+    try:
+        yield from run.outcomes()
+    finally:
+        run.close()
 
-    def open_next() -> _FileJob | None:
+
+class _ClusterRun:
+    """The client's side of :func:`predict_files`: inputs opened one after the other, at most ``window``
+    pages in flight, pages written in order as their results come, outcomes yielded in input order."""
+
+    def __init__(self, client, model, name: str, inputs: list, outdir: Path, *, window: int,
+                 pixel_size_nm: float | None, probabilities: bool, overlay: bool, overwrite: bool,
+                 progress: PageProgress | None):
+        self.client, self.model, self.name, self.outdir, self.window = client, model, name, outdir, window
+        self.pixel_size_nm, self.probabilities, self.overlay = pixel_size_nm, probabilities, overlay
+        self.overwrite, self.progress = overwrite, progress
+        self.distributed = _distributed()
+        self.run_id = uuid.uuid4().hex[:8]
+        self.num_classes = model.card.num_classes
+        self.meta = {"classes": list(model.card.classes)}
+        self.inputs = iter(enumerate(inputs))
+        self.slots: collections.deque[list] = collections.deque()  # [path, outcome or None], in input order
+        self.jobs: list[_FileJob] = []  # open inputs, in input order
+        self.inflight: collections.deque = collections.deque()  # (job, page, future), in submission order
+
+    def outcomes(self) -> Iterator[tuple[Path, Any]]:
+        while True:
+            self._fill()
+            while self.slots and self.slots[0][1] is not None:
+                yield tuple(self.slots.popleft())
+            if not self.inflight:
+                break
+            job, i, future = self.inflight.popleft()
+            self._collect(job, i, future)
+            del future
+            if job.popped == job.pages:
+                self._finish(job)
+        while self.slots:
+            yield tuple(self.slots.popleft())
+
+    def close(self) -> None:
+        """Cancel what is still in flight, abort unfinished outputs, remove the model from the workers."""
+        for _, _, future in self.inflight:
+            future.cancel()
+        for job in self.jobs:
+            job.abort()
+            job.source.close()
+        try:
+            self.client.unregister_worker_plugin(self.name)
+        except Exception as exc:  # noqa: BLE001 - best effort; the cluster may be gone
+            log.debug("could not unregister %s: %s", self.name, exc)
+
+    def _open_next(self) -> _FileJob | None:
         """Open the next input that needs work; skipped and unreadable ones only get their outcome."""
-        for number, (path, outputs) in inputs:
+        from emseg.infer.preprocess import check_rescale
+        from emseg.infer.runner import FileResult, missing_outputs, remake_overlay
+        from emseg.io.read import open_image
+        for number, (path, outputs) in self.inputs:
             slot = [path, None]
-            slots.append(slot)
-            missing = [] if overwrite else missing_outputs(outputs, probabilities=probabilities, overlay=overlay)
-            if not overwrite and not missing:
+            self.slots.append(slot)
+            missing = [] if self.overwrite else missing_outputs(outputs, probabilities=self.probabilities,
+                                                                overlay=self.overlay)
+            if not self.overwrite and not missing:
                 log.info("%s: skipped, %s exists (use --overwrite to redo)", path, outputs.mask)
                 slot[1] = FileResult(path, "skipped", outputs)
                 continue
             try:
-                if missing == [outputs.overlay] and remake_overlay(path, outputs, model.card.classes, pixel_size_nm):
+                if missing == [outputs.overlay] and remake_overlay(path, outputs, self.model.card.classes,
+                                                                   self.pixel_size_nm):
                     log.info("%s: %s exists; made the missing %s", path, outputs.mask, outputs.overlay)
                     slot[1] = FileResult(path, "completed", outputs)
                     continue
-                source = open_image(path, pixel_size_nm=pixel_size_nm)
+                source = open_image(path, pixel_size_nm=self.pixel_size_nm)
             except EmsegError as exc:
                 slot[1] = exc
                 continue
             try:
-                check_rescale(str(path), source.shape[1:], source.pixel_size_nm, model.card.pixel_size_nm,
-                              channels=num_classes + 1)
+                check_rescale(str(path), source.shape[1:], source.pixel_size_nm, self.model.card.pixel_size_nm,
+                              channels=self.num_classes + 1)
             except EmsegError as exc:
                 source.close()
                 slot[1] = exc
                 continue
-            pages, height, width = source.shape
-            page_shape = (pages, height, width) if source.is_stack else (height, width)
-            prob_shape = ((pages, num_classes, height, width) if source.is_stack else (num_classes, height, width))
-            mask_writer = prob_writer = None
-            try:
-                outdir.mkdir(parents=True, exist_ok=True)
-                mask_writer = stack_writer(outputs.mask, shape=page_shape, dtype=labels_dtype(num_classes),
-                                           pixel_size_nm=source.pixel_size_nm, metadata=meta,
-                                           z_spacing_nm=source.z_spacing_nm)
-                if probabilities:
-                    prob_writer = stack_writer(outputs.probabilities, shape=prob_shape, dtype=np.float32,
-                                               pixel_size_nm=source.pixel_size_nm, metadata=meta,
-                                               z_spacing_nm=source.z_spacing_nm)
-            except BaseException:
-                if mask_writer is not None:
-                    mask_writer.abort()
-                source.close()
-                raise
-            job = _FileJob(path, outputs, source, mask_writer, prob_writer, pages, time.perf_counter(),
-                           slot=slot, number=number)
-            jobs.append(job)
+            job = self._open_writers(path, outputs, source, slot, number)
+            self.jobs.append(job)
             return job
         return None
 
-    def fill() -> None:
-        while len(inflight) < window:
+    def _open_writers(self, path: Path, outputs, source, slot: list, number: int) -> _FileJob:
+        """The input's job with its mask (and probability) writer, each writing to a temporary name."""
+        from emseg.infer.predictor import labels_dtype
+        from emseg.io.zarr_store import stack_writer
+        n = self.num_classes
+        pages, height, width = source.shape
+        page_shape = (pages, height, width) if source.is_stack else (height, width)
+        prob_shape = (pages, n, height, width) if source.is_stack else (n, height, width)
+        common = dict(pixel_size_nm=source.pixel_size_nm, metadata=self.meta, z_spacing_nm=source.z_spacing_nm)
+        mask_writer = prob_writer = None
+        try:
+            self.outdir.mkdir(parents=True, exist_ok=True)
+            mask_writer = stack_writer(outputs.mask, shape=page_shape, dtype=labels_dtype(n), **common)
+            if self.probabilities:
+                prob_writer = stack_writer(outputs.probabilities, shape=prob_shape, dtype=np.float32, **common)
+        except BaseException:
+            if mask_writer is not None:
+                mask_writer.abort()
+            source.close()
+            raise
+        return _FileJob(path, outputs, source, mask_writer, prob_writer, pages, time.perf_counter(),
+                        slot=slot, number=number)
+
+    def _fill(self) -> None:
+        """Submit pages (opening inputs as needed) until ``window`` are in flight or nothing is left."""
+        while len(self.inflight) < self.window:
+            jobs = self.jobs
             job = jobs[-1] if jobs and jobs[-1].submitted < jobs[-1].pages else None
-            if job is None and open_next() is None:
+            if job is None and self._open_next() is None:
                 return
-            job = jobs[-1]
+            job = self.jobs[-1]
             i = job.submitted
-            future = client.submit(_predict_page, name, str(job.path), i, pixel_size_nm, probabilities,
-                                   key=f"emseg-{run}-{job.number}-{i}", retries=TASK_RETRIES, pure=False)
-            inflight.append((job, i, future))
+            future = self.client.submit(_predict_page, self.name, str(job.path), i, self.pixel_size_nm,
+                                        self.probabilities, key=f"emseg-{self.run_id}-{job.number}-{i}",
+                                        retries=TASK_RETRIES, pure=False)
+            self.inflight.append((job, i, future))
             job.submitted += 1
 
-    def finish(job: _FileJob) -> None:
-        jobs.remove(job)
+    def _collect(self, job: _FileJob, i: int, future) -> None:
+        """Write page ``i``'s result (the pages of a job come in order), or record why it failed."""
+        job.popped += 1
+        if job.error is not None:
+            future.cancel()
+            return
+        try:
+            labels, probs = future.result()
+        except (EmsegError, self.distributed.KilledWorker) as exc:
+            job.error = exc if isinstance(exc, EmsegError) else EmsegError(
+                f"{job.path}: page {i + 1} of {job.pages} failed on the cluster: {exc}")
+            return
+        job.mask_writer.write_page(labels)
+        if job.prob_writer is not None:
+            job.prob_writer.write_page(probs)
+        if self.overlay and i == job.pages // 2:
+            job.preview = (job.source.page(i), labels)
+        if self.progress is not None:
+            self.progress(job.path, i, job.pages)
+
+    def _finish(self, job: _FileJob) -> None:
+        """Close an input whose pages are all back: its outputs committed (the mask last), or aborted."""
+        from emseg.infer.runner import FileResult
+        from emseg.io.write import write_overlay_png
+        self.jobs.remove(job)
         try:
             if job.error is None:
                 try:  # the mask last: once it exists, so do the input's other outputs
                     if job.prob_writer is not None:
                         job.prob_writer.close()
                     if job.preview is not None:
-                        write_overlay_png(job.outputs.overlay, *job.preview, class_names=model.card.classes)
+                        write_overlay_png(job.outputs.overlay, *job.preview, class_names=self.model.card.classes)
                     job.mask_writer.close()
                 except BaseException:
                     job.abort()
@@ -385,47 +459,6 @@ def predict_files(client, model, paths: list[Path], outdir: Path, *, tile: int |
                 job.slot[1] = job.error
         finally:
             job.source.close()
-
-    try:
-        while True:
-            fill()
-            while slots and slots[0][1] is not None:
-                yield tuple(slots.popleft())
-            if not inflight:
-                break
-            job, i, future = inflight.popleft()
-            job.popped += 1
-            if job.error is None:
-                try:
-                    labels, probs = future.result()
-                except (EmsegError, distributed.KilledWorker) as exc:
-                    job.error = exc if isinstance(exc, EmsegError) else EmsegError(
-                        f"{job.path}: page {i + 1} of {job.pages} failed on the cluster: {exc}")
-                else:
-                    job.mask_writer.write_page(labels)
-                    if job.prob_writer is not None:
-                        job.prob_writer.write_page(probs)
-                    if overlay and i == job.pages // 2:
-                        job.preview = (job.source.page(i), labels)
-                    if progress is not None:
-                        progress(job.path, i, job.pages)
-            else:
-                future.cancel()
-            del future
-            if job.popped == job.pages:
-                finish(job)
-        while slots:
-            yield tuple(slots.popleft())
-    finally:
-        for _, _, future in inflight:
-            future.cancel()
-        for job in jobs:
-            job.abort()
-            job.source.close()
-        try:
-            client.unregister_worker_plugin(name)
-        except Exception as exc:  # noqa: BLE001 - best effort; the cluster may be gone
-            log.debug("could not unregister %s: %s", name, exc)
 
 
 __all__ = ["connect", "predict_files", "output_paths", "register_model",

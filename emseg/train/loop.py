@@ -436,180 +436,53 @@ def train(data: Sequence[Annotated], config: TrainConfig, out_dir: str | Path | 
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-
     if out is not None:
         check_run_folder(out, resume)
     resuming = resume and out is not None and has_checkpoint(out / "checkpoint")
-    classes = tuple(config.classes) if config.classes else (base.classes if base else None)
-    if classes is None and resuming:
-        classes = checkpoint_classes(out / "checkpoint")
-    if classes is None:
-        top = max(int(it.target[it.target != IGNORE].max(initial=0)) for it in data)
-        classes = ("background",) + tuple(f"class_{i}" for i in range(1, max(top, 1) + 1))
-    check_classes(data, classes)
-    if val_data is None:
-        train_items, val_items = split_regions(data, config.val_fraction)
-    else:
-        train_items, val_items = list(data), list(val_data)
-    if not val_items:
-        log.warning("no annotated pixel is held out for validation; the last weights are kept instead of the best")
+    classes = _classes_of(data, config, base, out if resuming else None)
+    train_items, val_items = _held_out(data, val_data, config)
 
     net, card = _prepare_network(config, classes, base)
     card = card.updated(follow_label_offset=bool(config.label_offset))
-    # channels-last: 1.16x (vgg11_bn_slim) and 1.28x (densenet_slim) per CPU training step (docs/training.md)
-    net = net.to(device, memory_format=torch.channels_last)
-    if config.freeze_encoder:
-        for p in net.encoder.parameters():
-            p.requires_grad_(False)
-    freeze_bn = config.freeze_bn if config.freeze_bn is not None else config.batch_size <= 2
-    params = [p for p in net.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    planned = DEFAULT_STEPS if config.fills_time else config.steps  # until the pace is known
-    schedule = _Schedule(planned, config.warmup)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    loss_fn = _Loss(config.dice_weight).to(device)
-    use_amp = device.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-
-    def amp():
-        return torch.autocast(device.type, dtype=amp_dtype) if use_amp else torch.autocast("cpu", enabled=False)
-
-    # validation, the best weights and the model written are those of the weights' moving average
-    averaged = _averaged(net, config.ema_decay)
-    evaluated = averaged.module if averaged is not None else net
+    opt = _Optimisation(net, config, device)
     state = {"step": 0, "history": [], "best_metric": None, "bad_validations": 0, "label_offset": None}
-    best_state = {k: v.detach().clone() for k, v in evaluated.state_dict().items()}
+    best_state = {k: v.detach().clone() for k, v in opt.evaluated.state_dict().items()}
     if resuming:
-        state = load_checkpoint(out / "checkpoint", net, optimizer, scheduler, config, averaged)
+        state = load_checkpoint(out / "checkpoint", net, opt.optimizer, opt.scheduler, config, opt.averaged)
         best_state = state.pop("best_weights")
-        schedule.total = planned  # LambdaLR restores the callable's attributes; the new run decides
+        opt.schedule.total = opt.planned  # LambdaLR restores the callable's attributes; the new run decides
         rng = np.random.default_rng([config.seed, state["step"]])
         log.info("resumed from %s at step %d", out / "checkpoint", state["step"])
-
-    boundary = boundary_class_of(classes)
-    border = None
-    if config.border_weight > 0 and boundary is not None and not config.sparse:
-        border = (boundary, config.border_weight, config.border_sigma)
-    elif config.border_weight > 0 and boundary is not None:
-        log.info("border weighting needs dense masks with a boundary class (e.g. 'membrane'); not used "
-                 "with sparse labels, whose regions are unknown")
     sampled = train_items
     if is_offset(state.get("label_offset")):  # resumed after the training images were moved
         card = card.updated(label_offset=tuple(state["label_offset"]))
         sampled = _moved(train_items, card.label_offset)
-    bias = 0.9 if config.sparse else 0.5
-    on_device = _augment_on_device(config, device, sampled)
-    if on_device:
-        from emseg.train.augment_device import DeviceBatches, DeviceCropSampler
-        maps = [border_weights(it.target, *border) for it in sampled if it.annotated] if border else None
-        sampler = DeviceCropSampler(sampled, config.tile_size, config=config.augment, device=device,
-                                    seed=int(rng.integers(2**31)), bias=bias, border_maps=maps)
-        log.info("training batches are cut and augmented on %s", device)
-
-        def batch_source(sampler):
-            return DeviceBatches(sampler, config.batch_size)
-    else:
-        sampler = CropSampler(sampled, config.tile_size, rng=rng,
-                              transform=build_transform(config.augment, seed=int(rng.integers(2**31))),
-                              bias=bias, border=border)
-        workers = loader_workers(config.loader_workers, device)
-        if workers > 1:
-            log.info("%d threads make the training batches", workers)
-
-        def batch_source(sampler):
-            return Prefetcher([sampler] + [sampler.spawn([config.seed, state["step"], i]) for i in range(1, workers)],
-                              config.batch_size, pin=device.type == "cuda")
-    batches = batch_source(sampler)
+    batches = _Batches(sampled, config, device, rng, _border_of(config, classes), state)
     val_set = _ValSet(val_items, card.normalization, device, config.tile_size) if val_items else None
     writer = _CheckpointWriter(out / "checkpoint", _weights_bytes(net)) if out is not None else None
-    norm = card.normalization
+    meter = _LossMeter(device)
+    clock = _Clock(config)
     stopped = False
-    read_loss_every = 1 if device.type == "cpu" else LOSS_READ_EVERY
-    loss_sum = torch.zeros((), device=device)
-    loss_count, loss_value = 0, float("nan")
-    running = []
-    start = time.perf_counter()
-    timed_from = None
     try:
-        while state["step"] < schedule.total:
+        while state["step"] < opt.schedule.total:
             if stop is not None and stop.is_set():
                 stopped = True
                 break
-            _set_train_mode(net, freeze_bn)
-            images, targets, weights = batches.next()
-            images = ((images.to(device, non_blocking=True) - norm.mean) / norm.std).contiguous(
-                memory_format=torch.channels_last)
-            targets = targets.to(device, non_blocking=True).long()  # uploaded as uint8
-            weights = weights.to(device, non_blocking=True) if weights is not None else None
-            with amp():
-                loss = loss_fn(net(images).float(), targets, weights)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            if averaged is not None:
-                averaged.update_parameters(net)
+            loss = opt.step(*batches.next(), card.normalization)
             state["step"] += 1
-            loss_sum += loss.detach()
-            loss_count += 1
-            validating = state["step"] % config.val_every == 0 or state["step"] == schedule.total
-            if loss_count >= read_loss_every or validating:  # the one host synchronisation of a step
-                loss_value = float(loss_sum) / loss_count
-                running.extend([loss_value] * loss_count)
-                loss_sum.zero_()
-                loss_count = 0
-            if config.time_limit_minutes and timed_from is None and state["step"] >= 5:
-                timed_from = (time.perf_counter(), state["step"])
-            elif timed_from is not None and (state["step"] == timed_from[1] + 20 or (
-                    state["step"] % config.val_every == 1 and state["step"] > timed_from[1] + 20)):
-                # first estimate after 20 timed steps, then again after every validation
-                _fit_schedule_to_time(schedule, config, state["step"], timed_from, start)
-            event = TrainEvent(state["step"], schedule.total, loss_value, scheduler.get_last_lr()[0])
+            validating = state["step"] % config.val_every == 0 or state["step"] == opt.schedule.total
+            meter.add(loss, read=validating)
+            clock.tick(opt.schedule, state["step"])
+            event = TrainEvent(state["step"], opt.schedule.total, meter.value, opt.scheduler.get_last_lr()[0])
             if validating:
-                event = _end_of_epoch(state, event, running, evaluated, card, val_set, device, config, amp,
-                                      best_state, preview_image, start)
-                running = []
-                first = state.get("label_offset") is None
+                event = _end_of_epoch(state, event, meter.take_running(), opt.evaluated, card, val_set, device,
+                                      config, opt.amp, best_state, preview_image, clock.start)
                 if (config.label_offset and val_items
-                        and ALIGN_AT * schedule.total <= state["step"] < schedule.total
-                        and (first or state["step"] < REALIGN_UNTIL * schedule.total)):
-                    # measured a quarter into the run, then at every validation until REALIGN_UNTIL; the
-                    # images follow the mean of the measurements when it has moved by REALIGN_BY
-                    moved_by = (0.0, 0.0) if first else tuple(state["label_offset"])
-                    measurement = _measured_offset(evaluated, card, val_set, amp)
-                    state["history"][-1]["offset_measured"] = list(measurement)
-                    state.setdefault("offset_measurements", []).append([state["step"], *measurement])
-                    target = _mean_offset(state["offset_measurements"])
-                    offset = moved_by
-                    if first or not _within(target, moved_by, REALIGN_BY):
-                        offset, _ = _better_offset(evaluated, card, val_set, amp, target,
-                                                   event.metrics)
-                        offset = offset if is_offset(offset) else (0.0, 0.0)
-                    if first and not is_offset(offset):
-                        log.info("annotation offset against the images: %+.2f, %+.2f px (rows, columns); not "
-                                 "followed (too small, or no better on validation)", *measurement)
-                    if first or offset != moved_by:
-                        state["label_offset"] = list(offset)
-                        if offset != tuple(card.label_offset):
-                            card = card.updated(label_offset=offset)
-                            # scores from here on include the new offset: the best weights are chosen among them
-                            state["best_metric"], state["bad_validations"] = None, 0
-                    if tuple(state["label_offset"]) != moved_by:
-                        _log_offset("the training images are " + ("moved again" if is_offset(moved_by) else "moved")
-                                    + " to match" + (f" (mean of {len(state['offset_measurements'])} measurements; "
-                                                     "this one %+.2f, %+.2f px)" % measurement
-                                                     if len(state["offset_measurements"]) > 1 else ""), offset)
-                        state["history"][-1]["images_moved_by"] = list(offset)
-                        batches.close()
-                        sampler = sampler.with_items(_moved(train_items, offset))
-                        if not on_device:
-                            sampler = sampler.spawn([config.seed, state["step"], 0])
-                        batches = batch_source(sampler)
+                        and ALIGN_AT * opt.schedule.total <= state["step"] < opt.schedule.total):
+                    card = _follow_offset(state, event, opt, card, val_set, batches, train_items)
                 if writer is not None:  # after the offset's measurement and any move, which belong in it too
-                    writer.save(net, averaged, optimizer, scheduler, config, state, best_state, card,
-                                last=state["step"] >= schedule.total)
+                    writer.save(net, opt.averaged, opt.optimizer, opt.scheduler, config, state, best_state, card,
+                                last=state["step"] >= opt.schedule.total)
                 if state["bad_validations"] >= config.patience:
                     log.info("stopping early: no improvement in %d validations", config.patience)
                     if progress:
@@ -617,47 +490,279 @@ def train(data: Sequence[Annotated], config: TrainConfig, out_dir: str | Path | 
                     break
             if progress:
                 progress(event)
-
     finally:
         batches.close()
         if writer is not None:
             writer.close()
-    if val_items and state["best_metric"] is not None:
-        net.load_state_dict(best_state)
-    elif averaged is not None:
-        net.load_state_dict(evaluated.state_dict())
-    net.eval().to(memory_format=torch.contiguous_format)
-    validated = [h for h in state["history"] if h.get("val")]
-    best_val = next((h for h in validated if h["step"] == state.get("best_step")), None)
-    if best_val is None and validated:  # a checkpoint of an older emseg, or no validation improved
-        best_val = max(validated, key=lambda h: h["val"]["mean_iou"] or 0)
+    _final_weights(net, opt, best_state, state, val_items)
+    best_val = _best_validation(state)
     offset_summary = None
     if val_items and config.label_offset:
-        measurement = _measured_offset(net, card, val_set, amp)
-        measurements = state.get("offset_measurements", []) + [[state["step"], *measurement]]
-        offset, measured = _better_offset(net, card, val_set, amp,
-                                          _mean_offset(measurements))
-        if offset != tuple(card.label_offset) and is_offset(offset):
-            _log_offset("predictions are moved to match", offset, measured["mean_iou_before"],
-                        measured["mean_iou_measured"])
-        card = card.updated(label_offset=offset, follow_label_offset=True)
-        if "validation" in measured:
-            best_val = dict(best_val or {}, val=measured["validation"])
-        offset_summary = {
-            "images_moved_by": state.get("label_offset") or [0.0, 0.0],
-            "moves": [[h["step"], *h["images_moved_by"]] for h in state["history"] if h.get("images_moved_by")],
-            "measurements": measurements, "measured_at_end": list(measurement), "used": list(offset),
-            **{k: v for k, v in measured.items() if k.startswith("mean_iou")}}
-    summary = _training_summary(config, data, val_items, state, best_val, base, start)
+        card, best_val, offset_summary = _final_offset(net, card, val_set, opt.amp, state, best_val)
+    summary = _training_summary(config, data, val_items, state, best_val, base, clock.start)
     if offset_summary is not None:
         summary["label_offset"] = offset_summary
-    card = card.updated(training=summary)
-    model = Model(net.cpu(), card)
+    model = Model(net.cpu(), card.updated(training=summary))
     model_path = None
     if out is not None:
         model_path = model.save(out / "model.safetensors")
         _write_reports(out, state["history"], model, val_items)
     return TrainResult(model, model_path, state["history"], state["best_metric"], stopped)
+
+
+# ---------------------------------------------------------------- the parts of a run
+
+def _classes_of(data: Sequence[Annotated], config: TrainConfig, base: Model | None,
+                checkpoint_folder: Path | None) -> tuple[str, ...]:
+    """The run's class names: the config's, the base model's, a resumed checkpoint's, or class_1.. from the
+    largest label in the masks; checked against the masks."""
+    classes = tuple(config.classes) if config.classes else (base.classes if base else None)
+    if classes is None and checkpoint_folder is not None:
+        classes = checkpoint_classes(checkpoint_folder / "checkpoint")
+    if classes is None:
+        top = max(int(it.target[it.target != IGNORE].max(initial=0)) for it in data)
+        classes = ("background",) + tuple(f"class_{i}" for i in range(1, max(top, 1) + 1))
+    check_classes(data, classes)
+    return classes
+
+
+def _held_out(data: Sequence[Annotated], val_data: Sequence[Annotated] | None,
+              config: TrainConfig) -> tuple[list[Annotated], list[Annotated]]:
+    """Training and validation pages: ``val_data`` if given, else ``config.val_fraction`` of every page."""
+    if val_data is None:
+        train_items, val_items = split_regions(data, config.val_fraction)
+    else:
+        train_items, val_items = list(data), list(val_data)
+    if not val_items:
+        log.warning("no annotated pixel is held out for validation; the last weights are kept instead of the best")
+    return train_items, val_items
+
+
+def _border_of(config: TrainConfig, classes: tuple[str, ...]):
+    """``(boundary class, weight, sigma)`` of the border weighting, or None where it does not apply."""
+    boundary = boundary_class_of(classes)
+    if config.border_weight <= 0 or boundary is None:
+        return None
+    if config.sparse:
+        log.info("border weighting needs dense masks with a boundary class (e.g. 'membrane'); not used "
+                 "with sparse labels, whose regions are unknown")
+        return None
+    return boundary, config.border_weight, config.border_sigma
+
+
+class _Optimisation:
+    """The network on its device with its optimiser, LR schedule, loss, mixed precision and the moving
+    average of its weights (``evaluated``: what is validated, kept as best and written)."""
+
+    def __init__(self, net: nn.Module, config: TrainConfig, device: torch.device):
+        # channels-last: 1.16x (vgg11_bn_slim) and 1.28x (densenet_slim) per CPU training step (docs/training.md)
+        self.net = net.to(device, memory_format=torch.channels_last)
+        self.device = device
+        if config.freeze_encoder:
+            for p in net.encoder.parameters():
+                p.requires_grad_(False)
+        self.freeze_bn = config.freeze_bn if config.freeze_bn is not None else config.batch_size <= 2
+        params = [p for p in net.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        self.planned = DEFAULT_STEPS if config.fills_time else config.steps  # until the pace is known
+        self.schedule = _Schedule(self.planned, config.warmup)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule)
+        self.loss_fn = _Loss(config.dice_weight).to(device)
+        self.use_amp = device.type == "cuda"
+        self.amp_dtype = torch.bfloat16 if self.use_amp and torch.cuda.is_bf16_supported() else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
+        self.averaged = _averaged(net, config.ema_decay)
+        self.evaluated = self.averaged.module if self.averaged is not None else net
+
+    def amp(self):
+        if self.use_amp:
+            return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return torch.autocast("cpu", enabled=False)
+
+    def step(self, images: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None,
+             norm: Normalization) -> torch.Tensor:
+        """One optimiser step on a batch (raw images, uint8 targets); returns the loss, on the device."""
+        device = self.device
+        _set_train_mode(self.net, self.freeze_bn)
+        images = ((images.to(device, non_blocking=True) - norm.mean) / norm.std).contiguous(
+            memory_format=torch.channels_last)
+        targets = targets.to(device, non_blocking=True).long()  # uploaded as uint8
+        weights = weights.to(device, non_blocking=True) if weights is not None else None
+        with self.amp():
+            loss = self.loss_fn(self.net(images).float(), targets, weights)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        if self.averaged is not None:
+            self.averaged.update_parameters(self.net)
+        return loss.detach()
+
+
+class _Batches:
+    """The training batches: cut and augmented on the device (DeviceBatches) or by CPU threads (Prefetcher)."""
+
+    def __init__(self, items: Sequence[Annotated], config: TrainConfig, device: torch.device,
+                 rng: np.random.Generator, border, state: dict):
+        self.config, self.device, self.state = config, device, state
+        bias = 0.9 if config.sparse else 0.5
+        self.on_device = _augment_on_device(config, device, items)
+        if self.on_device:
+            from emseg.train.augment_device import DeviceCropSampler
+            maps = [border_weights(it.target, *border) for it in items if it.annotated] if border else None
+            self.sampler = DeviceCropSampler(items, config.tile_size, config=config.augment, device=device,
+                                             seed=int(rng.integers(2**31)), bias=bias, border_maps=maps)
+            log.info("training batches are cut and augmented on %s", device)
+        else:
+            self.sampler = CropSampler(items, config.tile_size, rng=rng,
+                                       transform=build_transform(config.augment, seed=int(rng.integers(2**31))),
+                                       bias=bias, border=border)
+            self.workers = loader_workers(config.loader_workers, device)
+            if self.workers > 1:
+                log.info("%d threads make the training batches", self.workers)
+        self._source = self._start()
+
+    def _start(self):
+        config = self.config
+        if self.on_device:
+            from emseg.train.augment_device import DeviceBatches
+            return DeviceBatches(self.sampler, config.batch_size)
+        spawned = [self.sampler.spawn([config.seed, self.state["step"], i]) for i in range(1, self.workers)]
+        return Prefetcher([self.sampler] + spawned, config.batch_size, pin=self.device.type == "cuda")
+
+    def next(self):
+        """``(images, targets, weights)`` of the next batch."""
+        return self._source.next()
+
+    def move_to(self, items: Sequence[Annotated]) -> None:
+        """Go on with the same sampling on other pages (the images moved onto their annotation)."""
+        self._source.close()
+        self.sampler = self.sampler.with_items(items)
+        if not self.on_device:
+            self.sampler = self.sampler.spawn([self.config.seed, self.state["step"], 0])
+        self._source = self._start()
+
+    def close(self) -> None:
+        self._source.close()
+
+
+class _LossMeter:
+    """The training loss, read back from the device (a host synchronisation) every step on the CPU and
+    every LOSS_READ_EVERY steps, and at validations, on an accelerator."""
+
+    def __init__(self, device: torch.device):
+        self.every = 1 if device.type == "cpu" else LOSS_READ_EVERY
+        self.sum = torch.zeros((), device=device)
+        self.count, self.value = 0, float("nan")
+        self.running: list[float] = []
+
+    def add(self, loss: torch.Tensor, *, read: bool) -> None:
+        self.sum += loss
+        self.count += 1
+        if self.count >= self.every or read:
+            self.value = float(self.sum) / self.count
+            self.running.extend([self.value] * self.count)
+            self.sum.zero_()
+            self.count = 0
+
+    def take_running(self) -> list[float]:
+        """The losses since the last validation (and forget them)."""
+        running, self.running = self.running, []
+        return running
+
+
+class _Clock:
+    """The run's start, and with a time limit the pace that fits the schedule into it."""
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        self.start = time.perf_counter()
+        self.timed_from = None
+
+    def tick(self, schedule: _Schedule, step: int) -> None:
+        config = self.config
+        if config.time_limit_minutes and self.timed_from is None and step >= 5:
+            self.timed_from = (time.perf_counter(), step)
+        elif self.timed_from is not None and (step == self.timed_from[1] + 20 or (
+                step % config.val_every == 1 and step > self.timed_from[1] + 20)):
+            # first estimate after 20 timed steps, then again after every validation
+            _fit_schedule_to_time(schedule, config, step, self.timed_from, self.start)
+
+
+def _follow_offset(state: dict, event: TrainEvent, opt: _Optimisation, card: ModelCard, val_set: _ValSet,
+                   batches: _Batches, train_items: Sequence[Annotated]) -> ModelCard:
+    """The annotation's offset during the run: measured a quarter into it, then at every validation until
+    REALIGN_UNTIL; the training images follow the mean of the measurements when it has moved by REALIGN_BY.
+    Returns the card (with the offset followed)."""
+    first = state.get("label_offset") is None
+    if not (first or state["step"] < REALIGN_UNTIL * opt.schedule.total):
+        return card
+    evaluated, amp = opt.evaluated, opt.amp
+    moved_by = (0.0, 0.0) if first else tuple(state["label_offset"])
+    measurement = _measured_offset(evaluated, card, val_set, amp)
+    state["history"][-1]["offset_measured"] = list(measurement)
+    state.setdefault("offset_measurements", []).append([state["step"], *measurement])
+    target = _mean_offset(state["offset_measurements"])
+    offset = moved_by
+    if first or not _within(target, moved_by, REALIGN_BY):
+        offset, _ = _better_offset(evaluated, card, val_set, amp, target, event.metrics)
+        offset = offset if is_offset(offset) else (0.0, 0.0)
+    if first and not is_offset(offset):
+        log.info("annotation offset against the images: %+.2f, %+.2f px (rows, columns); not "
+                 "followed (too small, or no better on validation)", *measurement)
+    if first or offset != moved_by:
+        state["label_offset"] = list(offset)
+        if offset != tuple(card.label_offset):
+            card = card.updated(label_offset=offset)
+            # scores from here on include the new offset: the best weights are chosen among them
+            state["best_metric"], state["bad_validations"] = None, 0
+    if tuple(state["label_offset"]) != moved_by:
+        _log_offset("the training images are " + ("moved again" if is_offset(moved_by) else "moved")
+                    + " to match" + (f" (mean of {len(state['offset_measurements'])} measurements; "
+                                     "this one %+.2f, %+.2f px)" % measurement
+                                     if len(state["offset_measurements"]) > 1 else ""), offset)
+        state["history"][-1]["images_moved_by"] = list(offset)
+        batches.move_to(_moved(train_items, offset))
+    return card
+
+
+def _final_weights(net: nn.Module, opt: _Optimisation, best_state: dict, state: dict, val_items) -> None:
+    """Load the weights the run ends with: the best validated ones, else the moving average, else the last."""
+    if val_items and state["best_metric"] is not None:
+        net.load_state_dict(best_state)
+    elif opt.averaged is not None:
+        net.load_state_dict(opt.evaluated.state_dict())
+    net.eval().to(memory_format=torch.contiguous_format)
+
+
+def _best_validation(state: dict) -> dict | None:
+    """The history record of the best validation (or the best mean IoU of a checkpoint of an older emseg)."""
+    validated = [h for h in state["history"] if h.get("val")]
+    best_val = next((h for h in validated if h["step"] == state.get("best_step")), None)
+    if best_val is None and validated:  # a checkpoint of an older emseg, or no validation improved
+        best_val = max(validated, key=lambda h: h["val"]["mean_iou"] or 0)
+    return best_val
+
+
+def _final_offset(net: nn.Module, card: ModelCard, val_set: _ValSet, amp, state: dict, best_val: dict | None):
+    """The annotation's offset measured once more on the final weights: the card's offset (kept where it
+    scores better), the best validation's scores with it, and the summary of the offset's history."""
+    measurement = _measured_offset(net, card, val_set, amp)
+    measurements = state.get("offset_measurements", []) + [[state["step"], *measurement]]
+    offset, measured = _better_offset(net, card, val_set, amp, _mean_offset(measurements))
+    if offset != tuple(card.label_offset) and is_offset(offset):
+        _log_offset("predictions are moved to match", offset, measured["mean_iou_before"],
+                    measured["mean_iou_measured"])
+    card = card.updated(label_offset=offset, follow_label_offset=True)
+    if "validation" in measured:
+        best_val = dict(best_val or {}, val=measured["validation"])
+    summary = {
+        "images_moved_by": state.get("label_offset") or [0.0, 0.0],
+        "moves": [[h["step"], *h["images_moved_by"]] for h in state["history"] if h.get("images_moved_by")],
+        "measurements": measurements, "measured_at_end": list(measurement), "used": list(offset),
+        **{k: v for k, v in measured.items() if k.startswith("mean_iou")}}
+    return card, best_val, summary
 
 
 def _moved(items: Sequence[Annotated], offset) -> list[Annotated]:
