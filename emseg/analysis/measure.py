@@ -1,4 +1,4 @@
-"""Per-object measurements, a summary over inputs, and a histogram/overlay plot; ``emseg measure``.
+"""Per-object measurements, a summary over inputs, and a histogram/overlay plot (the command: emseg.cli.measure).
 
 Units and conventions:
 
