@@ -11,7 +11,7 @@ import os
 import sys
 
 from emseg import __version__
-from emseg.cli import export, measure, predict, train
+from emseg.cli import export, measure, predict, pretrain, train
 from emseg.cli.common import integer
 from emseg.errors import EmsegError, OptionError
 
@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_summary)
 
     train.add_parsers(sub)
+    pretrain.add_parser(sub)
     measure.add_parser(sub)
     export.add_parser(sub)
     return parser

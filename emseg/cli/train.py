@@ -213,6 +213,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--decoder-upsampling", choices=DECODER_UPSAMPLING,
                    help="how the decoder doubles the size of its features at each step (default bilinear; "
                         "nearest is segmentation-models-pytorch's own)")
+    p.add_argument("--init", metavar="MODEL",
+                   help="start from this model instead of random weights: a model from `emseg pretrain` (its "
+                        "encoder and decoder, a fresh head for your classes) or any emseg model; its encoder, "
+                        "normalisation and pixel size are kept, the training defaults are train's")
     _add_training(p, steps=2000, lr=1e-3)
     p.set_defaults(func=cmd_train, finetune=False)
 
@@ -393,9 +397,13 @@ def cmd_train(args) -> int:
     config = train_config(args)
     _prepare_run_folder(args.output, args.resume)
     base = None
-    if args.finetune:
+    start = args.base if args.finetune else getattr(args, "init", None)
+    if start:
         from emseg.cli.common import model_file
-        base = load_model(model_file(args.base))
+        base = load_model(model_file(start))
+        if getattr(args, "encoder", None) and args.encoder != base.card.encoder:
+            raise InputError(f"--encoder {args.encoder} differs from the encoder of {start} "
+                             f"({base.card.encoder}); leave --encoder out to train from it")
     norm = base.card.normalization if base else Normalization()
     target_nm = base.card.pixel_size_nm if base and base.card.pixel_size_nm else config.pixel_size_nm
     num_classes = len(config.classes) if config.classes else (base.card.num_classes if base else None)

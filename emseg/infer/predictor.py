@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from emseg.errors import InputError, OptionError
+from emseg.errors import InputError, ModelFileError, OptionError
 from emseg.infer.alignment import is_offset, shift_probabilities
 from emseg.infer.preprocess import normalize_tensor, rescale_factor, resize, scaled_shape
 from emseg.infer.tiling import (
@@ -235,6 +235,11 @@ class Predictor:
                 (:data:`CANVAS_MEMORY_FRACTION`) of the free memory, elsewhere no limit.
         """
         self.card = model.card
+        if self.card.is_pretrained:
+            where = f"{model.path}" if getattr(model, "path", None) else f"model {self.card.name!r}"
+            raise ModelFileError(f"{where}: is a pretrained model (emseg pretrain) with no classes yet, so it cannot "
+                                 "segment; train from it on a few annotated images first: emseg train --init "
+                                 f"{getattr(model, 'path', None) or 'MODEL'} --images ... --masks ...")
         follow = self.card.follow_label_offset if follow_label_offset is None else bool(follow_label_offset)
         self.label_offset = tuple(self.card.label_offset) if follow else (0.0, 0.0)
         if not follow and is_offset(self.card.label_offset):

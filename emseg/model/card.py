@@ -23,8 +23,9 @@ from emseg.io.tiff import MAX_PIXEL_SIZE_NM, MIN_PIXEL_SIZE_NM
 
 # bump on an incompatible change of the card or the weight layout; 2 added ``full_resolution_skip``
 # (format-1 cards describe smp's own decoder, without it), 3 ``decoder_upsampling`` (nearest before),
-# 4 ``follow_label_offset`` (older cards' offsets are followed only when a prediction asks)
-FORMAT_VERSION = 4
+# 4 ``follow_label_offset`` (older cards' offsets are followed only when a prediction asks), 5 ``pretrained``
+# (a self-supervised model with no classes and one output channel)
+FORMAT_VERSION = 5
 
 #: how a U-Net decoder may double the size of its features (``torch.nn.functional.interpolate`` modes)
 DECODER_UPSAMPLING = ("nearest", "bilinear")
@@ -106,6 +107,7 @@ class ModelCard:
     name: str = "emseg model"
     description: str = ""
     training: dict[str, Any] = field(default_factory=dict)
+    pretrained: dict[str, Any] = field(default_factory=dict)
     emseg_version: str = __version__
     format_version: int = FORMAT_VERSION
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
@@ -116,7 +118,15 @@ class ModelCard:
         if self.decoder_upsampling not in DECODER_UPSAMPLING:
             raise ValueError(f"unknown decoder_upsampling {self.decoder_upsampling!r}; "
                              f"this emseg knows {', '.join(DECODER_UPSAMPLING)}")
-        object.__setattr__(self, "classes", check_classes(self.classes))
+        if not isinstance(self.pretrained, dict):
+            raise ValueError(f"pretrained must be a mapping, got {type(self.pretrained).__name__} "
+                             f"{self.pretrained!r:.60}")
+        if self.pretrained:  # a pretrained model has no classes yet: fine-tuning gives it its own
+            if tuple(self.classes):
+                raise ValueError(f"a pretrained model has no classes, got {list(self.classes)!r}")
+            object.__setattr__(self, "classes", ())
+        else:
+            object.__setattr__(self, "classes", check_classes(self.classes))
         for key in ("encoder", "architecture", "name", "description", "emseg_version", "created"):
             if not isinstance(getattr(self, key), str):
                 raise ValueError(f"{key} must be text, got {getattr(self, key)!r}")
@@ -157,6 +167,16 @@ class ModelCard:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def is_pretrained(self) -> bool:
+        """A self-supervised model (``emseg pretrain``): no classes; a starting point for training."""
+        return bool(self.pretrained)
+
+    @property
+    def out_channels(self) -> int:
+        """The network's output channels: one per class, or the one restored image of a pretrained model."""
+        return self.num_classes or 1
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)

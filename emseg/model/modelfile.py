@@ -119,9 +119,9 @@ class Model:
 def _build(card: ModelCard) -> torch.nn.Module:
     if card.architecture != "unet":
         raise ValueError(f"unknown architecture {card.architecture!r}; this emseg builds 'unet'")
-    return build_unet(card.encoder, card.num_classes, in_channels=card.in_channels,
+    return build_unet(card.encoder, card.out_channels, in_channels=card.in_channels,
                       decoder_channels=card.decoder_channels, full_resolution_skip=card.full_resolution_skip,
-                      upsampling=card.decoder_upsampling)
+                      upsampling=card.decoder_upsampling, regression=card.is_pretrained)
 
 
 def save_model(net: torch.nn.Module, card: ModelCard, path: str | os.PathLike, *, half: bool = False) -> Path:

@@ -225,12 +225,13 @@ class FullResolutionUnetDecoder(UnetDecoder):
 
 def build_unet(encoder: str, classes: int, *, in_channels: int = 1,
                decoder_channels: tuple[int, ...] | None = None,
-               full_resolution_skip: bool = True, upsampling: str = "bilinear") -> nn.Module:
+               full_resolution_skip: bool = True, upsampling: str = "bilinear", regression: bool = False) -> nn.Module:
     """Build a randomly initialised U-Net with the named encoder.
 
     Args:
         encoder: a name from :data:`ENCODERS`.
-        classes: number of output classes (logits), at least 2.
+        classes: number of output classes (logits), at least 2; with ``regression`` the number of output
+            channels (1: the restored image of ``emseg pretrain``).
         in_channels: input channels (1 for grey EM).
         decoder_channels: override the decoder widths paired with the encoder.
         full_resolution_skip: feed the encoder's full-resolution features to the decoder's last block,
@@ -240,7 +241,7 @@ def build_unet(encoder: str, classes: int, *, in_channels: int = 1,
             (smp's default; model files of card formats 1 and 2). The weights are the same either way.
     """
     spec = get_spec(encoder)
-    if classes < 2:
+    if classes < (1 if regression else 2):
         raise ValueError(f"a model needs at least 2 classes (background and one more), got {classes}")
     if upsampling not in DECODER_UPSAMPLING:
         raise ValueError(f"unknown decoder upsampling {upsampling!r}; choose one of: {', '.join(DECODER_UPSAMPLING)}")

@@ -217,13 +217,18 @@ def _prepare_network(config: TrainConfig, classes: tuple[str, ...], base: Model 
         log.info("the base model's annotation offset (%+.2f, %+.2f px) is not carried over: it belongs to the "
                  "annotation it was trained on%s", *base.card.label_offset,
                  "; this one's is measured during the run" if config.label_offset else "")
-    if len(classes) != base.card.num_classes:
+    if base.card.is_pretrained or len(classes) != base.card.num_classes:
         fresh = build_unet(base.card.encoder, len(classes), decoder_channels=base.card.decoder_channels,
                            full_resolution_skip=base.card.full_resolution_skip,
                            upsampling=base.card.decoder_upsampling)
         net.segmentation_head = fresh.segmentation_head
-        log.info("classes changed from %s to %s: the output head starts afresh", base.classes, classes)
-    card = card.updated(classes=classes, name=config.name)
+        if base.card.is_pretrained:
+            log.info("starting from the pretrained %s U-Net (%s on %s): encoder and decoder from it, a fresh "
+                     "head for the classes %s", base.card.encoder, base.card.pretrained.get("objective"),
+                     ", ".join(base.card.pretrained.get("sources", [])[:3]) or "unlabelled images", ", ".join(classes))
+        else:
+            log.info("classes changed from %s to %s: the output head starts afresh", base.classes, classes)
+    card = card.updated(classes=classes, name=config.name, pretrained={})
     return net, card
 
 
@@ -913,7 +918,11 @@ def _training_summary(config, data, val_items, state, best_val, base, start) -> 
         "seconds": round(time.perf_counter() - start, 1),
         "validation": best_val["val"] if best_val else None,
     }
-    if base is not None:
+    if base is not None and base.card.is_pretrained:
+        pre = base.card.pretrained
+        summary["pretrained_from"] = {"name": base.card.name, "path": str(base.path) if base.path else None,
+                                      **{k: pre.get(k) for k in ("objective", "sources", "pages", "steps", "seconds")}}
+    elif base is not None:
         summary["fine_tuned_from"] = {"name": base.card.name, "path": str(base.path) if base.path else None,
                                       "training": base.card.training.get("sources")}
     return summary

@@ -1,0 +1,193 @@
+"""Does `emseg pretrain` make two annotated slices enough? Pretraining on unlabelled images, then fine-tuning.
+
+    python benchmarks/bench_pretrain.py pretrain membranes [--minutes 20]
+    python benchmarks/bench_pretrain.py finetune membranes [--minutes 6] [--seeds 0 1] [--sparse] [--arms ...]
+
+Data sets (../shared/data; nothing else is ever used):
+
+* membranes: pretrain on ISBI's unlabelled test-volume.tif (30 slices, 4 nm) and EPFL's 27 images
+  (5 nm, rescaled to 4 nm); fine-tune on ISBI training slices 0 and 12; evaluate on 24-29.
+* mito: pretrain on EPFL's 27 images and ISBI's test volume (rescaled to 5 nm); fine-tune on EPFL
+  slices 0 and 11; evaluate on the last 5 (as bench_train_real.py epfl).
+* materials: pretrain on NASA's training images (unlabelled); fine-tune on 2 of them; evaluate on val.
+
+Arms of `finetune`, each with the same budget (``--minutes`` of training, the defaults of `emseg train`
+otherwise): ``random`` (the 2 slices from random weights), ``pretrained`` (the same from the pretrained
+model, as `emseg train --init`), ``full`` (all training slices from random weights: the ceiling).
+``--sparse`` fine-tunes on scribbles (horizontal strokes, as bench_train_real.py draws them) instead of the
+dense masks of the 2 slices. One compute thread (``--threads``). Results: runs/bench/pretrain/*.json and a
+Markdown table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_train_real import DATA, RUNS, evaluate_arrays, load, scribbles_from  # noqa: E402
+
+OUT = RUNS / "pretrain"
+SETS = {  # data set -> (bench_train_real name, the 2 fine-tuning slices, model pixel size nm)
+    "membranes": ("isbi", (0, 12), 4.0),
+    "mito": ("epfl", (0, 11), 5.0),
+    "materials": ("nasa", (0, 1), None),
+}
+
+
+def machine() -> str:
+    import torch
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} thread(s), torch {torch.__version__}"
+
+
+def unlabelled(name: str):
+    """The unlabelled pages of a data set's pretraining, as (arrays, pixel sizes) of each source."""
+    isbi_test = tifffile.imread(DATA / "isbi2012" / "test-volume.tif")
+    epfl = tifffile.imread(DATA / "epfl_mito" / "train-volume.tif")
+    if name == "membranes":
+        return [(isbi_test, 4.0, "isbi test-volume"), (epfl, 5.0, "epfl train-volume")]
+    if name == "mito":
+        return [(epfl, 5.0, "epfl train-volume"), (isbi_test, 4.0, "isbi test-volume")]
+    train_images = load("nasa")[0]
+    return [(train_images, None, "nasa train images")]
+
+
+def pages_of(name: str, target_nm: float | None, tile: int):
+    from emseg.model.card import Normalization
+    from emseg.train.data import Annotated, normalise01, rescale_items
+    from emseg.train.pretrain import _crop_grid
+    items = []
+    for stack, nm, source in unlabelled(name):
+        for i, page in enumerate(stack):
+            items.append(Annotated(normalise01(page, Normalization()), _crop_grid(page.shape), f"{source}[{i}]", nm))
+    return rescale_items(items, target_nm)
+
+
+def cmd_pretrain(args) -> int:
+    from emseg.train.pretrain import PretrainConfig, pretrain
+    _, _, nm = SETS[args.set]
+    config = PretrainConfig(time_limit_minutes=args.minutes, seed=args.seed, device="cpu", pixel_size_nm=nm,
+                            name=f"pretrained on {args.set}")
+    pages = pages_of(args.set, nm, config.tile_size)
+    out = OUT / f"{args.set}_{args.minutes:g}min"
+    start = time.perf_counter()
+    result = pretrain(pages, config, out, resume=args.resume)
+    last = result.history[-1]
+    report = {"set": args.set, "minutes": args.minutes, "steps": last["step"], "pages": len(pages),
+              "megapixels": round(sum(p.image.size for p in pages) / 1e6, 1), "val_loss": last["val_loss"],
+              "copy_loss": last["copy_loss"], "seconds": round(time.perf_counter() - start, 1),
+              "model": str(result.model_path), "machine": machine()}
+    (OUT / f"pretrain_{args.set}.json").write_text(json.dumps(report, indent=1))
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+def finetune_arm(arm: str, args, pretrained_path: Path | None) -> dict:
+    from emseg.model.modelfile import load_model
+    from emseg.train.loop import TrainConfig, annotations_from_arrays, train
+    data, slices, nm = SETS[args.set]
+    train_img, train_msk, val_img, val_msk, classes, _ = load(data)
+    if arm == "full":
+        images, masks, sparse = train_img, train_msk, False
+    else:
+        images, masks = train_img[list(slices)], train_msk[list(slices)]
+        sparse = args.sparse
+        if sparse:
+            masks = scribbles_from(np.asarray(masks))  # binary masks: strokes of membrane (2) and not (1)
+    base = load_model(pretrained_path) if arm == "pretrained" else None
+    norm = base.card.normalization if base else None
+    items = annotations_from_arrays(images, masks, sparse=sparse, pixel_size_nm=nm, name=data,
+                                    **({"norm": norm} if norm else {}))
+    config = TrainConfig(classes=classes, pixel_size_nm=nm, time_limit_minutes=args.minutes, sparse=sparse,
+                         seed=args.seed_now, device="cpu", name=f"bench pretrain {arm}")
+    start = time.perf_counter()
+    result = train(items, config, None, base=base)
+    seconds = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as tmp:
+        summary = evaluate_arrays(result.model, val_img, val_msk, Path(tmp), nm)
+    return {"arm": arm, "seed": args.seed_now, "sparse": sparse and arm != "full", "steps": result.history[-1]["step"],
+            "seconds": round(seconds, 1), "metrics": summary}
+
+
+def cmd_finetune(args) -> int:
+    pretrained = Path(args.pretrained) if args.pretrained else OUT / f"{args.set}_20min" / "model.safetensors"
+    if "pretrained" in args.arms and not pretrained.exists():
+        raise SystemExit(f"{pretrained}: no pretrained model; run `bench_pretrain.py pretrain {args.set}` first "
+                         "or give --pretrained")
+    rows = []
+    tag = f"{args.set}{'_sparse' if args.sparse else ''}"
+    path = OUT / f"finetune_{tag}.json"
+    done = json.loads(path.read_text())["rows"] if path.exists() and not args.fresh else []
+    for arm in args.arms:
+        for seed in ([0] if arm == "full" and not args.full_seeds else args.seeds):
+            if any(r["arm"] == arm and r["seed"] == seed and r["minutes"] == args.minutes for r in done):
+                continue
+            args.seed_now = seed
+            row = finetune_arm(arm, args, pretrained)
+            row["minutes"] = args.minutes
+            done.append(row)
+            print(json.dumps(row))
+            OUT.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"set": args.set, "pretrained": str(pretrained), "machine": machine(),
+                                        "rows": done}, indent=1))
+    rows = [r for r in done if r["minutes"] == args.minutes]
+    print(table(rows))
+    return 0
+
+
+def table(rows: list[dict]) -> str:
+    out = ["| arm | seed | steps | pixel error | mean IoU (no bg) | adapted Rand |", "|---|---:|---:|---:|---:|---:|"]
+    for r in sorted(rows, key=lambda r: (r["arm"], r["seed"])):
+        m = r["metrics"]
+        out.append(f"| {r['arm']}{' (scribbles)' if r.get('sparse') else ''} | {r['seed']} | {r['steps']} | "
+                   f"{m.get('pixel_error', float('nan')):.4f} | {m.get('mean_iou', float('nan')):.4f} | "
+                   f"{m.get('adapted_rand_error', float('nan')):.4f} |")
+    return "\n".join(out)
+
+
+def main() -> int:
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("pretrain")
+    p.add_argument("set", choices=SETS)
+    p.add_argument("--minutes", type=float, default=20.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true")
+    p.set_defaults(func=cmd_pretrain)
+    p = sub.add_parser("finetune")
+    p.add_argument("set", choices=SETS)
+    p.add_argument("--minutes", type=float, default=6.0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--arms", nargs="+", default=["random", "pretrained", "full"],
+                   choices=["random", "pretrained", "full"])
+    p.add_argument("--full-seeds", action="store_true", help="run the full arm with every seed (default: seed 0)")
+    p.add_argument("--sparse", action="store_true")
+    p.add_argument("--pretrained", help="the pretrained model (default: runs/bench/pretrain/SET_20min)")
+    p.add_argument("--fresh", action="store_true", help="ignore earlier rows of the results file")
+    p.set_defaults(func=cmd_finetune)
+    for q in sub.choices.values():
+        q.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    import torch
+    torch.set_num_threads(args.threads)
+    if not DATA.exists():
+        print(f"skipped: {DATA} not found (the shared data)")
+        return 0
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

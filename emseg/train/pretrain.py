@@ -1,0 +1,479 @@
+"""Self-supervised pretraining on a lab's own unlabelled images: restoration of corrupted crops.
+
+Models Genesis (Zhou et al. 2019) taught a whole U-Net, decoder included, to restore crops of its own
+modality that had been corrupted; fine-tuned from there it beat training from scratch. emseg does the
+same in 2D on EM: crops are cut and augmented as for training (:class:`emseg.train.augment_device.
+DeviceCropSampler`: flips, rotations, affine, elastic, brightness/contrast, on the training device), then
+corrupted on the device, batch-wise:
+
+* a non-linear intensity curve (a random cubic Bezier, inverted half of the time): the network must
+  learn what EM intensities look like to undo it;
+* local pixel shuffling inside small blocks: texture and fine structure;
+* in-painting (random boxes filled with noise) or out-painting (all but one box filled with noise):
+  context and shape;
+* Gaussian noise.
+
+The network (one output channel) is trained to give back the clean crop (mean squared error). The
+result is a normal emseg model file whose card has no classes and says what it was pretrained on
+(``card.pretrained``); ``emseg train --init FILE`` and ``emseg finetune FILE`` start from its encoder
+and decoder with a fresh head for the classes. Predicting with it is refused.
+
+Progress, the time limit, the checkpoint (``--resume``), curves.png and a preview of inputs and
+restorations (restorations.png) work as in :mod:`emseg.train.loop`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from emseg.analysis.metrics import IGNORE
+from emseg.errors import InputError
+from emseg.infer.predictor import resolve_device
+from emseg.model.card import ModelCard, Normalization
+from emseg.model.modelfile import Model
+from emseg.model.networks import DEFAULT_ENCODER, build_unet
+from emseg.train.augment import PRESETS, AugmentConfig
+from emseg.train.checkpoint import check_run_folder, has_checkpoint, load_checkpoint
+from emseg.train.data import Annotated, normalise01, rescale_items
+
+log = logging.getLogger(__name__)
+
+OBJECTIVE = "restoration"
+#: the most pixels of unlabelled pages held for pretraining (pages are taken evenly from the inputs)
+MAX_PIXELS = 64 * 2**20
+#: a page with at most this many distinct values is taken for a mask, not an image
+MASK_VALUES = 16
+#: crops of the fixed validation batch (the same corruptions at every validation)
+VAL_CROPS = 16
+
+
+@dataclass(frozen=True)
+class Corruptions:
+    """Chances and strengths of the corruptions (Models Genesis' defaults, in 2D)."""
+
+    intensity: float = 0.9      # chance of a non-linear intensity curve
+    shuffle: float = 0.5        # chance of local pixel shuffling
+    shuffle_block: int = 4      # side of the shuffled blocks (pixels; divides the tile)
+    paint: float = 0.9          # chance of in- or out-painting
+    inpaint: float = 0.5        # share of in-painting among the paintings (else out-painting)
+    noise: float = 0.3          # chance of Gaussian noise (std 0.02-0.1 of the [0, 1] range)
+
+    def __post_init__(self):
+        for key in ("intensity", "shuffle", "paint", "inpaint", "noise"):
+            value = getattr(self, key)
+            if not (isinstance(value, (int, float)) and 0 <= value <= 1):
+                raise ValueError(f"corruption chance {key} must be from 0 to 1, got {value!r}")
+        if self.shuffle_block not in (1, 2, 4, 8, 16, 32):
+            raise ValueError(f"shuffle_block must be a power of two up to 32, got {self.shuffle_block!r}")
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Everything that defines a pretraining run (summarised in the model card)."""
+
+    encoder: str = DEFAULT_ENCODER
+    full_resolution_skip: bool = True
+    decoder_upsampling: str = "bilinear"
+    tile_size: int = 128
+    batch_size: int = 8
+    steps: int | None = None
+    time_limit_minutes: float | None = 20.0
+    val_every: int = 100
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup: float = 0.05
+    seed: int = 0
+    device: str = "auto"
+    pixel_size_nm: float | None = None
+    max_pixels: int = MAX_PIXELS
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    corruptions: Corruptions = field(default_factory=Corruptions)
+    name: str = "emseg pretrained encoder"
+
+    def __post_init__(self):
+        from emseg.train.loop import DEFAULT_STEPS, FILL_STEPS
+        if self.steps is None:
+            object.__setattr__(self, "steps", FILL_STEPS if self.time_limit_minutes else DEFAULT_STEPS)
+        if not (isinstance(self.steps, int) and self.steps >= 1):
+            raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
+        if self.tile_size % 32 or self.tile_size < 32:
+            raise ValueError(f"tile_size must be a multiple of 32, at least 32, got {self.tile_size!r}")
+        if self.tile_size % self.corruptions.shuffle_block:
+            raise ValueError(f"tile_size {self.tile_size} must be a multiple of shuffle_block "
+                             f"{self.corruptions.shuffle_block}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size!r}")
+
+    @property
+    def fills_time(self) -> bool:
+        from emseg.train.loop import FILL_STEPS
+        return self.steps == FILL_STEPS and bool(self.time_limit_minutes)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["augment"] = self.augment.to_dict()
+        return d
+
+
+@dataclass
+class PretrainResult:
+    model: Model
+    model_path: Path | None
+    history: list[dict]
+    stopped: bool
+
+
+# ---------------------------------------------------------------- the images
+
+def load_unlabelled(paths: Sequence[str | Path], *, tile: int, pixel_size_nm: float | None = None,
+                    target_pixel_size_nm: float | None = None, max_pixels: int = MAX_PIXELS,
+                    norm: Normalization | None = None) -> list[Annotated]:
+    """The pages of unlabelled images (files emseg reads, stacks included) as training pages without a
+    target, normalised and rescaled to one pixel size; at most ``max_pixels`` pixels, pages taken
+    evenly from every input. InputError (naming the file) for no images, a page smaller than the crop,
+    and a file that looks like a mask."""
+    from emseg.io.read import expand_inputs, open_image
+    files, errors = expand_inputs([str(p) for p in paths])
+    for error in errors:
+        log.error("%s", error)
+    if not files:
+        raise InputError("no unlabelled images to pretrain on; give image files, folders or glob patterns "
+                         "(--images)")
+    norm = norm or Normalization()
+    sources = [open_image(f, pixel_size_nm=pixel_size_nm) for f in files]
+    try:
+        total = sum(s.shape[0] * s.shape[1] * s.shape[2] for s in sources)
+        keep = min(1.0, max_pixels / max(total, 1))
+        items = []
+        for path, src in zip(files, sources):
+            pages, h, w = src.shape
+            scale = (src.pixel_size_nm / target_pixel_size_nm) if (src.pixel_size_nm and target_pixel_size_nm) else 1
+            if min(h, w) * scale < tile:
+                raise InputError(f"{path}: its pages are {h} x {w} pixels ({min(h, w) * scale:.0f} at the model's "
+                                 f"pixel size), smaller than the {tile}-pixel crops; give larger images or a "
+                                 "smaller --tile-size")
+            n = max(1, round(pages * keep))
+            for i in np.unique(np.linspace(0, pages - 1, n).round().astype(int)):
+                page = src.page(int(i))
+                _refuse_mask(page, path, int(i), pages)
+                name = f"{path.name}[{i}]" if src.is_stack else path.name
+                items.append(Annotated(normalise01(page, norm), _crop_grid(page.shape), name, src.pixel_size_nm))
+    finally:
+        for src in sources:
+            src.close()
+    if keep < 1:
+        log.info("pretraining on %d of the inputs' pages (at most %.0f megapixels)", len(items), max_pixels / 1e6)
+    return rescale_items(items, target_pixel_size_nm)
+
+
+def _crop_grid(shape: tuple[int, int]) -> np.ndarray:
+    """The target of an unlabelled page: IGNORE but for every 16th pixel each way, so that the crop
+    sampler draws pages in proportion to their area without an index of every pixel."""
+    target = np.full(shape, IGNORE, np.uint8)
+    target[::16, ::16] = 0
+    return target
+
+
+def _refuse_mask(page: np.ndarray, path: Path, index: int, pages: int) -> None:
+    """A page with only a few distinct integer values is a label image given by mistake."""
+    if page.dtype.kind == "f" and not np.all(page == np.round(page)):
+        return
+    sample = page[:: max(1, page.shape[0] // 256), :: max(1, page.shape[1] // 256)]
+    values = np.unique(sample)
+    if len(values) <= MASK_VALUES and len(np.unique(page)) <= MASK_VALUES:
+        where = f" page {index + 1} of {pages}" if pages > 1 else ""
+        raise InputError(f"{path}{where}: holds only {len(np.unique(page))} distinct values, so it looks like a "
+                         "mask or label image; pretraining learns from raw, unlabelled EM images (masks go to "
+                         "`emseg train --masks`)")
+
+
+# ---------------------------------------------------------------- corruptions
+
+class Corruptor:
+    """Corrupts batches of clean crops ``(n, 1, t, t)`` in [0, 1] on their device (see the module docstring)."""
+
+    def __init__(self, config: Corruptions, tile: int, device: torch.device, seed: int = 0):
+        self.config, self.tile, self.device = config, tile, device
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+        idx = torch.arange(tile, device=device)
+        self._rows, self._cols = idx.view(1, 1, tile, 1), idx.view(1, 1, 1, tile)
+        self._t = torch.linspace(0, 1, 64, device=device)
+
+    def _rand(self, *shape) -> torch.Tensor:
+        return torch.rand(shape, device=self.device, generator=self.generator)
+
+    def __call__(self, clean: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        x = clean.clone()
+        n = x.shape[0]
+        x = self._intensity(x, self._rand(n) < c.intensity)
+        x = self._shuffle(x, self._rand(n) < c.shuffle)
+        paint = self._rand(n) < c.paint
+        inpaint = self._rand(n) < c.inpaint
+        x = self._inpaint(x, paint & inpaint)
+        x = self._outpaint(x, paint & ~inpaint)
+        on = (self._rand(n) < c.noise).float().view(n, 1, 1, 1)
+        std = (0.02 + 0.08 * self._rand(n)).view(n, 1, 1, 1)
+        x = x + torch.randn(x.shape, device=self.device, generator=self.generator) * std * on
+        return x.clamp_(0, 1)
+
+    def _intensity(self, x: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
+        """A random cubic Bezier curve from (0, 0) to (1, 1) per crop (inverted half of the time)."""
+        n = x.shape[0]
+        p = self._rand(n, 2, 2)  # two control points (x, y) in [0, 1]
+        t = self._t.view(1, -1)
+        b1, b2 = 3 * (1 - t) ** 2 * t, 3 * (1 - t) * t ** 2
+        cx = b1 * p[:, 0, :1] + b2 * p[:, 1, :1] + t ** 3
+        cy = b1 * p[:, 0, 1:] + b2 * p[:, 1, 1:] + t ** 3
+        cx, order = torch.sort(cx, dim=1)
+        cy = torch.gather(cy, 1, order)
+        flat = x.reshape(n, -1).contiguous()
+        i = torch.searchsorted(cx.contiguous(), flat).clamp_(1, cx.shape[1] - 1)
+        x0, x1 = torch.gather(cx, 1, i - 1), torch.gather(cx, 1, i)
+        y0, y1 = torch.gather(cy, 1, i - 1), torch.gather(cy, 1, i)
+        mapped = y0 + (flat - x0) * (y1 - y0) / (x1 - x0).clamp_min(1e-6)
+        invert = (self._rand(n) < 0.5).view(n, 1)
+        mapped = torch.where(invert, 1 - mapped, mapped).view_as(x)
+        return torch.where(on.view(n, 1, 1, 1), mapped, x)
+
+    def _shuffle(self, x: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
+        """Pixels shuffled inside a random 10-50 % of the blocks of ``shuffle_block`` pixels a side."""
+        b, t, n = self.config.shuffle_block, self.tile, x.shape[0]
+        if b == 1:
+            return x
+        g = t // b
+        blocks = x.view(n, g, b, g, b).permute(0, 1, 3, 2, 4).reshape(n, g * g, b * b)
+        order = torch.argsort(self._rand(n, g * g, b * b), dim=2)
+        shuffled = torch.gather(blocks, 2, order)
+        share = 0.1 + 0.4 * self._rand(n, 1)
+        chosen = (self._rand(n, g * g) < share) & on.view(n, 1)
+        blocks = torch.where(chosen.unsqueeze(2), shuffled, blocks)
+        return blocks.view(n, g, g, b, b).permute(0, 1, 3, 2, 4).reshape(n, 1, t, t)
+
+    def _boxes(self, n: int, count: int, low: float, high: float, active: torch.Tensor | None = None) -> torch.Tensor:
+        """``(n, 1, t, t)`` masks of the union of ``count`` random boxes with sides of ``low``-``high`` of the
+        tile (``active``: ``(n, count)``, which of them count)."""
+        t = self.tile
+        size = (low + (high - low) * self._rand(n, count, 2)) * t
+        corner = self._rand(n, count, 2) * (t - size)
+        top, left = corner[..., 0].view(n, count, 1, 1), corner[..., 1].view(n, count, 1, 1)
+        h, w = size[..., 0].view(n, count, 1, 1), size[..., 1].view(n, count, 1, 1)
+        rows, cols = self._rows.float(), self._cols.float()
+        inside = (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)
+        if active is not None:
+            inside &= active.view(n, count, 1, 1)
+        return inside.any(dim=1, keepdim=True)
+
+    def _inpaint(self, x: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
+        """1 to 5 boxes (each after the first with a chance of 1/2) of 1/6-1/3 of the tile filled with noise."""
+        n = x.shape[0]
+        active = self._rand(n, 5) < 0.5
+        active[:, 0] = True
+        holes = self._boxes(n, 5, 1 / 6, 1 / 3, active) & on.view(n, 1, 1, 1)
+        return torch.where(holes, self._rand(*x.shape), x)
+
+    def _outpaint(self, x: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
+        """All but one central-ish box of 3/7-4/7 of the tile filled with uniform noise."""
+        n = x.shape[0]
+        kept = self._boxes(n, 1, 3 / 7, 4 / 7)
+        outside = ~kept & on.view(n, 1, 1, 1)
+        return torch.where(outside, self._rand(*x.shape), x)
+
+
+# ---------------------------------------------------------------- the run
+
+def pretrain(images: Sequence[Annotated], config: PretrainConfig, out_dir: str | Path | None = None, *,
+             progress: Callable | None = None, stop: threading.Event | None = None,
+             resume: bool = False, sources: Sequence[str] | None = None) -> PretrainResult:
+    """Pretrain a U-Net on unlabelled pages (see the module docstring); returns the model (and writes
+    OUT/model.safetensors, curves.png, restorations.png, log.json and a checkpoint when ``out_dir`` is given).
+
+    ``progress`` is called after every step with an :class:`emseg.train.loop.TrainEvent` (``metrics``:
+    the validation losses at validations); ``stop`` ends the run after the current step.
+    """
+    from emseg.train.augment_device import DeviceCropSampler
+    from emseg.train.loop import TrainEvent, _CheckpointWriter, _Clock, _LossMeter, _Schedule, _weights_bytes
+    if not images:
+        raise InputError("no unlabelled pages to pretrain on")
+    out = Path(out_dir) if out_dir is not None else None
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    if out is not None:
+        check_run_folder(out, resume)
+    resuming = resume and out is not None and has_checkpoint(out / "checkpoint")
+
+    net = build_unet(config.encoder, 1, full_resolution_skip=config.full_resolution_skip,
+                     upsampling=config.decoder_upsampling, regression=True).to(device, memory_format=torch.channels_last)
+    norm = Normalization()
+    card = ModelCard(encoder=config.encoder, classes=(), full_resolution_skip=config.full_resolution_skip,
+                     decoder_upsampling=config.decoder_upsampling, normalization=norm,
+                     tile_size=max(512, config.tile_size), pixel_size_nm=config.pixel_size_nm, name=config.name,
+                     pretrained={"objective": OBJECTIVE})
+    optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    from emseg.train.loop import DEFAULT_STEPS
+    planned = DEFAULT_STEPS if config.fills_time else config.steps
+    schedule = _Schedule(planned, config.warmup)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    use_amp = device.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    state = {"step": 0, "history": [], "best_metric": None, "bad_validations": 0}
+    if resuming:
+        state = load_checkpoint(out / "checkpoint", net, optimizer, scheduler, config)
+        state.pop("best_weights", None)
+        schedule.total = planned
+        rng = np.random.default_rng([config.seed, state["step"]])
+        log.info("resumed from %s at step %d", out / "checkpoint", state["step"])
+
+    sampler = DeviceCropSampler(images, config.tile_size, config=config.augment, device=device,
+                                seed=int(rng.integers(2**31)), bias=0.0)
+    corrupt = Corruptor(config.corruptions, config.tile_size, device, seed=int(rng.integers(2**62)))
+    val_clean, val_input = _validation_batch(images, config, device)
+    copy_loss = float(F.mse_loss(val_input, val_clean))  # what giving back the corrupted input would score
+    writer = _CheckpointWriter(out / "checkpoint", _weights_bytes(net)) if out is not None else None
+    meter = _LossMeter(device)
+    clock = _Clock(config)
+    stopped = False
+
+    def amp():
+        return torch.autocast(device.type, dtype=amp_dtype) if use_amp else torch.autocast("cpu", enabled=False)
+
+    try:
+        while state["step"] < schedule.total:
+            if stop is not None and stop.is_set():
+                stopped = True
+                break
+            net.train()
+            clean = sampler.batch(config.batch_size)[0]
+            corrupted = corrupt(clean)
+            with amp():
+                restored = net(((corrupted - norm.mean) / norm.std).contiguous(memory_format=torch.channels_last))
+            loss = F.mse_loss(restored.float(), clean)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            state["step"] += 1
+            validating = state["step"] % config.val_every == 0 or state["step"] == schedule.total
+            meter.add(loss.detach(), read=validating)
+            clock.tick(schedule, state["step"])
+            event = TrainEvent(state["step"], schedule.total, meter.value, scheduler.get_last_lr()[0])
+            if validating:
+                running = meter.take_running()
+                val_loss = _val_loss(net, val_input, val_clean, norm, amp)
+                record = {"step": state["step"], "loss": float(np.mean(running)) if running else None,
+                          "val_loss": val_loss, "copy_loss": copy_loss, "lr": event.lr,
+                          "seconds": round(time.perf_counter() - clock.start, 1)}
+                state["history"].append(record)
+                event.metrics = {"val_loss": val_loss, "copy_loss": copy_loss}
+                log.info("step %d: loss %.4f, validation restoration loss %.4f (the corrupted input: %.4f)",
+                         state["step"], record["loss"] or float("nan"), val_loss, copy_loss)
+                if writer is not None:
+                    writer.save(net, None, optimizer, scheduler, config, state, {}, card,
+                                last=state["step"] >= schedule.total)
+            if progress:
+                progress(event)
+    finally:
+        if writer is not None:
+            writer.close()
+    net.eval().to(memory_format=torch.contiguous_format)
+    last = state["history"][-1] if state["history"] else {}
+    summary = {
+        "objective": OBJECTIVE, "corruptions": asdict(config.corruptions), "config": config.to_dict(),
+        "pages": len(images), "megapixels": round(sum(it.image.size for it in images) / 1e6, 2),
+        "sources": list(sources or sorted({it.name.split("[")[0] for it in images}))[:20],
+        "steps": state["step"], "seconds": round(time.perf_counter() - clock.start, 1),
+        "validation_loss": last.get("val_loss"), "copy_loss": copy_loss}
+    model = Model(net.cpu(), card.updated(pretrained=summary))
+    model_path = None
+    if out is not None:
+        model_path = model.save(out / "model.safetensors")
+        if state["history"]:
+            plot_pretrain_curves(state["history"], out / "curves.png")
+        plot_restorations(model, val_input.cpu(), val_clean.cpu(), out / "restorations.png")
+    return PretrainResult(model, model_path, state["history"], stopped)
+
+
+def _validation_batch(images: Sequence[Annotated], config: PretrainConfig,
+                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed batch of clean crops (flips only) and their corruptions, the same at every validation."""
+    from emseg.train.augment_device import DeviceCropSampler
+    sampler = DeviceCropSampler(images, config.tile_size, config=PRESETS["none"], device=device,
+                                seed=config.seed + 1, bias=0.0)
+    clean = sampler.batch(VAL_CROPS)[0]
+    return clean, Corruptor(config.corruptions, config.tile_size, device, seed=config.seed + 2)(clean)
+
+
+@torch.no_grad()
+def _val_loss(net, val_input: torch.Tensor, val_clean: torch.Tensor, norm: Normalization, amp) -> float:
+    net.eval()
+    with amp():
+        restored = net((val_input - norm.mean) / norm.std)
+    return float(F.mse_loss(restored.float(), val_clean))
+
+
+@torch.no_grad()
+def restore(model: Model, corrupted: torch.Tensor) -> torch.Tensor:
+    """A pretrained model's restoration of crops ``(n, 1, t, t)`` in [0, 1] (on the CPU)."""
+    norm = model.card.normalization
+    net = model.net.eval()
+    device = next(net.parameters()).device
+    return net(((corrupted.to(device) - norm.mean) / norm.std)).float().cpu().clamp(0, 1)
+
+
+# ---------------------------------------------------------------- pictures
+
+def plot_pretrain_curves(history: Sequence[dict], path: Path) -> Path:
+    """Training and validation restoration loss against the step, with what copying the input scores."""
+    from emseg.analysis.reports import _figure
+    from emseg.io.write import atomic_output
+    plt, (fig, ax) = _figure(1, 1, figsize=(6, 3.8))
+    steps = [h["step"] for h in history]
+    ax.plot(steps, [h["loss"] for h in history], "o-", color="#444444", ms=3, label="training")
+    ax.plot(steps, [h["val_loss"] for h in history], "o-", color="#1f77b4", ms=3, label="validation (fixed crops)")
+    ax.axhline(history[-1]["copy_loss"], color="#d62728", ls="--", lw=1.2, label="the corrupted input itself")
+    ax.set(xlabel="step", ylabel="mean squared error", title="Restoration loss", yscale="log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return path
+
+
+def plot_restorations(model: Model, corrupted: torch.Tensor, clean: torch.Tensor, path: Path,
+                      rows: int = 4) -> Path:
+    """A grid: the clean crop, its corruption and the model's restoration, one crop a row."""
+    from emseg.analysis.reports import _figure
+    from emseg.io.write import atomic_output
+    rows = min(rows, len(clean))
+    restored = restore(model, corrupted[:rows])
+    plt, (fig, axes) = _figure(rows, 3, figsize=(7.5, 2.5 * rows), squeeze=False)
+    for r in range(rows):
+        for c, (title, image) in enumerate((("clean crop", clean[r, 0]), ("corrupted (input)", corrupted[r, 0]),
+                                            ("restored (output)", restored[r, 0]))):
+            ax = axes[r][c]
+            ax.imshow(image.numpy(), cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    return path
+

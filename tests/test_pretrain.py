@@ -1,0 +1,144 @@
+"""`emseg pretrain`: self-supervised restoration on unlabelled images, and training from its model."""
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from emseg.cli import main
+from emseg.errors import InputError, ModelFileError
+from emseg.model.card import ModelCard
+from emseg.model.modelfile import load_model
+from emseg.synthetic import make_em_stack
+from emseg.train.loop import TrainConfig, _prepare_network
+from emseg.train.pretrain import Corruptions, Corruptor, PretrainConfig, load_unlabelled, pretrain
+
+CLASSES = ("background", "membrane", "mitochondrion")
+
+
+@pytest.fixture(scope="module")
+def stack_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pretrain_data")
+    image, mask = make_em_stack(pages=3, height=128, width=160, seed=5)[:2]
+    tifffile.imwrite(folder / "raw.tif", image, photometric="minisblack", resolution=(1 / 6e-7, 1 / 6e-7),
+                     resolutionunit="CENTIMETER")
+    tifffile.imwrite(folder / "raw_mask.tif", mask.astype(np.uint8), photometric="minisblack")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pretrained(stack_files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pretrain_run") / "run"
+    pages = load_unlabelled([stack_files / "raw.tif"], tile=64)
+    config = PretrainConfig(encoder="vgg11_bn_micro", tile_size=64, batch_size=4, steps=60, val_every=20,
+                            time_limit_minutes=None, device="cpu", seed=0)
+    return pretrain(pages, config, out)
+
+
+def test_a_short_pretraining_lowers_its_own_restoration_loss(pretrained):
+    losses = [h["val_loss"] for h in pretrained.history]
+    assert len(losses) == 3
+    assert losses[0] > losses[1] > losses[2] and losses[-1] < 0.75 * losses[0], losses
+    assert all(np.isfinite(losses))
+    out = pretrained.model_path.parent
+    for name in ("model.safetensors", "curves.png", "restorations.png", "log.json"):
+        assert (out / name).is_file(), name
+
+
+def test_the_pretrained_file_says_what_it_is_and_refuses_to_segment(pretrained, tmp_path):
+    model = load_model(pretrained.model_path)
+    card = model.card
+    assert card.is_pretrained and card.classes == () and card.out_channels == 1
+    assert card.pretrained["objective"] == "restoration"
+    assert card.pretrained["steps"] == 60 and card.pretrained["pages"] == 3
+    assert card.pretrained["sources"] == ["raw.tif"]
+    with pytest.raises(ModelFileError, match="pretrained model .* emseg train --init"):
+        model.predictor(device="cpu")
+    tifffile.imwrite(tmp_path / "page.tif", np.zeros((64, 64), np.uint8))
+    assert main(["-q", "predict", str(pretrained.model_path), str(tmp_path / "page.tif"), "-o",
+                 str(tmp_path / "out")]) == 1
+
+
+def test_a_pretrained_card_has_no_classes():
+    with pytest.raises(ValueError, match="no classes"):
+        ModelCard(encoder="vgg11_bn_micro", classes=("a", "b"), pretrained={"objective": "restoration"})
+    with pytest.raises(ValueError, match="2 to"):
+        ModelCard(encoder="vgg11_bn_micro", classes=())
+
+
+def test_training_from_it_keeps_encoder_and_decoder_with_a_fresh_head(pretrained):
+    base = load_model(pretrained.model_path)
+    net, card = _prepare_network(TrainConfig(encoder="vgg11_bn_micro", classes=CLASSES, device="cpu"), CLASSES, base)
+    assert card.classes == CLASSES and not card.is_pretrained
+    mine, theirs = net.state_dict(), base.net.state_dict()
+    for key, value in theirs.items():
+        if key.startswith(("encoder.", "decoder.")):
+            assert torch.equal(mine[key], value), key
+    head = [k for k in mine if k.startswith("segmentation_head.") and k.endswith("weight")]
+    assert mine[head[0]].shape[0] == len(CLASSES)
+    assert base.card.is_pretrained  # the file's model is not changed
+
+
+@pytest.mark.parametrize("how", ["init", "finetune"])
+def test_cli_train_init_and_finetune_from_a_pretrained_model(pretrained, stack_files, tmp_path, how):
+    data = ["--images", str(stack_files / "raw.tif"), "--masks", str(stack_files / "raw_mask.tif"),
+            "--classes", ",".join(CLASSES), "--steps", "4", "--val-every", "2", "--tile-size", "64",
+            "--batch-size", "2", "--device", "cpu", "-o", str(tmp_path / "run")]
+    args = (["train", "--init", str(pretrained.model_path)] if how == "init"
+            else ["finetune", str(pretrained.model_path)]) + data
+    assert main(["-q", *args]) == 0
+    model = load_model(tmp_path / "run" / "model.safetensors")
+    assert model.card.classes == CLASSES and not model.card.is_pretrained
+    assert model.card.training["pretrained_from"]["objective"] == "restoration"
+    assert model.predictor(device="cpu").predict_page(np.zeros((64, 64), np.uint8)).shape == (3, 64, 64)
+
+
+def test_cli_train_init_refuses_another_encoder(pretrained, stack_files, tmp_path, capsys):
+    assert main(["-q", "train", "--init", str(pretrained.model_path), "--encoder", "vgg11_bn_slim",
+                 "--images", str(stack_files / "raw.tif"), "--masks", str(stack_files / "raw_mask.tif"),
+                 "-o", str(tmp_path / "run")]) != 0
+    assert "--encoder vgg11_bn_slim differs" in capsys.readouterr().err
+
+
+def test_cli_pretrain_end_to_end_and_its_bad_inputs(stack_files, tmp_path, capsys):
+    assert main(["-q", "pretrain", "--images", str(stack_files / "raw.tif"), "-o", str(tmp_path / "run"),
+                 "--encoder", "vgg11_bn_micro", "--steps", "4", "--val-every", "2", "--tile-size", "64",
+                 "--batch-size", "2", "--device", "cpu"]) == 0
+    card = load_model(tmp_path / "run" / "model.safetensors").card
+    assert card.is_pretrained and card.pixel_size_nm == pytest.approx(6.0)
+    capsys.readouterr()
+    # no images
+    assert main(["-q", "pretrain", "--images", str(tmp_path / "nothing*.tif"), "-o", str(tmp_path / "a")]) == 1
+    assert "no unlabelled images" in capsys.readouterr().err
+    # pages smaller than the crops
+    tifffile.imwrite(tmp_path / "small.tif", np.random.default_rng(0).integers(0, 255, (40, 50), np.uint8))
+    assert main(["-q", "pretrain", "--images", str(tmp_path / "small.tif"), "-o", str(tmp_path / "b")]) == 1
+    err = capsys.readouterr().err
+    assert "small.tif" in err and "smaller than the 128-pixel crops" in err and len(err.strip().splitlines()) == 1
+    # a mask given as an image
+    assert main(["-q", "pretrain", "--images", str(stack_files / "raw_mask.tif"), "-o", str(tmp_path / "c")]) == 1
+    err = capsys.readouterr().err
+    assert "raw_mask.tif" in err and "looks like a mask" in err and "--masks" in err
+
+
+def test_load_unlabelled_takes_pages_evenly_within_the_pixel_budget(stack_files):
+    pages = load_unlabelled([stack_files / "raw.tif"], tile=64, max_pixels=2 * 128 * 160)
+    assert [p.name for p in pages] == ["raw.tif[0]", "raw.tif[2]"]
+    assert all(p.image.dtype == np.float32 and 0 <= p.image.min() and p.image.max() <= 1 for p in pages)
+    with pytest.raises(InputError, match="no unlabelled images"):
+        load_unlabelled([], tile=64)
+
+
+def test_corruptions_are_seeded_bounded_and_each_changes_the_crop():
+    clean = torch.rand(6, 1, 64, 64, generator=torch.Generator().manual_seed(1))
+    make = lambda **c: Corruptor(Corruptions(**c), 64, torch.device("cpu"), seed=3)  # noqa: E731
+    a, b = make()(clean), make()(clean)
+    assert torch.equal(a, b) and a.shape == clean.shape and 0 <= a.min() and a.max() <= 1
+    off = dict(intensity=0, shuffle=0, paint=0, noise=0)
+    assert torch.equal(make(**off)(clean), clean)
+    for part in ("intensity", "shuffle", "paint", "noise"):
+        changed = make(**{**off, part: 1.0})(clean)
+        assert not torch.equal(changed, clean), part
+    shuffled = make(**{**off, "shuffle": 1.0})(clean)  # shuffling moves pixels within blocks: same values
+    blocks = lambda x: x.view(6, 16, 4, 16, 4).permute(0, 1, 3, 2, 4).reshape(6, 256, 16)  # noqa: E731
+    assert torch.equal(blocks(shuffled).sort(-1).values, blocks(clean).sort(-1).values)
