@@ -301,6 +301,39 @@ def test_finetune_errors_are_notifications(viewer, tiny_path, qtbot):
     assert not ft.running and [layer.name for layer in viewer.layers] == ["img", "other"]
 
 
+def test_a_pretrained_model_is_a_base_for_finetuning_not_for_segmenting(viewer, sample, tmp_path, qtbot):
+    from emseg.synthetic import make_em_stack
+    from emseg.train.data import Annotated
+    from emseg.train.pretrain import PretrainConfig, _crop_grid, pretrain
+    page = make_em_stack(pages=1, height=96, width=96, seed=2)[0][0].astype(np.float32) / 255
+    result = pretrain([Annotated(page, _crop_grid(page.shape), "page", None)],
+                      PretrainConfig(encoder="vgg11_bn_micro", tile_size=64, batch_size=2, steps=2, val_every=2,
+                                     time_limit_minutes=None, device="cpu"), tmp_path / "pre")
+    image, truth = sample
+    ft = dock(viewer, "Fine-tune")
+    ft.base.add(result.model_path)
+    assert len(ft.class_names()) >= 2 and "pretrained" in ft.status.text()
+    ft.set_classes(CLASSES)  # the sample's three
+    ft.image.set_layer(image)
+    scribbles = ft.make_scribble_layer()
+    _paint_sparse(scribbles, truth.data)
+    ft.steps.setValue(4)
+    ft.val_every.setValue(2)
+    ft.batch.setValue(2)
+    ft.tile.setValue(64)
+    assert ft.start()
+    wait(qtbot, ft)
+    from emseg.model.modelfile import load_card
+    card = load_card(ft.last_model_path)
+    assert not card.is_pretrained and card.classes == ft.class_names()
+    seg = dock(viewer, "Segment")
+    seg.model.add(result.model_path)
+    seg.image.set_layer(image)
+    seg.run(whole_stack=False)
+    wait(qtbot, seg)
+    assert "pretrained model" in seg.last_message
+
+
 # -- the whole sequence --------------------------------------------------------------------------
 
 def _disks(size=128, seed=0):

@@ -293,8 +293,15 @@ class FinetuneWidget(StatusWidget):
             self.status.setText(f"⚠ {exc}")
             return
         self.encoder.setCurrentText(card.encoder)
-        self.set_classes(card.classes)
         stem = path.stem.split("-finetuned")[0]
+        if card.is_pretrained:  # emseg pretrain: no classes yet; the model gets a fresh head for these
+            if not self.class_names():
+                self.set_classes(DEFAULT_NEW_CLASSES)
+            self.status.setText(f"{path.name}: pretrained on unlabelled images; its encoder and decoder are kept, "
+                                "with a new output for your classes")
+            self.name.setText(f"{safe_name(path.parent.name if stem == 'model' else stem)}-trained")
+            return
+        self.set_classes(card.classes)
         self.name.setText(f"{safe_name(stem)}-finetuned")
 
     def _choose_folder(self) -> None:
