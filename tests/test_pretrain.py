@@ -142,3 +142,16 @@ def test_corruptions_are_seeded_bounded_and_each_changes_the_crop():
     shuffled = make(**{**off, "shuffle": 1.0})(clean)  # shuffling moves pixels within blocks: same values
     blocks = lambda x: x.view(6, 16, 4, 16, 4).permute(0, 1, 3, 2, 4).reshape(6, 256, 16)  # noqa: E731
     assert torch.equal(blocks(shuffled).sort(-1).values, blocks(clean).sort(-1).values)
+
+
+def test_pretraining_resumes_from_its_checkpoint(stack_files, tmp_path):
+    pages = load_unlabelled([stack_files / "raw.tif"], tile=64)
+    config = dict(encoder="vgg11_bn_micro", tile_size=64, batch_size=2, val_every=2, time_limit_minutes=None,
+                  device="cpu")
+    first = pretrain(pages, PretrainConfig(steps=4, **config), tmp_path / "run")
+    assert [h["step"] for h in first.history] == [2, 4]
+    with pytest.raises(Exception, match="checkpoint"):  # the folder holds a run: refused without resume
+        pretrain(pages, PretrainConfig(steps=6, **config), tmp_path / "run")
+    more = pretrain(pages, PretrainConfig(steps=6, **config), tmp_path / "run", resume=True)
+    assert [h["step"] for h in more.history] == [2, 4, 6]
+    assert load_model(more.model_path).card.pretrained["steps"] == 6
