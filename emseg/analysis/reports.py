@@ -17,6 +17,14 @@ def _figure(*args, **kwargs):
     return plt, plt.subplots(*args, **kwargs)
 
 
+def save_png(plt, fig, path: Path, dpi: int = 110) -> Path:
+    """Write a matplotlib figure as a PNG atomically (temporary file, then rename) and close it."""
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    plt.close(fig)
+    return path
+
+
 def plot_curves(history: Sequence[dict], path: Path) -> Path:
     """Training loss and validation IoU per class against the step, as a PNG."""
     plt, (fig, (ax_loss, ax_iou)) = _figure(1, 2, figsize=(10, 3.8))
@@ -43,10 +51,7 @@ def plot_curves(history: Sequence[dict], path: Path) -> Path:
     ax_iou.set(xlabel="step", ylabel="validation IoU", ylim=(0, 1), title="Validation")
     ax_iou.grid(alpha=0.3)
     fig.tight_layout()
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    return save_png(plt, fig, path)
 
 
 def _overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.45) -> np.ndarray:
@@ -84,10 +89,7 @@ def plot_validation(model, items: Sequence, path: Path, max_items: int = 4, max_
     handles = [Patch(color=PALETTE[(i - 1) % len(PALETTE)], label=name) for i, name in enumerate(model.classes) if i]
     fig.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    return path
+    return save_png(plt, fig, path, dpi=100)
 
 
 def _predict_normalised(predictor, normalised: np.ndarray) -> np.ndarray:

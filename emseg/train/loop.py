@@ -75,8 +75,26 @@ LARGE_MODEL_BYTES = 50 * 2**20
 CHECKPOINT_SECONDS = 300.0
 
 
+class RunLength:
+    """What a run's config (``steps``, ``time_limit_minutes``, ``augment``) says about its length, as a dict."""
+
+    def _default_steps(self) -> None:
+        if self.steps is None:  # a time limit alone decides how many steps fit (on a GPU, many)
+            object.__setattr__(self, "steps", FILL_STEPS if self.time_limit_minutes else DEFAULT_STEPS)
+
+    @property
+    def fills_time(self) -> bool:
+        """Whether the run has no step count of its own: the time limit decides."""
+        return self.steps == FILL_STEPS and bool(self.time_limit_minutes)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["augment"] = self.augment.to_dict()
+        return d
+
+
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(RunLength):
     """Everything that defines a training run (saved with the run and summarised in the model card)."""
 
     encoder: str = DEFAULT_ENCODER
@@ -110,20 +128,9 @@ class TrainConfig:
     name: str = "emseg model"
 
     def __post_init__(self):
-        if self.steps is None:  # a time limit alone decides how many steps fit (on a GPU, many)
-            object.__setattr__(self, "steps", FILL_STEPS if self.time_limit_minutes else DEFAULT_STEPS)
+        self._default_steps()
         if self.augment_on not in ("auto", "cpu", "device"):
             raise ValueError(f"augment_on must be auto, cpu or device, got {self.augment_on!r}")
-
-    @property
-    def fills_time(self) -> bool:
-        """Whether the run has no step count of its own: the time limit decides."""
-        return self.steps == FILL_STEPS and bool(self.time_limit_minutes)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["augment"] = self.augment.to_dict()
-        return d
 
 
 @dataclass

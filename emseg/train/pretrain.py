@@ -44,6 +44,7 @@ from emseg.model.networks import DEFAULT_ENCODER, build_unet
 from emseg.train.augment import PRESETS, AugmentConfig
 from emseg.train.checkpoint import check_run_folder, has_checkpoint, load_checkpoint
 from emseg.train.data import Annotated, normalise01, rescale_items
+from emseg.train.loop import RunLength
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ class Corruptions:
 
 
 @dataclass(frozen=True)
-class PretrainConfig:
+class PretrainConfig(RunLength):
     """Everything that defines a pretraining run (summarised in the model card)."""
 
     encoder: str = DEFAULT_ENCODER
@@ -100,9 +101,7 @@ class PretrainConfig:
     name: str = "emseg pretrained encoder"
 
     def __post_init__(self):
-        from emseg.train.loop import DEFAULT_STEPS, FILL_STEPS
-        if self.steps is None:
-            object.__setattr__(self, "steps", FILL_STEPS if self.time_limit_minutes else DEFAULT_STEPS)
+        self._default_steps()
         if not (isinstance(self.steps, int) and self.steps >= 1):
             raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
         if self.tile_size % 32 or self.tile_size < 32:
@@ -112,16 +111,6 @@ class PretrainConfig:
                              f"{self.corruptions.shuffle_block}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size!r}")
-
-    @property
-    def fills_time(self) -> bool:
-        from emseg.train.loop import FILL_STEPS
-        return self.steps == FILL_STEPS and bool(self.time_limit_minutes)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["augment"] = self.augment.to_dict()
-        return d
 
 
 @dataclass
@@ -437,8 +426,7 @@ def restore(model: Model, corrupted: torch.Tensor) -> torch.Tensor:
 
 def plot_pretrain_curves(history: Sequence[dict], path: Path) -> Path:
     """Training and validation restoration loss against the step, with what copying the input scores."""
-    from emseg.analysis.reports import _figure
-    from emseg.io.write import atomic_output
+    from emseg.analysis.reports import _figure, save_png
     plt, (fig, ax) = _figure(1, 1, figsize=(6, 3.8))
     steps = [h["step"] for h in history]
     ax.plot(steps, [h["loss"] for h in history], "o-", color="#444444", ms=3, label="training")
@@ -448,17 +436,13 @@ def plot_pretrain_curves(history: Sequence[dict], path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    return save_png(plt, fig, path)
 
 
 def plot_restorations(model: Model, corrupted: torch.Tensor, clean: torch.Tensor, path: Path,
                       rows: int = 4) -> Path:
     """A grid: the clean crop, its corruption and the model's restoration, one crop a row."""
-    from emseg.analysis.reports import _figure
-    from emseg.io.write import atomic_output
+    from emseg.analysis.reports import _figure, save_png
     rows = min(rows, len(clean))
     restored = restore(model, corrupted[:rows])
     plt, (fig, axes) = _figure(rows, 3, figsize=(7.5, 2.5 * rows), squeeze=False)
@@ -472,8 +456,5 @@ def plot_restorations(model: Model, corrupted: torch.Tensor, clean: torch.Tensor
             if r == 0:
                 ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    return path
+    return save_png(plt, fig, path, dpi=100)
 
