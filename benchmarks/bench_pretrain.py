@@ -11,7 +11,7 @@ Data sets (../shared/data; nothing else is ever used):
   slices 0 and 11; evaluate on the last 5 (as bench_train_real.py epfl).
 * materials: pretrain on NASA's training images (unlabelled); fine-tune on 2 of them; evaluate on val.
 
-Arms of `finetune`, each with the same budget (``--minutes`` of training, the defaults of `emseg train`
+Arms of `finetune`, each with the same budget (``--steps``, or ``--minutes`` of training; the defaults of `emseg train`
 otherwise): ``random`` (the 2 slices from random weights), ``pretrained`` (the same from the pretrained
 model, as `emseg train --init`), ``full`` (all training slices from random weights: the ceiling).
 ``--sparse`` fine-tunes on scribbles (horizontal strokes, as bench_train_real.py draws them) instead of the
@@ -110,8 +110,9 @@ def finetune_arm(arm: str, args, pretrained_path: Path | None) -> dict:
     norm = base.card.normalization if base else None
     items = annotations_from_arrays(images, masks, sparse=sparse, pixel_size_nm=nm, name=data,
                                     **({"norm": norm} if norm else {}))
-    config = TrainConfig(classes=classes, pixel_size_nm=nm, time_limit_minutes=args.minutes, sparse=sparse,
-                         seed=args.seed_now, device="cpu", name=f"bench pretrain {arm}")
+    budget = dict(steps=args.steps, time_limit_minutes=None) if args.steps else dict(time_limit_minutes=args.minutes)
+    config = TrainConfig(classes=classes, pixel_size_nm=nm, sparse=sparse, seed=args.seed_now, device="cpu",
+                         name=f"bench pretrain {arm}", **budget)
     start = time.perf_counter()
     result = train(items, config, None, base=base)
     seconds = time.perf_counter() - start
@@ -130,19 +131,20 @@ def cmd_finetune(args) -> int:
     tag = f"{args.set}{'_sparse' if args.sparse else ''}"
     path = OUT / f"finetune_{tag}.json"
     done = json.loads(path.read_text())["rows"] if path.exists() and not args.fresh else []
+    budget = f"{args.steps} steps" if args.steps else f"{args.minutes:g} min"
     for arm in args.arms:
         for seed in ([0] if arm == "full" and not args.full_seeds else args.seeds):
-            if any(r["arm"] == arm and r["seed"] == seed and r["minutes"] == args.minutes for r in done):
+            if any(r["arm"] == arm and r["seed"] == seed and r["budget"] == budget for r in done):
                 continue
             args.seed_now = seed
             row = finetune_arm(arm, args, pretrained)
-            row["minutes"] = args.minutes
+            row["budget"] = budget
             done.append(row)
             print(json.dumps(row))
             OUT.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps({"set": args.set, "pretrained": str(pretrained), "machine": machine(),
                                         "rows": done}, indent=1))
-    rows = [r for r in done if r["minutes"] == args.minutes]
+    rows = [r for r in done if r["budget"] == budget]
     print(table(rows))
     return 0
 
@@ -169,7 +171,9 @@ def main() -> int:
     p.set_defaults(func=cmd_pretrain)
     p = sub.add_parser("finetune")
     p.add_argument("set", choices=SETS)
-    p.add_argument("--minutes", type=float, default=6.0)
+    p.add_argument("--minutes", type=float, default=6.0, help="training time of each arm (without --steps)")
+    p.add_argument("--steps", type=int, default=None, help="optimiser steps of each arm instead of a time limit "
+                   "(the same budget whatever else runs on the machine)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--arms", nargs="+", default=["random", "pretrained", "full"],
                    choices=["random", "pretrained", "full"])
