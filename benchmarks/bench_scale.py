@@ -1,11 +1,16 @@
 """Scale robustness on ISBI 2012 (issue #24 goal 2): a model trained at 4 nm/px applied to resampled pages.
 
     python benchmarks/bench_scale.py train [--minutes 20] [--tag NAME] [--augment P=S] [--set KEY=VALUE]
+    python benchmarks/bench_scale.py train --zoom 0.15 --tag isbi_zoom15 --set steps=808 --minutes 30
     python benchmarks/bench_scale.py eval  [--model PATH] [--tag NAME] [--factors 0.7,0.8,...]
 
 `train` trains the default recipe (`emseg train`'s defaults, as benchmarks/bench_train_real.py does) on
 ISBI slices 0-23 with a time limit and one compute thread; the model is saved as
 $EMSEG_BENCH_RUNS/scale/NAME/model.safetensors (default NAME: isbi).
+
+`--zoom Z` sets the affine augmentation's scale range to +-Z (default 0.10, emseg.train.augment.AFFINE_SCALE;
+applied to half of the crops, with the +-15 degree rotation unchanged): a study of scale augmentation,
+not an option of `emseg train`.
 
 `eval` resamples slices 24-29 by each factor f (0.7 ... 1.4; f > 1: more pixels, a pixel of 4/f nm):
 images with an anti-aliased resize (skimage.transform.resize, anti_aliasing when shrinking, bilinear),
@@ -154,6 +159,7 @@ def main() -> int:
     parser.add_argument("--no-extras", action="store_true", help="eval: only matching on and off")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--augment", action="append", default=[], metavar="PART=STRENGTH")
+    parser.add_argument("--zoom", type=float, help="train: the affine's scale range +-ZOOM (default 0.10)")
     args = parser.parse_args()
     if not DATA.exists():
         print(f"skipped: the shared data folder {DATA} is absent")
@@ -166,6 +172,11 @@ def main() -> int:
     img, msk, vimg, vmsk, classes, px = load("isbi")
     if args.command == "train":
         settings = parse_settings(args.set)
+        if args.zoom is not None:
+            import emseg.train.augment as augment
+            import emseg.train.augment_device as augment_device
+            augment.AFFINE_SCALE = augment_device.AFFINE_SCALE = args.zoom
+            report["zoom"] = args.zoom
         if args.augment:
             from emseg.cli.train import _augment_config
             settings["augment"] = _augment_config(argparse.Namespace(augment_preset=None, augment=args.augment), {})
