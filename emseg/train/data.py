@@ -161,7 +161,12 @@ def arrays_to_items(image: np.ndarray, labels: np.ndarray, *, sparse: bool, norm
 
 
 def rescale_items(items: list[Annotated], target_nm: float | None) -> list[Annotated]:
-    """Rescale pages whose pixel size differs from ``target_nm`` (image bilinear, target nearest)."""
+    """Rescale pages whose pixel size differs from ``target_nm`` (image bilinear, target nearest).
+
+    The target takes, for each new pixel, the class of the old pixel under its centre (torch's
+    ``nearest-exact``), the mapping of pixel centres the bilinear image resize uses; torch's legacy
+    ``nearest`` takes the old pixel under its corner, which put every mask half a new pixel down
+    and right of its image."""
     if not target_nm:
         return items
     out = []
@@ -174,7 +179,7 @@ def rescale_items(items: list[Annotated], target_nm: float | None) -> list[Annot
         shape = scaled_shape(item.image.shape, factor)
         image = resize(item.image, shape).numpy()
         target = F.interpolate(torch.from_numpy(item.target)[None, None].float(), size=shape,
-                               mode="nearest")[0, 0].numpy().astype(np.uint8)
+                               mode="nearest-exact")[0, 0].numpy().astype(np.uint8)
         log.info("%s: rescaled by %.3f to %.3g nm/px", item.name, factor, target_nm)
         out.append(Annotated(image, target, item.name, target_nm))
     return out
