@@ -444,13 +444,7 @@ def train(data: Sequence[Annotated], config: TrainConfig, out_dir: str | Path | 
     """
     if not data:
         raise InputError("no annotated training pages; give images with masks")
-    out = Path(out_dir) if out_dir is not None else None
-    device = resolve_device(config.device)
-    torch.manual_seed(config.seed)
-    rng = np.random.default_rng(config.seed)
-    if out is not None:
-        check_run_folder(out, resume)
-    resuming = resume and out is not None and has_checkpoint(out / "checkpoint")
+    out, device, rng, resuming = start_run(config, out_dir, resume)
     classes = _classes_of(data, config, base, out if resuming else None)
     train_items, val_items = _held_out(data, val_data, config)
 
@@ -523,6 +517,18 @@ def train(data: Sequence[Annotated], config: TrainConfig, out_dir: str | Path | 
 
 
 # ---------------------------------------------------------------- the parts of a run
+
+def start_run(config, out_dir: str | Path | None, resume: bool):
+    """``(run folder or None, device, numpy generator, resuming)`` of a run: the seeds set, the folder checked
+    (one that holds a checkpoint is refused unless ``resume``)."""
+    out = Path(out_dir) if out_dir is not None else None
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    if out is not None:
+        check_run_folder(out, resume)
+    return out, device, rng, resume and out is not None and has_checkpoint(out / "checkpoint")
+
 
 def _classes_of(data: Sequence[Annotated], config: TrainConfig, base: Model | None,
                 checkpoint_folder: Path | None) -> tuple[str, ...]:

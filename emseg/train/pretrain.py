@@ -37,14 +37,13 @@ import torch.nn.functional as F
 
 from emseg.analysis.metrics import IGNORE
 from emseg.errors import InputError
-from emseg.infer.predictor import resolve_device
 from emseg.model.card import ModelCard, Normalization
 from emseg.model.modelfile import Model
 from emseg.model.networks import DEFAULT_ENCODER, build_unet
 from emseg.train.augment import PRESETS, AugmentConfig
-from emseg.train.checkpoint import check_run_folder, has_checkpoint, load_checkpoint
+from emseg.train.checkpoint import load_checkpoint
 from emseg.train.data import Annotated, normalise01, rescale_items
-from emseg.train.loop import RunLength
+from emseg.train.loop import RunLength, start_run
 
 log = logging.getLogger(__name__)
 
@@ -295,13 +294,7 @@ def pretrain(images: Sequence[Annotated], config: PretrainConfig, out_dir: str |
     from emseg.train.loop import TrainEvent, _CheckpointWriter, _Clock, _LossMeter, _Schedule, _weights_bytes
     if not images:
         raise InputError("no unlabelled pages to pretrain on")
-    out = Path(out_dir) if out_dir is not None else None
-    device = resolve_device(config.device)
-    torch.manual_seed(config.seed)
-    rng = np.random.default_rng(config.seed)
-    if out is not None:
-        check_run_folder(out, resume)
-    resuming = resume and out is not None and has_checkpoint(out / "checkpoint")
+    out, device, rng, resuming = start_run(config, out_dir, resume)
 
     net = build_unet(config.encoder, 1, full_resolution_skip=config.full_resolution_skip,
                      upsampling=config.decoder_upsampling, regression=True).to(device, memory_format=torch.channels_last)
