@@ -1,7 +1,7 @@
 """Precipitate counts and sizes on NASA Super1 (val): a model's prediction vs the ground truth.
 
 Trains nothing. For each of the 4 validation pairs in ``../shared/data/nasa_super/val``
-(``images/NAME.png``, ``masks/NAME.png``; classes 0 matrix, 1 secondary, 2 tertiary precipitates),
+(``images/NAME.png``, ``masks/NAME.png``; classes 0 matrix, 1 tertiary, 2 secondary precipitates),
 objects are found in the ground-truth mask and in the model's predicted mask with the same
 options (connected components by default) and measured with :mod:`emseg.analysis.measure`. Printed per
 class, pooled over the images: object count and median equivalent diameter of the ground truth,
@@ -35,7 +35,7 @@ from emseg.analysis.measure import measure_objects, summarize  # noqa: E402
 from emseg.analysis.objects import find_instances, read_pages  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "nasa_super" / "val"
-CLASSES = ("matrix", "secondary", "tertiary")
+CLASSES = ("matrix", "tertiary", "secondary")
 
 
 def load_pairs(root: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:

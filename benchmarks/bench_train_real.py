@@ -73,7 +73,7 @@ def load(name: str):
     if name == "nasa":
         base = DATA / "nasa_super"
         return (_pngs(base / "train" / "images"), _pngs(base / "train" / "masks"), _pngs(base / "val" / "images"),
-                _pngs(base / "val" / "masks"), ("matrix", "secondary", "tertiary"), None)
+                _pngs(base / "val" / "masks"), ("matrix", "tertiary", "secondary"), None)
     raise SystemExit(f"unknown data set {name}")
 
 
