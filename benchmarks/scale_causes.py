@@ -12,6 +12,7 @@ percentiles (oracle_norm). Prints the membrane IoU and pixel error of each.
 fraction with matching on and off at 0.8-1.2 (whether "off" wins by drawing membranes wider in nm).
 One torch thread; ../shared/data (or EMSEG_BENCH_DATA) must hold isbi2012.
 """
+import json
 import sys
 from pathlib import Path
 
@@ -27,7 +28,7 @@ if MODE == "variants":
     import torch
     import torch.nn.functional as F
     torch.set_num_threads(1)
-    from bench_scale import *
+    from bench_scale import iou_error, load, resample_image, resample_mask, resampled_shape
     import emseg.infer.predictor as P
     import emseg.infer.preprocess as pre
     from emseg.model.modelfile import load_model
@@ -104,8 +105,7 @@ if MODE == "variants":
     print(json.dumps(out))
 else:
     from scipy import ndimage as ndi
-    from bench_scale import *  # noqa: F403
-    from emseg.model.modelfile import load_model
+    from bench_scale import iou_error, load, resample_image, resample_mask, resampled_shape
     from emseg.model.modelfile import load_model
     model = load_model(sys.argv[1])
     pr = model.predictor(device="auto")
