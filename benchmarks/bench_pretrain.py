@@ -64,7 +64,7 @@ def unlabelled(name: str):
     return [(train_images, None, "nasa train images")]
 
 
-def pages_of(name: str, target_nm: float | None, tile: int):
+def pages_of(name: str, target_nm: float | None):
     from emseg.model.card import Normalization
     from emseg.train.data import Annotated, normalise01, rescale_items
     from emseg.train.pretrain import _crop_grid
@@ -80,7 +80,7 @@ def cmd_pretrain(args) -> int:
     _, _, nm = SETS[args.set]
     config = PretrainConfig(time_limit_minutes=args.minutes, seed=args.seed, device="cpu", pixel_size_nm=nm,
                             name=f"pretrained on {args.set}")
-    pages = pages_of(args.set, nm, config.tile_size)
+    pages = pages_of(args.set, nm)
     out = OUT / f"{args.set}_{args.minutes:g}min"
     start = time.perf_counter()
     result = pretrain(pages, config, out, resume=args.resume)
@@ -107,9 +107,8 @@ def finetune_arm(arm: str, args, pretrained_path: Path | None) -> dict:
         if sparse:
             masks = scribbles_from(np.asarray(masks))  # binary masks: strokes of membrane (2) and not (1)
     base = load_model(pretrained_path) if arm == "pretrained" else None
-    norm = base.card.normalization if base else None
     items = annotations_from_arrays(images, masks, sparse=sparse, pixel_size_nm=nm, name=data,
-                                    **({"norm": norm} if norm else {}))
+                                    norm=base.card.normalization if base else None)
     budget = dict(steps=args.steps, time_limit_minutes=None) if args.steps else dict(time_limit_minutes=args.minutes)
     config = TrainConfig(classes=classes, pixel_size_nm=nm, sparse=sparse, seed=args.seed_now, device="cpu",
                          name=f"bench pretrain {arm}", **budget)

@@ -29,6 +29,7 @@ if MODE == "variants":
     import torch.nn.functional as F
     torch.set_num_threads(1)
     from bench_scale import iou_error, load, resample_image, resample_mask, resampled_shape
+
     import emseg.infer.predictor as P
     import emseg.infer.preprocess as pre
     from emseg.model.modelfile import load_model
@@ -104,8 +105,9 @@ if MODE == "variants":
             print(f"{f:.1f} {name:14s} IoU {iou:.4f} err {err:.4f}", flush=True)
     print(json.dumps(out))
 else:
-    from scipy import ndimage as ndi
     from bench_scale import iou_error, load, resample_image, resample_mask, resampled_shape
+    from scipy import ndimage as ndi
+
     from emseg.model.modelfile import load_model
     model = load_model(sys.argv[1])
     pr = model.predictor(device="auto")

@@ -72,11 +72,7 @@ def cmd_pretrain(args) -> int:
     _prepare_run_folder(args.output, args.resume)
     pages = load_unlabelled(args.images, tile=config.tile_size, pixel_size_nm=args.pixel_size,
                             max_pixels=config.max_pixels)
-    sizes = [it.pixel_size_nm for it in pages if it.pixel_size_nm]
-    if sizes:
-        from emseg.train.data import rescale_items
-        pages = rescale_items(pages, sizes[0])
-        config = dataclasses.replace(config, pixel_size_nm=sizes[0])
+    config = dataclasses.replace(config, pixel_size_nm=pages[0].pixel_size_nm)  # load_unlabelled's common size
     planned = (f"as many steps as fit in {config.time_limit_minutes:g} min" if config.fills_time
                else f"{config.steps} steps")
     log.info("pretraining %s on %d unlabelled page(s) (%.1f megapixels, %s); %s of %d crops of %d px",
@@ -84,7 +80,7 @@ def cmd_pretrain(args) -> int:
              f"{config.pixel_size_nm:g} nm/px" if config.pixel_size_nm else "pixel size unknown", planned,
              config.batch_size, config.tile_size)
     from emseg.train.loop import DEFAULT_STEPS
-    bar, update = _progress_bar(DEFAULT_STEPS if config.fills_time else config.steps, args.quiet)
+    bar, update = _progress_bar(DEFAULT_STEPS if config.fills_time else config.steps, args.quiet, desc="pretraining")
     try:
         result = pretrain(pages, config, args.output, progress=update, stop=threading.Event(), resume=args.resume)
     finally:

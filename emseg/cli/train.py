@@ -334,9 +334,9 @@ def train_config(args) -> "TrainConfig":
 
 # ---------------------------------------------------------------- commands
 
-def _progress_bar(total: int, quiet: bool):
+def _progress_bar(total: int, quiet: bool, desc: str = "training"):
     from tqdm.auto import tqdm
-    bar = tqdm(total=total, unit="step", desc="training", disable=quiet, dynamic_ncols=True)
+    bar = tqdm(total=total, unit="step", desc=desc, disable=quiet, dynamic_ncols=True)
     state = {"metric": None}
 
     def update(event) -> None:

@@ -41,9 +41,20 @@ from emseg.model.card import ModelCard, Normalization
 from emseg.model.modelfile import Model
 from emseg.model.networks import DEFAULT_ENCODER, build_unet
 from emseg.train.augment import PRESETS, AugmentConfig
+from emseg.train.augment_device import DeviceCropSampler
 from emseg.train.checkpoint import load_checkpoint
 from emseg.train.data import Annotated, normalise01, rescale_items
-from emseg.train.loop import RunLength, start_run
+from emseg.train.loop import (
+    DEFAULT_STEPS,
+    RunLength,
+    TrainEvent,
+    _CheckpointWriter,
+    _Clock,
+    _LossMeter,
+    _Schedule,
+    _weights_bytes,
+    start_run,
+)
 
 log = logging.getLogger(__name__)
 
@@ -126,9 +137,10 @@ def load_unlabelled(paths: Sequence[str | Path], *, tile: int, pixel_size_nm: fl
                     target_pixel_size_nm: float | None = None, max_pixels: int = MAX_PIXELS,
                     norm: Normalization | None = None) -> list[Annotated]:
     """The pages of unlabelled images (files emseg reads, stacks included) as training pages without a
-    target, normalised and rescaled to one pixel size; at most ``max_pixels`` pixels, pages taken
-    evenly from every input. InputError (naming the file) for no images, a page smaller than the crop,
-    and a file that looks like a mask."""
+    target, normalised and rescaled to one pixel size (``target_pixel_size_nm``, else the first input's
+    that has one); at most ``max_pixels`` pixels, pages taken evenly from every input. One file is open at
+    a time. InputError (naming the file) for no images, a page smaller than the crop, and a file that looks
+    like a mask."""
     from emseg.io.read import expand_inputs, open_image
     files, errors = expand_inputs([str(p) for p in paths])
     for error in errors:
@@ -137,30 +149,28 @@ def load_unlabelled(paths: Sequence[str | Path], *, tile: int, pixel_size_nm: fl
         raise InputError("no unlabelled images to pretrain on; give image files, folders or glob patterns "
                          "(--images)")
     norm = norm or Normalization()
-    sources = [open_image(f, pixel_size_nm=pixel_size_nm) for f in files]
-    try:
-        total = sum(s.shape[0] * s.shape[1] * s.shape[2] for s in sources)
-        keep = min(1.0, max_pixels / max(total, 1))
-        items = []
-        for path, src in zip(files, sources):
-            pages, h, w = src.shape
-            scale = (src.pixel_size_nm / target_pixel_size_nm) if (src.pixel_size_nm and target_pixel_size_nm) else 1
-            if min(h, w) * scale < tile:
-                raise InputError(f"{path}: its pages are {h} x {w} pixels ({min(h, w) * scale:.0f} at the model's "
-                                 f"pixel size), smaller than the {tile}-pixel crops; give larger images or a "
-                                 "smaller --tile-size")
-            n = max(1, round(pages * keep))
-            for i in np.unique(np.linspace(0, pages - 1, n).round().astype(int)):
+    sizes = []
+    for path in files:  # shapes and pixel sizes first, for the pixel budget and the common pixel size
+        with open_image(path, pixel_size_nm=pixel_size_nm) as src:
+            sizes.append((src.shape, src.pixel_size_nm))
+    target = target_pixel_size_nm or next((nm for _, nm in sizes if nm), None)
+    keep = min(1.0, max_pixels / max(sum(p * h * w for (p, h, w), _ in sizes), 1))
+    items = []
+    for path, ((pages, h, w), nm) in zip(files, sizes):
+        scale = nm / target if (nm and target) else 1
+        if min(h, w) * scale < tile:
+            raise InputError(f"{path}: its pages are {h} x {w} pixels ({min(h, w) * scale:.0f} at the model's "
+                             f"pixel size), smaller than the {tile}-pixel crops; give larger images or a "
+                             "smaller --tile-size")
+        with open_image(path, pixel_size_nm=pixel_size_nm) as src:
+            for i in np.unique(np.linspace(0, pages - 1, max(1, round(pages * keep))).round().astype(int)):
                 page = src.page(int(i))
                 _refuse_mask(page, path, int(i), pages)
                 name = f"{path.name}[{i}]" if src.is_stack else path.name
-                items.append(Annotated(normalise01(page, norm), _crop_grid(page.shape), name, src.pixel_size_nm))
-    finally:
-        for src in sources:
-            src.close()
+                items.append(Annotated(normalise01(page, norm), _crop_grid(page.shape), name, nm))
     if keep < 1:
         log.info("pretraining on %d of the inputs' pages (at most %.0f megapixels)", len(items), max_pixels / 1e6)
-    return rescale_items(items, target_pixel_size_nm)
+    return rescale_items(items, target)
 
 
 def _crop_grid(shape: tuple[int, int]) -> np.ndarray:
@@ -290,8 +300,6 @@ def pretrain(images: Sequence[Annotated], config: PretrainConfig, out_dir: str |
     ``progress`` is called after every step with an :class:`emseg.train.loop.TrainEvent` (``metrics``:
     the validation losses at validations); ``stop`` ends the run after the current step.
     """
-    from emseg.train.augment_device import DeviceCropSampler
-    from emseg.train.loop import TrainEvent, _CheckpointWriter, _Clock, _LossMeter, _Schedule, _weights_bytes
     if not images:
         raise InputError("no unlabelled pages to pretrain on")
     out, device, rng, resuming = start_run(config, out_dir, resume)
@@ -304,7 +312,6 @@ def pretrain(images: Sequence[Annotated], config: PretrainConfig, out_dir: str |
                      tile_size=max(512, config.tile_size), pixel_size_nm=config.pixel_size_nm, name=config.name,
                      pretrained={"objective": OBJECTIVE})
     optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    from emseg.train.loop import DEFAULT_STEPS
     planned = DEFAULT_STEPS if config.fills_time else config.steps
     schedule = _Schedule(planned, config.warmup)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
@@ -392,7 +399,6 @@ def pretrain(images: Sequence[Annotated], config: PretrainConfig, out_dir: str |
 def _validation_batch(images: Sequence[Annotated], config: PretrainConfig,
                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """A fixed batch of clean crops (flips only) and their corruptions, the same at every validation."""
-    from emseg.train.augment_device import DeviceCropSampler
     sampler = DeviceCropSampler(images, config.tile_size, config=PRESETS["none"], device=device,
                                 seed=config.seed + 1, bias=0.0)
     clean = sampler.batch(VAL_CROPS)[0]
