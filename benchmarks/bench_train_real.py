@@ -304,6 +304,8 @@ def parse_settings(pairs: list[str]) -> dict:
             out[key] = value.lower() in ("1", "true", "yes")
         elif isinstance(default, (int, float)):
             out[key] = type(default)(value)
+        elif default is None and value.lower() in ("true", "false"):  # freeze_bn
+            out[key] = value.lower() == "true"
         else:  # str, or None for optional numbers (time_limit_minutes, pixel_size_nm)
             try:
                 out[key] = value if isinstance(default, str) else float(value)
@@ -316,11 +318,16 @@ def train_on(name, images, masks, classes, pixel_nm, minutes, *, base=None, spar
              **settings):
     """Train with `emseg train`'s code; ``val``: (images, masks) held out for validation, else strips."""
     from emseg.model.card import Normalization
-    from emseg.train.loop import TrainConfig, annotations_from_arrays, train
+    from emseg.train.data import rescale_items
+    from emseg.train.loop import TrainConfig, annotations_from_arrays, is_new_task, train
     norm = base.card.normalization if base else Normalization()
     items = annotations_from_arrays(images, masks, sparse=sparse, pixel_size_nm=pixel_nm, name=name, norm=norm)
     val_items = None if val is None else annotations_from_arrays(*val, sparse=False, pixel_size_nm=pixel_nm,
                                                                  name=f"{name} held out", norm=norm)
+    if base is not None and base.card.pixel_size_nm and not is_new_task(base, classes, settings.get("head", "auto")):
+        # as `emseg finetune` does: the pages at the base's pixel size, unless the classes change
+        items = rescale_items(items, base.card.pixel_size_nm)
+        val_items = None if val_items is None else rescale_items(val_items, base.card.pixel_size_nm)
     config = TrainConfig(classes=classes, pixel_size_nm=pixel_nm, time_limit_minutes=minutes, sparse=sparse,
                          steps=steps, name=f"bench {name}", **settings)
     start = time.perf_counter()
@@ -354,9 +361,10 @@ def fit_study(minutes: float, n_slices: int, tmp: Path, **settings) -> dict:
 
 def scribbles_from(masks: np.ndarray, every: int = 16, width: int = 3) -> np.ndarray:
     """Sparse labels (0 = not annotated, class + 1) along horizontal lines, like quick strokes."""
+    classes = (masks > 0) if masks.max() == 255 else masks  # a 0/255 mask, or class indices
     sparse = np.zeros_like(masks, dtype=np.uint8)
     for r in range(0, masks.shape[1], every):
-        sparse[:, r:r + width] = (masks[:, r:r + width] > 0).astype(np.uint8) + 1
+        sparse[:, r:r + width] = classes[:, r:r + width].astype(np.uint8) + 1
     return sparse
 
 

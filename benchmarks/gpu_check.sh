@@ -13,15 +13,16 @@
 #      16 pages of 4480² uint16, automatic batch size, start-up apart; GPU vs CPU probabilities
 #   3. bench_train_speed: emseg's training loop vs the same network's bare step (300 steps)
 #   4. bench_train_real isbi: the defaults, fitted into 2 minutes (5 with --long), ISBI 24-29 with TTA
+#   5. emseg pretrain for 30 s on ISBI's training images (unlabelled): its CUDA path (bf16, loss scaling), steps/s
 # Everything lands in $OUT/gpu_check.tar.gz (reports, logs, JSON, curves) and $OUT/summary.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-data=.gpu/data; minutes=2; device=cuda; pages=16; size=4480; rehearse=; slow=1
+data=.gpu/data; minutes=2; device=cuda; pages=16; size=4480; rehearse=; slow=1; pretrain_min=0.5
 while [ $# -gt 0 ]; do
     case $1 in
         --data) data=$2; shift 2 ;;
         --long) minutes=5; shift ;;
-        --rehearse) rehearse=1; device=cpu; pages=2; size=448; minutes=0.3; slow=4; shift ;;
+        --rehearse) rehearse=1; device=cpu; pages=2; size=448; minutes=0.3; slow=4; pretrain_min=0.1; shift ;;
         *) echo "gpu_check: unknown option $1 (--data DIR, --long, --rehearse)"; exit 2 ;;
     esac
 done
@@ -69,6 +70,18 @@ except OSError:
 line = lambda m: f"pixel error {m['pixel_error']:.4f}, membrane IoU {m['iou']['membrane']:.3f}, Rand {m['adapted_rand_error']:.3f}"
 print(f"isbi {r['minutes']} min: {r['steps']} steps in {r['train_seconds']} s; {line(r['metrics'])}; TTA {line(r['metrics_tta'])}")
 PYEOF
+step pretrain 90 "$PY" -m emseg.cli pretrain --images "$data/isbi2012/train-volume.tif" --pixel-size 4 \
+    --time-limit "$pretrain_min" --device "$device" -o "$work/runs/pretrain"
+"$PY" - "$work/runs/pretrain/model.safetensors" <<'PYEOF' 2>&1 | tee -a "$summary"
+import sys
+from emseg.model.modelfile import load_card
+try:
+    p = load_card(sys.argv[1]).pretrained
+except Exception as exc:
+    sys.exit(f"pretrain: no model ({exc})")
+print(f"pretrain: {p['steps']} steps in {p['seconds']} s; validation loss {p['validation_loss']} (copying the input: {p['copy_loss']})")
+PYEOF
+cp "$work/runs/pretrain/restorations.png" "$work/pretrain-restorations.png" 2>/dev/null
 cp "$work/runs/"*.json "$work/" 2>/dev/null
 for d in "$work/runs/"*/; do [ -f "$d/curves.png" ] && cp "$d/curves.png" "$work/$(basename "$d")-curves.png"; done
 tar czf "$OUT/gpu_check.tar.gz" -C "$work" --exclude runs . && say "archive: gpu_check.tar.gz ($(du -h "$OUT/gpu_check.tar.gz" | cut -f1))"

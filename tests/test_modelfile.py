@@ -34,6 +34,17 @@ def test_single_file_holds_the_card_in_its_header(tmp_path, tiny_model):
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
 
 
+def test_a_run_folder_stands_for_its_model(tmp_path, tiny_model):
+    """`emseg train -o RUN` writes RUN/model.safetensors beside logs and pictures: RUN itself loads."""
+    tiny_model.save(tmp_path / "run" / "model.safetensors")
+    (tmp_path / "run" / "log.json").write_text("{}")
+    assert _same_weights(load_model(tmp_path / "run").net, tiny_model.net)
+    assert load_card(tmp_path / "run").encoder == "vgg11_bn_micro"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelFileError, match="neither a model folder .* nor a run folder"):
+        load_model(tmp_path / "empty")
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(ModelFileError, match="not found"):
         load_model(tmp_path / "nope.safetensors")

@@ -294,3 +294,24 @@ def test_finetune_job_learns_from_the_three_planes_of_a_volume(tmp_path):
     training = load_model(result.path).card.training
     assert training["sources"] == ["scribbles xy", "scribbles xz", "scribbles yz"]
     assert training["validation_pages"] > 0
+
+
+@pytest.mark.parametrize("layer_nm, saved_nm, rescaled", [(5.0, 6.0, True), (0.0127, 0.0127, False)])
+def test_finetune_job_trains_at_the_base_pixel_size_or_relabels_an_absurd_one(tmp_path, tiny_model, caplog,
+                                                                               layer_nm, saved_nm, rescaled):
+    """A layer a little finer than the base is rescaled to the base's pixel size; one a thousand times finer
+    (a calibration error) is not, and the new model takes the layer's pixel size. Neither run is told that its
+    pages sit at another pixel size than the model's."""
+    from emseg_napari._jobs import FinetuneRequest, finetune
+
+    from emseg.model.modelfile import load_model
+    from emseg.synthetic import make_em_stack
+    base = tiny_model.save(tmp_path / "base.safetensors", tiny_model.card.updated(pixel_size_nm=6.0))
+    image, mask = make_em_stack(pages=1, height=96, width=96, seed=2)
+    with caplog.at_level("INFO", logger="emseg"):
+        result = finetune(FinetuneRequest(
+            image=image[0], labels=mask[0] + 1, classes=tiny_model.classes, out_path=tmp_path / "m.safetensors",
+            base_path=base, steps=2, batch_size=2, tile_size=32, val_every=1, device="cpu", pixel_size_nm=layer_nm))
+    assert load_model(result.path).card.pixel_size_nm == pytest.approx(saved_nm)
+    assert ("rescaled by" in caplog.text) is rescaled
+    assert "but the model is for" not in caplog.text

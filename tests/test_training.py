@@ -369,6 +369,22 @@ def test_adding_a_class_remakes_the_head(em, base_file):
     assert result.model.net.segmentation_head[0].out_channels == 4
 
 
+@pytest.mark.parametrize("classes, head, fresh", [
+    (("background", "cell", "vesicle"), "auto", True),  # same count, other names: the old outputs mean nothing
+    (("Background", "Membrane", "Mitochondrion"), "auto", False),  # the same classes
+    (("background", "cell", "vesicle"), "keep", False),
+    (CLASSES, "fresh", True),
+])
+def test_the_head_starts_afresh_when_the_classes_change_names(em, base_file, classes, head, fresh):
+    base = load_model(base_file)
+    from emseg.train.loop import _prepare_network
+    net, card = _prepare_network(tiny_config(classes=classes, head=head), classes, base)
+    same = torch.equal(net.segmentation_head[0].weight, base.net.segmentation_head[0].weight)
+    assert same is not fresh
+    assert card.classes == classes
+    assert torch.equal(net.encoder.state_dict()["features.0.weight"], base.net.encoder.state_dict()["features.0.weight"])
+
+
 # ---------------------------------------------------------------- CLI: train, finetune, evaluate, preview
 
 @pytest.fixture
@@ -476,3 +492,57 @@ def test_rescaled_target_stays_on_its_image(pixel_nm):
         offsets.append(cols[sl].mean() - (image[window] * cols[window]).sum() / image[window].sum())
     assert abs(np.mean(offsets)) < 0.15
     assert (target == 1).sum() == pytest.approx(image.sum(), rel=0.05)  # the width kept (in nm)
+
+
+def test_pages_at_another_pixel_size_than_the_model_are_warned_about(em, base_file, caplog):
+    """The CLI and napari rescale pages to the base's pixel size; a caller of the Python API is told when not."""
+    base = load_model(base_file)  # 6 nm
+    image, mask = em
+    items = annotations_from_arrays(image, mask, sparse=False, pixel_size_nm=5.0)
+    train(items, tiny_config(classes=None, steps=1), base=base)
+    assert "are at 5 nm/px but the model is for 6 nm/px" in caplog.text
+    caplog.clear()
+    from emseg.train.data import rescale_items
+    train(rescale_items(items, 6.0), tiny_config(classes=None, steps=1), base=base)
+    assert "but the model is for" not in caplog.text
+
+
+def test_finetune_defaults_from_a_base_of_other_classes_learn_the_new_ones(tmp_path, caplog):
+    """`emseg finetune` with its defaults (FINETUNE_DEFAULTS; fewer steps) from a base that segments membranes
+    at 6 nm/px, on pages at 5 nm/px annotated with mitochondria only: a new task, so the head starts afresh (same
+    number of classes, other names), the pages keep their own pixel size, the rate is the new-task one, and the
+    run improves on where it started, on a page it did not see."""
+    from emseg.train import FINETUNE_DEFAULTS
+    from emseg.train.loop import _prepare_network
+    image, mask = make_em_stack(pages=3, height=128, width=128, seed=11)
+    paths = {}
+    for name, labels in (("membranes", (mask == 1)), ("mito", (mask == 2))):
+        paths[name] = tmp_path / f"{name}.tif"
+        tifffile.imwrite(paths[name], labels[:2].astype(np.uint8) * 255, photometric="minisblack")
+    for nm in (6, 5):
+        tifffile.imwrite(tmp_path / f"img{nm}.tif", image[:2], photometric="minisblack",
+                         resolution=(1e7 / nm, 1e7 / nm), resolutionunit="CENTIMETER")
+    common = ["--tile-size", "64", "--batch-size", "4", "--device", "cpu"]
+    assert main(["-q", "train", *common, "--images", str(tmp_path / "img6.tif"), "--masks", str(paths["membranes"]),
+                 "--encoder", "vgg11_bn_micro", "--classes", "background,membrane", "--steps", "30",
+                 "-o", str(tmp_path / "base")]) == 0
+    base = load_model(tmp_path / "base")
+    assert base.card.pixel_size_nm == pytest.approx(6.0)
+    with caplog.at_level("INFO", logger="emseg"):
+        assert main(["finetune", str(tmp_path / "base"), *common, "--images", str(tmp_path / "img5.tif"),
+                     "--masks", str(paths["mito"]), "--classes", "background,mitochondrion", "--steps", "100",
+                     "-o", str(tmp_path / "ft")]) == 0
+    assert "rescaled by" not in caplog.text and "the output head starts afresh" in caplog.text
+    tuned = load_model(tmp_path / "ft" / "model.safetensors")
+    assert tuned.card.training["config"]["lr"] == FINETUNE_DEFAULTS["new_task_lr"]
+    assert tuned.card.pixel_size_nm == pytest.approx(5.0)
+    assert tuned.classes == ("background", "mitochondrion")
+    torch.manual_seed(0)
+    start, _ = _prepare_network(TrainConfig(classes=tuned.classes), tuned.classes, base)
+
+    def mito_iou(net) -> float:
+        pred = Model(net.eval(), tuned.card).predictor(device="cpu").predict_page(image[2]).argmax(0)
+        truth = mask[2] == 2
+        return float(np.logical_and(pred == 1, truth).sum() / max(np.logical_or(pred == 1, truth).sum(), 1))
+
+    assert mito_iou(tuned.net) > max(0.3, mito_iou(start) + 0.2)

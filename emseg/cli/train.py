@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from emseg.cli.common import device, integer, number, pixel_size
 from emseg.errors import InputError
 from emseg.model.card import DECODER_UPSAMPLING, MAX_TILE, TILE_MULTIPLE, check_classes
+from emseg.train import FINETUNE_DEFAULTS
 
 if TYPE_CHECKING:
     from emseg.train.loop import TrainConfig
@@ -87,6 +88,7 @@ OPTIONS = {
     "loader_workers": integer(0, high=64),
     "freeze_encoder": _flag,
     "freeze_bn": _flag,
+    "head": _choice("auto", "keep", "fresh"),
     "pixel_size_nm": pixel_size,
     "time_limit_minutes": number(0.0, above=True),
     "augment_on": _choice("auto", "cpu", "device"),
@@ -141,7 +143,7 @@ def _add_planes(p: argparse.ArgumentParser) -> None:
                    help="voxel size in nm, overriding the files' page spacing and pixel size")
 
 
-def _add_training(p: argparse.ArgumentParser, *, steps: int, lr: float) -> None:
+def _add_training(p: argparse.ArgumentParser, *, steps: int, lr: str) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--config", type=Path, metavar="YAML",
                    help="YAML file with any of these options (and an 'augment:' mapping); flags override it")
@@ -156,7 +158,7 @@ def _add_training(p: argparse.ArgumentParser, *, steps: int, lr: float) -> None:
                    help="fit the run (and its learning-rate schedule) into this many minutes: without --steps "
                         "it makes as many steps as fit (thousands on a GPU), with --steps at most that many")
     g.add_argument("--val-every", type=_option_type("val_every"), help="validate and checkpoint every N steps (default 100)")
-    g.add_argument("--lr", type=_option_type("lr"), help=f"peak learning rate of AdamW (default {lr:g})")
+    g.add_argument("--lr", type=_option_type("lr"), help=f"peak learning rate of AdamW (default {lr})")
     g.add_argument("--patience", type=_option_type("patience"),
                    help="stop after N validations without improvement (default 10)")
     g.add_argument("--border-weight", type=_option_type("border_weight"), metavar="W0",
@@ -170,6 +172,10 @@ def _add_training(p: argparse.ArgumentParser, *, steps: int, lr: float) -> None:
                              "models predict what the image shows)")
     offset.add_argument("--no-label-offset", dest="label_offset", action="store_const", const=False,
                         help=argparse.SUPPRESS)  # the default since December 2026; kept for older scripts
+    g.add_argument("--head", type=_option_type("head"),
+                   help="starting from a model (finetune, --init): its output head is kept (keep: unless the number "
+                        "of classes changes), made afresh (fresh), or made afresh when the class names or their "
+                        "number change (auto, the default)")
     g.add_argument("--ema-decay", type=_option_type("ema_decay"), metavar="D",
                    help="validate and keep a moving average of the weights, whose decay grows to at most D "
                         "(default 0.999; 0 = keep the trained weights themselves)")
@@ -217,7 +223,7 @@ def add_parsers(sub) -> None:
                    help="start from this model instead of random weights: a model from `emseg pretrain` (its "
                         "encoder and decoder, a fresh head for your classes) or any emseg model; its encoder, "
                         "normalisation and pixel size are kept, the training defaults are train's")
-    _add_training(p, steps=2000, lr=1e-3)
+    _add_training(p, steps=2000, lr="1e-3")
     p.set_defaults(func=cmd_train, finetune=False)
 
     p = sub.add_parser("finetune", help="fine-tune an existing model on your own annotations",
@@ -230,8 +236,11 @@ def add_parsers(sub) -> None:
     p.add_argument("--freeze-encoder", action="store_true", help="train only the decoder and head")
     p.add_argument("--freeze-bn", choices=["auto", "yes", "no"], default="auto",
                    help="keep batch-norm statistics fixed (auto: when the batch size is 2 or less)")
-    _add_training(p, steps=500, lr=3e-4)
+    _add_training(p, steps=FINETUNE_DEFAULTS["steps"],
+                  lr=f"{FINETUNE_DEFAULTS['lr']:g} for the base's own classes, {FINETUNE_DEFAULTS['new_task_lr']:g} "
+                     "for other classes, which are also trained at the pages' own pixel size")
     p.set_defaults(func=cmd_train, finetune=True)
+
 
     p = sub.add_parser("evaluate", help="measure a model on annotated images (IoU, Dice, pixel and Rand error)")
     p.add_argument("model", help="model file or folder ('default' for the bundled model)")
@@ -301,8 +310,9 @@ def _augment_config(args, yaml_data: dict):
         raise InputError(f"augmentation settings: {exc}") from None
 
 
-def train_config(args) -> "TrainConfig":
-    """Merge defaults, the YAML config and the flags into a TrainConfig."""
+def train_config(args, base=None) -> "TrainConfig":
+    """Merge defaults, the YAML config and the flags into a TrainConfig (``base``: the model finetune starts from,
+    whose classes decide its default learning rate)."""
     from emseg.train.loop import TrainConfig
     yaml_data = _read_yaml(args.config)
     known = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -312,20 +322,24 @@ def train_config(args) -> "TrainConfig":
     yaml_data = {k: (v if k == "augment" else _yaml_value(args.config, k, v)) for k, v in yaml_data.items()}
     values = {k: v for k, v in yaml_data.items() if k in known and k != "augment"}
     time_limited = args.time_limit_minutes is not None or yaml_data.get("time_limit_minutes") is not None
-    if args.finetune and not time_limited:
-        values.setdefault("steps", 500)
-        values.setdefault("lr", 3e-4)
+    if args.finetune:
+        if not time_limited:  # a time limit alone makes as many steps as fit
+            values.setdefault("steps", FINETUNE_DEFAULTS["steps"])
         if args.freeze_bn != "auto":
             values["freeze_bn"] = args.freeze_bn == "yes"
         values["freeze_encoder"] = args.freeze_encoder or values.get("freeze_encoder", False)
     for name in ("encoder", "tile_size", "batch_size", "steps", "val_every", "lr", "patience", "val_fraction",
                  "seed", "device", "loader_workers", "augment_on", "name", "time_limit_minutes", "border_weight",
-                 "label_offset", "ema_decay", "full_resolution_skip", "decoder_upsampling"):
+                 "label_offset", "ema_decay", "full_resolution_skip", "decoder_upsampling", "head"):
         value = getattr(args, name, None)
         if value is not None:
             values[name] = value
     if args.classes:
         values["classes"] = args.classes
+    if args.finetune and "lr" not in values:
+        from emseg.train.loop import is_new_task
+        new = base is not None and is_new_task(base, values.get("classes") or base.classes, values.get("head", "auto"))
+        values["lr"] = FINETUNE_DEFAULTS["new_task_lr" if new else "lr"]
     values["sparse"] = args.sparse or bool(values.get("sparse", False))
     values["pixel_size_nm"] = args.pixel_size or values.get("pixel_size_nm")
     values["augment"] = _augment_config(args, yaml_data)
@@ -392,10 +406,8 @@ def cmd_train(args) -> int:
     from emseg.model.modelfile import load_model
     from emseg.train.checkpoint import checkpoint_classes
     from emseg.train.data import load_pairs, pair_inputs
-    from emseg.train.loop import DEFAULT_STEPS, train
+    from emseg.train.loop import DEFAULT_STEPS, is_new_task, train
 
-    config = train_config(args)
-    _prepare_run_folder(args.output, args.resume)
     base = None
     start = args.base if args.finetune else getattr(args, "init", None)
     if start:
@@ -404,8 +416,13 @@ def cmd_train(args) -> int:
         if getattr(args, "encoder", None) and args.encoder != base.card.encoder:
             raise InputError(f"--encoder {args.encoder} differs from the encoder of {start} "
                              f"({base.card.encoder}); leave --encoder out to train from it")
+    config = train_config(args, base)
+    _prepare_run_folder(args.output, args.resume)
     norm = base.card.normalization if base else Normalization()
-    target_nm = base.card.pixel_size_nm if base and base.card.pixel_size_nm else config.pixel_size_nm
+    # the base's pixel size, unless it is given other classes (a new task: the pages' own, as training anew)
+    new_task = base is not None and is_new_task(base, config.classes or base.classes, config.head)
+    keep_scale = base is not None and base.card.pixel_size_nm and not new_task
+    target_nm = base.card.pixel_size_nm if keep_scale else config.pixel_size_nm
     num_classes = len(config.classes) if config.classes else (base.card.num_classes if base else None)
     ortho = getattr(args, "planes", "xy") == "ortho"
     val_items = None
@@ -424,7 +441,7 @@ def cmd_train(args) -> int:
         sizes = {it.pixel_size_nm for it in items}
         if len(sizes) == 1 and None not in sizes:
             config = dataclasses.replace(config, pixel_size_nm=sizes.pop())
-    elif base is None:
+    elif not keep_scale:
         config = dataclasses.replace(config, pixel_size_nm=target_nm)
     if args.val_images or args.val_masks:
         if not (args.val_images and args.val_masks):

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 CARD_KEY = "emseg.card"
 FOLDER_CARD = "card.json"
 FOLDER_WEIGHTS = "weights.safetensors"
+RUN_MODEL = "model.safetensors"  # the model of a run folder (`emseg train -o RUN`)
 _PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".pkl", ".bin")
 
 
@@ -160,9 +161,12 @@ def _read_card_and_weights(path: Path) -> tuple[str, Path]:
     """The card's JSON text and the weights file of a model at ``path``."""
     if path.is_dir():
         card_file, weights = path / FOLDER_CARD, path / FOLDER_WEIGHTS
+        if not card_file.is_file() and (path / RUN_MODEL).is_file():  # the run folder of `emseg train -o RUN`
+            return _read_card_and_weights(path / RUN_MODEL)
         if not card_file.is_file() or not weights.is_file():
-            raise ModelFileError(f"{path}: a model folder must hold {FOLDER_CARD} and {FOLDER_WEIGHTS}; "
-                                 "point at a model written by `emseg train` or `emseg finetune`")
+            raise ModelFileError(f"{path}: neither a model folder ({FOLDER_CARD} and {FOLDER_WEIGHTS}) nor a run "
+                                 f"folder ({RUN_MODEL}); point at a model written by `emseg train` or "
+                                 "`emseg finetune`, or at their -o folder")
         return card_file.read_text(), weights
     if path.suffix.lower() in _PICKLE_SUFFIXES:
         raise ModelFileError(f"{path}: looks like a PyTorch pickle; emseg never unpickles model files "

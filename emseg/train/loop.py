@@ -121,6 +121,7 @@ class TrainConfig(RunLength):
     loader_workers: int = 0
     freeze_encoder: bool = False
     freeze_bn: bool | None = None
+    head: str = "auto"
     pixel_size_nm: float | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     time_limit_minutes: float | None = None
@@ -131,6 +132,8 @@ class TrainConfig(RunLength):
         self._default_steps()
         if self.augment_on not in ("auto", "cpu", "device"):
             raise ValueError(f"augment_on must be auto, cpu or device, got {self.augment_on!r}")
+        if self.head not in ("auto", "keep", "fresh"):
+            raise ValueError(f"head must be auto, keep or fresh, got {self.head!r}")
 
 
 @dataclass
@@ -224,7 +227,12 @@ def _prepare_network(config: TrainConfig, classes: tuple[str, ...], base: Model 
         log.info("the base model's annotation offset (%+.2f, %+.2f px) is not carried over: it belongs to the "
                  "annotation it was trained on%s", *base.card.label_offset,
                  "; this one's is measured during the run" if config.label_offset else "")
-    if base.card.is_pretrained or len(classes) != base.card.num_classes:
+    if is_new_task(base, classes, config.head):  # the scale of the old classes goes with them
+        card = card.updated(pixel_size_nm=config.pixel_size_nm)
+        log.info("a new task for the %s model (%s -> %s): trained at the pages' pixel size (%s), not the base's",
+                 base.card.encoder, ", ".join(base.classes), ", ".join(classes),
+                 f"{config.pixel_size_nm:g} nm/px" if config.pixel_size_nm else "unknown")
+    if _fresh_head(config.head, base, classes):
         fresh = build_unet(base.card.encoder, len(classes), decoder_channels=base.card.decoder_channels,
                            full_resolution_skip=base.card.full_resolution_skip,
                            upsampling=base.card.decoder_upsampling)
@@ -234,9 +242,38 @@ def _prepare_network(config: TrainConfig, classes: tuple[str, ...], base: Model 
                      "head for the classes %s", base.card.encoder, base.card.pretrained.get("objective"),
                      ", ".join(base.card.pretrained.get("sources", [])[:3]) or "unlabelled images", ", ".join(classes))
         else:
-            log.info("classes changed from %s to %s: the output head starts afresh", base.classes, classes)
+            log.info("%s: the output head starts afresh", f"classes changed from {', '.join(base.classes)} to "
+                     f"{', '.join(classes)}" if tuple(classes) != tuple(base.classes) else "a fresh head was asked for")
     card = card.updated(classes=classes, name=config.name, pretrained={})
     return net, card
+
+
+def _warn_other_pixel_sizes(items: Sequence[Annotated], model_nm: float | None) -> None:
+    """Pages at another pixel size than the model's teach it another scale than it will be shown: the CLI and
+    napari rescale them first (emseg.train.data.rescale_items); a caller of the Python API may not have."""
+    other = [i for i in items if model_nm and i.pixel_size_nm and abs(i.pixel_size_nm / model_nm - 1) > 0.02]
+    if other:
+        log.warning("%d page(s) (%s, ...) are at %.3g nm/px but the model is for %.3g nm/px, and will be "
+                    "predicted rescaled to it: rescale them before training (emseg.train.data.rescale_items)",
+                    len(other), other[0].name, other[0].pixel_size_nm, model_nm)
+
+
+def is_new_task(base: Model | None, classes: Sequence[str], head: str = "auto") -> bool:
+    """Whether fine-tuning ``base`` for ``classes`` is a new task: a segmentation model given other classes, so
+    that its output head starts afresh. A new task is trained at the annotated pages' own pixel size rather than
+    the base's (its scale belonged to the old classes) and, by default, at ``FINETUNE_DEFAULTS["new_task_lr"]``:
+    measured on four pairs of data sets (docs/training.md, "Fine-tuning that pays"). A pretrained base (`emseg
+    pretrain`) is not one: its pixel size is kept."""
+    return base is not None and not base.card.is_pretrained and _fresh_head(head, base, tuple(classes))
+
+
+def _fresh_head(head: str, base: Model, classes: tuple[str, ...]) -> bool:
+    """Whether fine-tuning ``base`` for ``classes`` re-makes the output head: ``fresh`` always, ``keep`` only when
+    the number of classes changes, ``auto`` when their names change too (a membrane output kept for
+    mitochondria starts the run from the wrong answer; docs/training.md, "Fine-tuning that pays")."""
+    if base.card.is_pretrained or len(classes) != base.card.num_classes or head == "fresh":
+        return True
+    return head == "auto" and [c.lower() for c in classes] != [c.lower() for c in base.classes]
 
 
 class _ValSet:
@@ -448,7 +485,11 @@ def train(data: Sequence[Annotated], config: TrainConfig, out_dir: str | Path | 
     classes = _classes_of(data, config, base, out if resuming else None)
     train_items, val_items = _held_out(data, val_data, config)
 
+    sizes = {it.pixel_size_nm for it in data}
+    if is_new_task(base, classes, config.head) and config.pixel_size_nm is None and len(sizes) == 1:
+        config = replace(config, pixel_size_nm=sizes.pop())  # the pages' own, for the new model's card
     net, card = _prepare_network(config, classes, base)
+    _warn_other_pixel_sizes(list(train_items) + list(val_items or []), card.pixel_size_nm)
     card = card.updated(follow_label_offset=bool(config.label_offset))
     opt = _Optimisation(net, config, device)
     state = {"step": 0, "history": [], "best_metric": None, "bad_validations": 0, "label_offset": None}

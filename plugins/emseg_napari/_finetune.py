@@ -39,6 +39,8 @@ from qtpy.QtWidgets import (  # noqa: E402
     QWidget,
 )
 
+from emseg.train import FINETUNE_DEFAULTS  # noqa: E402
+
 from ._jobs import FinetuneRequest, Outcome, check_annotations, finetune  # noqa: E402
 from ._utils import (  # noqa: E402
     CLASSES_KEY,
@@ -119,15 +121,18 @@ class FinetuneWidget(StatusWidget):
         self.add_class = QPushButton("+ class")
         self.remove_class = QPushButton("− class")
 
-        self.steps = _spin(10, 1_000_000, 500, step=50, tip="Training steps (batches)")
+        self.steps = _spin(10, 1_000_000, FINETUNE_DEFAULTS["steps"], step=50, tip="Training steps (batches)")
         self.batch = _spin(1, 128, 4, tip="Crops per step; lower it when the GPU runs out of memory")
         self.tile = _spin(64, 1024, 256, step=32, suffix=" px", tip="Side of the training crops (multiple of 32)")
         self.lr = QDoubleSpinBox()
         self.lr.setDecimals(5)
-        self.lr.setRange(1e-5, 1e-1)
+        self.lr.setRange(0.0, 1e-1)
         self.lr.setSingleStep(1e-4)
-        self.lr.setValue(5e-4)
-        self.lr.setToolTip("Learning rate (AdamW, with warm-up and cosine decay)")
+        self.lr.setSpecialValueText("auto")  # 0: by whether the classes change
+        self.lr.setValue(0.0)
+        self.lr.setToolTip(f"Learning rate (AdamW, with warm-up and cosine decay). auto: {FINETUNE_DEFAULTS['lr']:g} "
+                           f"when the base model's classes are kept, {FINETUNE_DEFAULTS['new_task_lr']:g} for other "
+                           "classes or a new model (docs/training.md, \"Fine-tuning that pays\")")
         self.val_every = _spin(1, 100_000, 50, step=10, tip="Validate, keep the best model and refresh "
                                "the preview every this many steps")
         self.device = QComboBox()
@@ -439,7 +444,7 @@ class FinetuneWidget(StatusWidget):
             out_path=timestamped_model_path(folder, self.name.text() or "model"),
             base_path=None if self.base.is_new() else self.base.path(),
             encoder=self.encoder.currentText(), sparse=not self.dense.isChecked(), steps=self.steps.value(),
-            batch_size=self.batch.value(), tile_size=self.tile.value(), lr=self.lr.value(),
+            batch_size=self.batch.value(), tile_size=self.tile.value(), lr=self.lr.value() or None,
             val_every=self.val_every.value(), device=self.device.currentText(),
             freeze_encoder=self.freeze.isChecked(), pixel_size_nm=pixel_size_of(image),
             preview_page=np.asarray(preview_source), name=self.name.text() or "model",

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from emseg.train import FINETUNE_DEFAULTS
+
 from ._utils import Cancelled, describe_error, scale_mismatch
 
 log = logging.getLogger(__name__)
@@ -239,10 +241,10 @@ class FinetuneRequest:
     base_path: Path | None = None
     encoder: str | None = None
     sparse: bool = True
-    steps: int = 500
+    steps: int = FINETUNE_DEFAULTS["steps"]
     batch_size: int = 4
     tile_size: int = 256
-    lr: float = 1e-3
+    lr: float | None = None  # None: FINETUNE_DEFAULTS, by whether the classes change (a new model: 1e-3)
     val_every: int = 50
     device: str = "auto"
     freeze_encoder: bool = False
@@ -297,7 +299,7 @@ def finetune(request: FinetuneRequest, *, progress: Callable[[Any], None] | None
     from emseg.errors import InputError
     from emseg.model.modelfile import load_model
     from emseg.train.data import rescale_items
-    from emseg.train.loop import TrainConfig, annotations_from_arrays, train
+    from emseg.train.loop import TrainConfig, annotations_from_arrays, is_new_task, train
 
     start = time.perf_counter()
     if request.labels.shape != tuple(request.image.shape):
@@ -319,14 +321,15 @@ def finetune(request: FinetuneRequest, *, progress: Callable[[Any], None] | None
         items = annotations_from_arrays(image, labels, sparse=request.sparse, pixel_size_nm=request.pixel_size_nm,
                                         name=request.layer_name, norm=norm)
     preview = request.preview_page
-    model_nm = base.card.pixel_size_nm if base is not None else None
-    card_nm = None  # a new pixel size for the saved model's card, when it changes
+    new_task = is_new_task(base, request.classes)  # other classes: the layer's own pixel size, a new-task rate
+    model_nm = base.card.pixel_size_nm if base is not None and not new_task else None
     factor = 1.0
     mismatch = scale_mismatch(request.pixel_size_nm, model_nm)
     if mismatch:
         log.warning("%s: %s; the fine-tuned model is for %.3g nm/px", request.layer_name, mismatch,
                     request.pixel_size_nm)
-        card_nm = request.pixel_size_nm
+        from emseg.model.modelfile import Model
+        base = Model(base.net, base.card.updated(pixel_size_nm=request.pixel_size_nm), base.path)  # a relabelled copy
     elif model_nm and request.pixel_size_nm:
         items = rescale_items(items, model_nm)
         val_items = rescale_items(val_items, model_nm) if val_items is not None else None
@@ -336,9 +339,10 @@ def finetune(request: FinetuneRequest, *, progress: Callable[[Any], None] | None
     encoder = base.card.encoder if base is not None else (request.encoder or "vgg11_bn_slim")
     config = TrainConfig(encoder=encoder, classes=tuple(request.classes), sparse=request.sparse,
                          tile_size=request.tile_size, batch_size=request.batch_size, steps=request.steps,
-                         val_every=max(1, request.val_every), lr=request.lr, device=request.device,
+                         val_every=max(1, request.val_every), device=request.device,
+                         lr=request.lr or FINETUNE_DEFAULTS["new_task_lr" if new_task or base is None else "lr"],
                          freeze_encoder=request.freeze_encoder,
-                         pixel_size_nm=request.pixel_size_nm if base is None else None, name=request.name)
+                         pixel_size_nm=request.pixel_size_nm if base is None or new_task else None, name=request.name)
     steps_done = 0
     shape = None if request.preview_page is None else request.preview_page.shape
 
@@ -356,8 +360,7 @@ def finetune(request: FinetuneRequest, *, progress: Callable[[Any], None] | None
         return FinetuneResult(None, result.model.classes, 0, None, True, time.perf_counter() - start)
     if not request.out_path.parent.exists():
         request.out_path.parent.mkdir(parents=True, exist_ok=True)
-    card = result.model.card.updated(pixel_size_nm=card_nm) if card_nm else None
-    path = result.model.save(request.out_path, card=card)
+    path = result.model.save(request.out_path)
     log.info("saved %s after %d steps (best mean IoU %s)", path, steps_done, result.best_metric)
     return FinetuneResult(path, result.model.classes, steps_done, result.best_metric, result.stopped,
                           time.perf_counter() - start)

@@ -1,0 +1,238 @@
+"""Does fine-tuning pay on every pair of data sets? (issue #24 goals 3 and 4; ../shared/data only)
+
+    python benchmarks/bench_finetune.py base isbi  [--seed 0] [--minutes 12]  # also: epfl, nasa, isbi-late
+    python benchmarks/bench_finetune.py arm  PAIR ARM [--steps 200] [--seed 0] [--set KEY=VALUE] [--tag NAME]
+    python benchmarks/bench_finetune.py table
+
+`base NAME` trains `emseg train`'s defaults with a time limit (``--minutes``, one compute thread) on a data set's
+training slices and evaluates its held-out slices with the code of `emseg evaluate`: the runs of goal 4
+(three data sets, two seeds) and the base models of the pairs. ``isbi-late`` is ISBI 12-23 only, the base of
+the ``shift`` pair (its fine-tuning slices 0-1 must be unseen).
+
+Pairs (base -> the 2 annotated slices it is fine-tuned on -> where it is evaluated):
+
+* ``isbi-epfl``: ISBI (0-23, seed 0) -> EPFL slices 0 and 11 (mitochondria: another class, a fresh head) -> the
+  last 5 EPFL slices
+* ``epfl-isbi``: EPFL (seed 0) -> ISBI slices 0 and 1 (membranes) -> ISBI 24-29
+* ``isbi-nasa``: ISBI (seed 0) -> NASA training images 0 and 1 (three classes) -> NASA val
+* ``shift``: ISBI 12-23 -> ISBI slices 0-1 changed as another microscope would change them (`microscope_shift`:
+  1.25x the pixels, a gamma of 1.6 and a contrast squeezed to 40-190 grey levels, Gaussian noise of sigma 8)
+  -> ISBI 24-29 changed the same way; no pixel size given, as for a microscope whose calibration is unknown.
+
+Arms: ``zero`` (the base as it is), ``zero-adabn`` (the base with its batch-norm statistics recomputed on the 2
+slices' images, no training), ``scratch`` / ``scratch-scribbles`` (the 2 slices from random weights,
+`emseg train`'s defaults), ``dense`` / ``scribbles`` (`emseg finetune`'s defaults from the base; scribbles are
+horizontal strokes, as bench_train_real.py draws them). Every training arm runs ``--steps`` steps; ``--set``
+changes a TrainConfig field (the study of goal 3: lr, ema_decay, freeze_encoder, freeze_bn, ...).
+Results: $EMSEG_BENCH_RUNS/finetune/PAIR/TAG.json; `table` prints the Markdown tables of docs/training.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_pretrain import machine  # noqa: E402
+from bench_scale import resample_image, resample_mask, resampled_shape  # noqa: E402
+from bench_train_real import DATA, RUNS, evaluate_arrays, load, parse_settings, scribbles_from, train_on  # noqa: E402
+
+OUT = RUNS / "finetune"
+BASES = {"isbi": ("isbi", None), "epfl": ("epfl", None), "nasa": ("nasa", None), "isbi-late": ("isbi", slice(12, 24))}
+PAIRS = {  # pair -> (base, target data set, the 2 fine-tuning slices)
+    "isbi-epfl": ("isbi", "epfl", (0, 11)),
+    "epfl-isbi": ("epfl", "isbi", (0, 1)),
+    "isbi-nasa": ("isbi", "nasa", (0, 1)),
+    "shift": ("isbi-late", "isbi", (0, 1)),
+}
+ARMS = ("zero", "zero-adabn", "scratch", "scratch-scribbles", "dense", "scribbles")
+
+
+def reestimate_batchnorm(model, pages: np.ndarray, pixel_nm: float | None, tile: int = 256) -> None:
+    """AdaBN: batch-norm statistics of ``model`` recomputed (a plain mean over batches) on tiles of ``pages``
+    at the model's pixel size, the weights untouched. How much of a domain shift is in those statistics?"""
+    import torch
+
+    from emseg.infer.preprocess import normalize_page
+    from emseg.train.data import Annotated, rescale_items
+    items = [Annotated(normalize_page(p, model.card.normalization), np.zeros(p.shape, np.uint8), f"p{i}", pixel_nm)
+             for i, p in enumerate(pages)]  # the network's input: the card's normalisation, mean/std step included
+    items = rescale_items(items, model.card.pixel_size_nm) if pixel_nm else items
+    tiles = [torch.from_numpy(np.ascontiguousarray(it.image[r:r + tile, c:c + tile]))
+             for it in items for r in range(0, it.image.shape[0] - tile + 1, tile // 2)
+             for c in range(0, it.image.shape[1] - tile + 1, tile // 2)]
+    bns = [m for m in model.net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    model.net.train()
+    with torch.no_grad():
+        for i in range(0, len(tiles), 8):
+            model.net(torch.stack(tiles[i:i + 8])[:, None].float())
+    model.net.eval()
+
+
+def microscope_shift(images: np.ndarray, masks: np.ndarray, seed: int = 7) -> tuple[np.ndarray, np.ndarray]:
+    """Pages as another microscope might record them: 1.25x the pixels (images bilinear, masks as
+    bench_scale.py resamples them), a gamma of 1.6, the grey levels squeezed into 40-190, noise of sigma 8."""
+    rng = np.random.default_rng(seed)
+    shape = resampled_shape(images.shape[1:], 1.25)
+    imgs = np.stack([resample_image(p, shape) for p in images]).astype(np.float32) / 255.0
+    imgs = 40 + 150 * imgs ** 1.6 + rng.normal(0, 8, imgs.shape)
+    msks = np.stack([resample_mask(m, shape) for m in masks])
+    return np.clip(np.rint(imgs), 0, 255).astype(np.uint8), msks
+
+
+def binary(masks: np.ndarray) -> np.ndarray:
+    return masks if masks.max() <= 2 else (masks > 0).astype(np.uint8)
+
+
+def target_data(pair: str):
+    """(2 training slices, their masks, evaluation images, masks, classes, pixel size) of a pair."""
+    _, name, picks = PAIRS[pair]
+    img, msk, vimg, vmsk, classes, px = load(name)
+    two, two_masks = img[list(picks)], msk[list(picks)]
+    if name != "nasa":
+        two_masks, vmsk = binary(two_masks), binary(vmsk)
+    if pair == "shift":
+        two, two_masks = microscope_shift(two, two_masks)
+        vimg, vmsk = microscope_shift(vimg, vmsk, seed=8)
+        two_masks, vmsk, px = binary(two_masks), binary(vmsk), None
+    return two, two_masks, vimg, vmsk, classes, px
+
+
+def scores(metrics: dict, classes) -> dict:
+    ious = metrics["iou"]
+    fg = list(ious.values())[1:]  # the foreground classes, whatever a base model calls them
+    return {"iou_foreground": round(float(np.mean([v for v in fg if v is not None])), 4),
+            "iou": {c: round(v, 4) if v is not None else None for c, v in zip(classes, ious.values())},
+            "pixel_error": round(metrics["pixel_error"], 4)}
+
+
+def cmd_base(args) -> dict:
+    name, picks = BASES[args.name]
+    img, msk, vimg, vmsk, classes, px = load(name)
+    if picks is not None:
+        img, msk = img[picks], msk[picks]
+    settings = parse_settings(args.set)
+    result, seconds = train_on(f"finetune/bases/{args.tag or args.name + '_s%d' % args.seed}", img, msk, classes, px,
+                               args.minutes, seed=args.seed, **settings)
+    with tempfile.TemporaryDirectory() as tmp:
+        m = evaluate_arrays(result.model, vimg, vmsk, Path(tmp), px)
+    return {"base": args.name, "tag": args.tag, "seed": args.seed, "minutes": args.minutes,
+            "settings": {k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in settings.items()},
+            "train_seconds": round(seconds),
+            "steps": result.model.card.training["steps"], "slices": len(img), **scores(m, classes)}
+
+
+def cmd_arm(args) -> dict:
+    from emseg.model.modelfile import load_model
+    base_name = PAIRS[args.pair][0]
+    two, two_masks, vimg, vmsk, classes, px = target_data(args.pair)
+    settings = parse_settings(args.set)
+    tag = args.tag or f"{args.arm}_s{args.seed}"
+    row = {"pair": args.pair, "arm": args.arm, "seed": args.seed, "tag": tag,
+           "settings": {k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in settings.items()}}
+    base = None
+    if args.arm in ("zero", "zero-adabn", "dense", "scribbles"):
+        path = OUT / "bases" / f"{base_name}_s0" / "model.safetensors"
+        if not path.exists():
+            raise SystemExit(f"run `bench_finetune.py base {base_name}` first ({path} is missing)")
+        base = load_model(path)
+        row["base"] = str(path)
+        if args.native_scale and px:  # the base relabelled to the data's pixel size: the pages are not rescaled
+            from emseg.model.modelfile import Model
+            base = Model(base.net, base.card.updated(pixel_size_nm=px), base.path)
+            row["native_scale"] = True
+    if args.arm.startswith("zero"):
+        if base.card.num_classes != len(classes):
+            row["note"] = f"the base has {base.card.num_classes} classes, the data {len(classes)}: no zero-shot score"
+            return row
+        model = base
+        if args.arm == "zero-adabn":
+            reestimate_batchnorm(model, two, px)
+    else:
+        sparse = args.arm.endswith("scribbles")
+        masks = scribbles_from(two_masks) if sparse else two_masks
+        defaults = {"steps": args.steps}
+        if base is not None:  # `emseg finetune`'s default: by whether the classes change
+            from emseg.train import FINETUNE_DEFAULTS
+            from emseg.train.loop import is_new_task
+            new = is_new_task(base, classes, settings.get("head", "auto"))
+            defaults["lr"] = FINETUNE_DEFAULTS["new_task_lr" if new else "lr"]
+            row["new_task"] = new
+        t0 = time.perf_counter()
+        result, _ = train_on(f"finetune/{args.pair}/{tag}", two, masks, classes, px, None, base=base,
+                             sparse=sparse, seed=args.seed, **{**defaults, **settings})
+        model = result.model
+        row.update(train_seconds=round(time.perf_counter() - t0), steps=model.card.training["steps"])
+    with tempfile.TemporaryDirectory() as tmp:
+        m = evaluate_arrays(model, vimg, vmsk, Path(tmp), px)
+    row.update(scores(m, classes))
+    return row
+
+
+def cmd_table(args) -> None:
+    for pair in list(PAIRS) + ["bases"]:
+        rows = [json.loads(p.read_text()) for p in sorted((OUT / pair).glob("*.json"))]
+        if not rows:
+            continue
+        print(f"\n### {pair}\n")
+        print("| run | seed | steps | foreground IoU | pixel error | notes |\n|---|---|---|---|---|---|")
+        for r in rows:
+            what = r.get("tag") or r.get("base")
+            note = r.get("note", "") or ", ".join(f"{k}={v}" for k, v in r.get("settings", {}).items())
+            print(f"| {what} | {r['seed']} | {r.get('steps', '')} | {r.get('iou_foreground', '')} | "
+                  f"{r.get('pixel_error', '')} | {note} |")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("base")
+    p.add_argument("name", choices=list(BASES))
+    p.add_argument("--minutes", type=float, default=12.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", default=[])
+    p.add_argument("--tag", help="name of the run (default NAME_sSEED); give one with --set")
+    p = sub.add_parser("arm")
+    p.add_argument("pair", choices=list(PAIRS))
+    p.add_argument("arm", choices=ARMS)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", default=[])
+    p.add_argument("--tag")
+    p.add_argument("--native-scale", action="store_true",
+                   help="fine-tune at the data's pixel size (the base relabelled to it) instead of the base's")
+    sub.add_parser("table")
+    args = parser.parse_args()
+    if args.cmd == "table":
+        cmd_table(args)
+        return 0
+    if not DATA.exists():
+        print(f"skipped: the shared data folder {DATA} is absent")
+        return 0
+    import torch
+    torch.set_num_threads(1)
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    row = cmd_base(args) if args.cmd == "base" else cmd_arm(args)
+    row["machine"] = machine()
+    text = json.dumps(row, indent=1)
+    print(text)
+    out = OUT / ("bases" if args.cmd == "base" else args.pair) / f"{row.get('tag') or args.name + '_s%d' % args.seed}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""The benchmarks' own data handling: what they measure is only as good as how they resample and score."""
+
+import sys
+
+import numpy as np
+import pytest
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import bench_finetune  # noqa: E402
+import bench_scale  # noqa: E402
+from bench_train_real import scribbles_from  # noqa: E402
+
+
+def band_mask(size=64, width=4, at=30) -> np.ndarray:
+    mask = np.zeros((size, size), np.uint8)
+    mask[:, at:at + width] = 255
+    return mask
+
+
+@pytest.mark.parametrize("factor", [0.7, 0.8, 1.25, 1.4])
+def test_scale_labels_stay_labels_and_keep_their_width_in_nm(factor):
+    mask = band_mask()
+    shape = bench_scale.resampled_shape(mask.shape, factor)
+    out = bench_scale.resample_mask(mask, shape)
+    assert out.shape == shape == (round(64 * factor), round(64 * factor))
+    assert set(np.unique(out).tolist()) == {0, 255}  # labels, never interpolated grey
+    width = (out[shape[0] // 2] > 0).sum()
+    assert abs(width - 4 * factor) <= 1  # the membrane keeps its width in nm, not in pixels
+
+
+def test_scale_labels_follow_the_pixel_under_each_new_centre():
+    """At a factor of 2 every new pixel has the class of the old pixel under its centre (nearest)."""
+    rng = np.random.default_rng(0)
+    mask = np.where(rng.random((16, 16)) > 0.6, 255, 0).astype(np.uint8)
+    out = bench_scale.resample_mask(mask, (32, 32))
+    nearest = mask.repeat(2, axis=0).repeat(2, axis=1)
+    assert np.array_equal(out, nearest)
+
+
+def test_scale_images_keep_their_range_and_type():
+    page = np.tile(np.linspace(0, 255, 64).astype(np.uint8), (64, 1))
+    out = bench_scale.resample_image(page, (45, 45))
+    assert out.dtype == np.uint8 and out.shape == (45, 45)
+    assert abs(float(out.mean()) - float(page.mean())) < 2
+
+
+def test_scale_benchmark_gives_the_true_pixel_size_with_matching_on(monkeypatch, tmp_path, tiny_model):
+    calls = []
+
+    def fake_evaluate(model, images, masks, tmp, pixel_nm, tta=False):
+        calls.append((images.shape, masks.shape, set(np.unique(masks).tolist()), pixel_nm))
+        return {"iou": {"background": 0.9, "membrane": 0.5}, "pixel_error": 0.1, "adapted_rand_error": 0.2}
+
+    monkeypatch.setattr(bench_scale, "evaluate_arrays", fake_evaluate)
+    images = np.random.default_rng(1).integers(0, 255, (2, 40, 40)).astype(np.uint8)
+    masks = np.stack([band_mask(40, 3, 10)] * 2)
+    rows = bench_scale.evaluate_factors(tiny_model, images, masks, [0.8, 1.25], tmp_path, extras=False)
+    assert rows["0.8"]["pixel_nm"] == pytest.approx(5.0) and rows["1.2"]["pixel_nm"] == pytest.approx(3.2)
+    assert rows["0.8"]["shape"] == [32, 32] and rows["1.2"]["shape"] == [50, 50]
+    assert calls == [((2, 32, 32), (2, 32, 32), {0, 255}, pytest.approx(5.0)), ((2, 32, 32), (2, 32, 32), {0, 255}, None),
+                     ((2, 50, 50), (2, 50, 50), {0, 255}, pytest.approx(3.2)), ((2, 50, 50), (2, 50, 50), {0, 255}, None)]
+
+
+def test_microscope_shift_changes_the_image_not_the_labels_meaning():
+    rng = np.random.default_rng(2)
+    images = rng.integers(0, 255, (2, 32, 32)).astype(np.uint8)
+    masks = np.stack([band_mask(32, 4, 12)] * 2)
+    imgs, msks = bench_finetune.microscope_shift(images, masks)
+    assert imgs.shape == msks.shape == (2, 40, 40) and imgs.dtype == np.uint8
+    assert set(np.unique(msks).tolist()) == {0, 255}
+    assert 30 <= imgs.mean() <= 160 and not np.array_equal(imgs[0], imgs[1])
+    again, _ = bench_finetune.microscope_shift(images, masks)
+    assert np.array_equal(imgs, again)  # the same shift every run
+
+
+@pytest.mark.parametrize("masks, classes", [(np.array([[[0, 255], [255, 0]]], np.uint8), {1, 2}),
+                                            (np.array([[[0, 1], [2, 1]]], np.uint8), {1, 2, 3})])
+def test_scribbles_keep_every_class(masks, classes):
+    """Scribbles are class + 1 on the strokes, 0 elsewhere, for 0/255 masks and class indices alike."""
+    strokes = scribbles_from(np.tile(masks, (1, 20, 20)), every=3, width=1)
+    assert set(np.unique(strokes).tolist()) == {0} | classes
