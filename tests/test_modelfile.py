@@ -107,9 +107,9 @@ def test_decoder_layout_travels_with_the_card(tmp_path):
     card = ModelCard(encoder="vgg11_bn_micro", classes=("background", "membrane"), tile_size=64, overlap=16)
     model = Model.new(card)
     loaded = load_model(model.save(tmp_path / "m.safetensors"))
-    # the defaults for new models: the full-resolution skip and bilinear upsampling
-    assert loaded.card.full_resolution_skip and loaded.card.decoder_upsampling == "bilinear"
-    assert {b.interpolation_mode for b in loaded.net.decoder.blocks} == {"bilinear"}
+    # the defaults for new models: the full-resolution skip and nearest upsampling (smp's)
+    assert loaded.card.full_resolution_skip and loaded.card.decoder_upsampling == "nearest"
+    assert {b.interpolation_mode for b in loaded.net.decoder.blocks} == {"nearest"}
     assert _same_weights(loaded.net, model.net)
     x = torch.randn(1, 1, 64, 64)
     with torch.no_grad():

@@ -109,8 +109,9 @@ def test_full_resolution_skip_feeds_the_encoders_first_features_to_the_last_bloc
 @pytest.mark.parametrize("skip", [True, False])
 def test_bilinear_upsampling_changes_the_output_not_the_weights(skip):
     torch.manual_seed(0)
-    nearest = build_unet("vgg11_bn_micro", 2, full_resolution_skip=skip, upsampling="nearest").eval()
-    bilinear = build_unet("vgg11_bn_micro", 2, full_resolution_skip=skip).eval()  # the default
+    nearest = build_unet("vgg11_bn_micro", 2, full_resolution_skip=skip).eval()  # the default (smp's)
+    bilinear = build_unet("vgg11_bn_micro", 2, full_resolution_skip=skip, upsampling="bilinear").eval()
+    assert [b.interpolation_mode for b in nearest.decoder.blocks] == ["nearest"] * len(nearest.decoder.blocks)
     assert [b.interpolation_mode for b in bilinear.decoder.blocks] == ["bilinear"] * len(bilinear.decoder.blocks)
     bilinear.load_state_dict(nearest.state_dict())  # the same layout: only the resampling differs
     x = torch.randn(1, 1, 64, 64)

@@ -217,8 +217,8 @@ def add_parsers(sub) -> None:
                         "half-resolution features (by default it also takes the encoder's full-resolution "
                         "features, as in the U-Net paper)")
     p.add_argument("--decoder-upsampling", choices=DECODER_UPSAMPLING,
-                   help="how the decoder doubles the size of its features at each step (default bilinear; "
-                        "nearest is segmentation-models-pytorch's own)")
+                   help="how the decoder doubles the size of its features at each step (default nearest, "
+                        "segmentation-models-pytorch's own; bilinear was the default of November 2026)")
     p.add_argument("--init", metavar="MODEL",
                    help="start from this model instead of random weights: a model from `emseg pretrain` (its "
                         "encoder and decoder, a fresh head for your classes) or any emseg model; its encoder, "

@@ -97,7 +97,7 @@ class ModelCard:
     in_channels: int = 1
     decoder_channels: tuple[int, ...] | None = None
     full_resolution_skip: bool = True
-    decoder_upsampling: str = "bilinear"
+    decoder_upsampling: str = "nearest"
     normalization: Normalization = field(default_factory=Normalization)
     pixel_size_nm: float | None = None
     tile_size: int = 512

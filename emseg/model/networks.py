@@ -225,7 +225,7 @@ class FullResolutionUnetDecoder(UnetDecoder):
 
 def build_unet(encoder: str, classes: int, *, in_channels: int = 1,
                decoder_channels: tuple[int, ...] | None = None,
-               full_resolution_skip: bool = True, upsampling: str = "bilinear", regression: bool = False) -> nn.Module:
+               full_resolution_skip: bool = True, upsampling: str = "nearest", regression: bool = False) -> nn.Module:
     """Build a randomly initialised U-Net with the named encoder.
 
     Args:

@@ -99,7 +99,7 @@ class TrainConfig(RunLength):
 
     encoder: str = DEFAULT_ENCODER
     full_resolution_skip: bool = True
-    decoder_upsampling: str = "bilinear"
+    decoder_upsampling: str = "nearest"  # bilinear: neutral on ISBI, EPFL and NASA (docs/training.md)
     classes: tuple[str, ...] | None = None
     sparse: bool = False
     tile_size: int = 256

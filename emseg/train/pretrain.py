@@ -93,7 +93,7 @@ class PretrainConfig(RunLength):
 
     encoder: str = DEFAULT_ENCODER
     full_resolution_skip: bool = True
-    decoder_upsampling: str = "bilinear"
+    decoder_upsampling: str = "nearest"
     tile_size: int = 128
     batch_size: int = 8
     steps: int | None = None
