@@ -161,6 +161,13 @@ def cmd_arm(args) -> dict:
             reestimate_batchnorm(model, two, px)
     else:
         sparse = args.arm.endswith("scribbles")
+        train_px = px
+        if args.base_scale and px and base is not None and base.card.pixel_size_nm:  # as emseg did for any base
+            train_px = base.card.pixel_size_nm
+            shape = resampled_shape(two.shape[1:], px / train_px)
+            two = np.stack([resample_image(p, shape) for p in two])
+            two_masks = np.stack([resample_mask(m * 255, shape) // 255 for m in two_masks]).astype(np.uint8)
+            row["base_scale"] = True
         masks = scribbles_from(two_masks) if sparse else two_masks
         defaults = {"steps": args.steps}
         if base is not None:  # `emseg finetune`'s default: by whether the classes change
@@ -170,7 +177,7 @@ def cmd_arm(args) -> dict:
             defaults["lr"] = FINETUNE_DEFAULTS["new_task_lr" if new else "lr"]
             row["new_task"] = new
         t0 = time.perf_counter()
-        result, _ = train_on(f"finetune/{args.pair}/{tag}", two, masks, classes, px, None, base=base,
+        result, _ = train_on(f"finetune/{args.pair}/{tag}", two, masks, classes, train_px, None, base=base,
                              sparse=sparse, seed=args.seed, **{**defaults, **settings})
         model = result.model
         row.update(train_seconds=round(time.perf_counter() - t0), steps=model.card.training["steps"])
@@ -210,6 +217,9 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", default=[])
     p.add_argument("--tag")
+    p.add_argument("--base-scale", action="store_true",
+                   help="fine-tune a new task at the base's pixel size (the pages resampled to it), as emseg did "
+                        "before December 2026")
     p.add_argument("--native-scale", action="store_true",
                    help="fine-tune at the data's pixel size (the base relabelled to it) instead of the base's")
     sub.add_parser("table")
