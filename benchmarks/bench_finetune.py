@@ -196,7 +196,8 @@ def cmd_table(args) -> None:
         print("| run | seed | steps | foreground IoU | pixel error | notes |\n|---|---|---|---|---|---|")
         for r in rows:
             what = r.get("tag") or r.get("base")
-            note = r.get("note", "") or ", ".join(f"{k}={v}" for k, v in r.get("settings", {}).items())
+            flags = [k for k in ("new_task", "base_scale", "native_scale") if r.get(k)]
+            note = r.get("note", "") or ", ".join(flags + [f"{k}={v}" for k, v in r.get("settings", {}).items()])
             print(f"| {what} | {r['seed']} | {r.get('steps', '')} | {r.get('iou_foreground', '')} | "
                   f"{r.get('pixel_error', '')} | {note} |")
 
