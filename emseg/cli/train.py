@@ -221,8 +221,9 @@ def add_parsers(sub) -> None:
                         "segmentation-models-pytorch's own; bilinear was the default of November 2026)")
     p.add_argument("--init", metavar="MODEL",
                    help="start from this model instead of random weights: a model from `emseg pretrain` (its "
-                        "encoder and decoder, a fresh head for your classes) or any emseg model; its encoder, "
-                        "normalisation and pixel size are kept, the training defaults are train's")
+                        "encoder and decoder, a fresh head for your classes) or any emseg model; its encoder and "
+                        "normalisation are kept, and its pixel size unless it was trained for other classes; the "
+                        "training defaults are train's")
     _add_training(p, steps=2000, lr="1e-3")
     p.set_defaults(func=cmd_train, finetune=False)
 
@@ -240,7 +241,6 @@ def add_parsers(sub) -> None:
                   lr=f"{FINETUNE_DEFAULTS['lr']:g} for the base's own classes, {FINETUNE_DEFAULTS['new_task_lr']:g} "
                      "for other classes, which are also trained at the pages' own pixel size")
     p.set_defaults(func=cmd_train, finetune=True)
-
 
     p = sub.add_parser("evaluate", help="measure a model on annotated images (IoU, Dice, pixel and Rand error)")
     p.add_argument("model", help="model file or folder ('default' for the bundled model)")
@@ -421,7 +421,7 @@ def cmd_train(args) -> int:
     norm = base.card.normalization if base else Normalization()
     # the base's pixel size, unless it is given other classes (a new task: the pages' own, as training anew)
     new_task = base is not None and is_new_task(base, config.classes or base.classes, config.head)
-    keep_scale = base is not None and base.card.pixel_size_nm and not new_task
+    keep_scale = bool(base is not None and base.card.pixel_size_nm and not new_task)
     target_nm = base.card.pixel_size_nm if keep_scale else config.pixel_size_nm
     num_classes = len(config.classes) if config.classes else (base.card.num_classes if base else None)
     ortho = getattr(args, "planes", "xy") == "ortho"
