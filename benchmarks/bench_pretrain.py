@@ -35,7 +35,7 @@ import tifffile
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_train_real import DATA, RUNS, evaluate_arrays, load, scribbles_from  # noqa: E402
+from bench_train_real import DATA, RUNS, evaluate_arrays, load, parse_settings, scribbles_from  # noqa: E402
 
 OUT = RUNS / "pretrain"
 SETS = {  # data set -> (bench_train_real name, the 2 fine-tuning slices, model pixel size nm)
@@ -77,19 +77,19 @@ def pages_of(name: str, target_nm: float | None):
 
 def cmd_pretrain(args) -> int:
     from emseg.train.pretrain import PretrainConfig, pretrain
-    _, _, nm = SETS[args.set]
+    _, _, nm = SETS[args.data]
     config = PretrainConfig(time_limit_minutes=args.minutes, seed=args.seed, device="cpu", pixel_size_nm=nm,
-                            name=f"pretrained on {args.set}")
-    pages = pages_of(args.set, nm)
-    out = OUT / f"{args.set}_{args.minutes:g}min"
+                            name=f"pretrained on {args.data}")
+    pages = pages_of(args.data, nm)
+    out = OUT / f"{args.data}_{args.minutes:g}min"
     start = time.perf_counter()
     result = pretrain(pages, config, out, resume=args.resume)
     last = result.history[-1]
-    report = {"set": args.set, "minutes": args.minutes, "steps": last["step"], "pages": len(pages),
+    report = {"set": args.data, "minutes": args.minutes, "steps": last["step"], "pages": len(pages),
               "megapixels": round(sum(p.image.size for p in pages) / 1e6, 1), "val_loss": last["val_loss"],
               "copy_loss": last["copy_loss"], "seconds": round(time.perf_counter() - start, 1),
               "model": str(result.model_path), "machine": machine()}
-    (OUT / f"pretrain_{args.set}.json").write_text(json.dumps(report, indent=1))
+    (OUT / f"pretrain_{args.data}.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))
     return 0
 
@@ -97,7 +97,7 @@ def cmd_pretrain(args) -> int:
 def finetune_arm(arm: str, args, pretrained_path: Path | None) -> dict:
     from emseg.model.modelfile import load_model
     from emseg.train.loop import TrainConfig, annotations_from_arrays, train
-    data, slices, nm = SETS[args.set]
+    data, slices, nm = SETS[args.data]
     train_img, train_msk, val_img, val_msk, classes, _ = load(data)
     if arm == "full":
         images, masks, sparse = train_img, train_msk, False
@@ -111,29 +111,31 @@ def finetune_arm(arm: str, args, pretrained_path: Path | None) -> dict:
                                     norm=base.card.normalization if base else None)
     budget = dict(steps=args.steps, time_limit_minutes=None) if args.steps else dict(time_limit_minutes=args.minutes)
     config = TrainConfig(classes=classes, pixel_size_nm=nm, sparse=sparse, seed=args.seed_now, device="cpu",
-                         name=f"bench pretrain {arm}", **budget)
+                         name=f"bench pretrain {arm}", **{**budget, **args.settings})
     start = time.perf_counter()
     result = train(items, config, None, base=base)
     seconds = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as tmp:
         summary = evaluate_arrays(result.model, val_img, val_msk, Path(tmp), nm)
     return {"arm": arm, "seed": args.seed_now, "sparse": sparse and arm != "full", "steps": result.history[-1]["step"],
-            "seconds": round(seconds, 1), "metrics": summary}
+            "settings": args.changes, "seconds": round(seconds, 1), "metrics": summary}
 
 
 def cmd_finetune(args) -> int:
-    pretrained = Path(args.pretrained) if args.pretrained else OUT / f"{args.set}_20min" / "model.safetensors"
+    args.settings = parse_settings(args.changes)
+    pretrained = Path(args.pretrained) if args.pretrained else OUT / f"{args.data}_20min" / "model.safetensors"
     if "pretrained" in args.arms and not pretrained.exists():
-        raise SystemExit(f"{pretrained}: no pretrained model; run `bench_pretrain.py pretrain {args.set}` first "
+        raise SystemExit(f"{pretrained}: no pretrained model; run `bench_pretrain.py pretrain {args.data}` first "
                          "or give --pretrained")
     rows = []
-    tag = f"{args.set}{'_sparse' if args.sparse else ''}"
+    tag = f"{args.data}{'_sparse' if args.sparse else ''}"
     path = OUT / f"finetune_{tag}.json"
     done = json.loads(path.read_text())["rows"] if path.exists() and not args.fresh else []
     budget = f"{args.steps} steps" if args.steps else f"{args.minutes:g} min"
     for arm in args.arms:
         for seed in ([0] if arm == "full" and not args.full_seeds else args.seeds):
-            if any(r["arm"] == arm and r["seed"] == seed and r["budget"] == budget for r in done):
+            if any(r["arm"] == arm and r["seed"] == seed and r["budget"] == budget
+                   and r.get("settings", []) == args.changes for r in done):
                 continue
             args.seed_now = seed
             row = finetune_arm(arm, args, pretrained)
@@ -141,7 +143,7 @@ def cmd_finetune(args) -> int:
             done.append(row)
             print(json.dumps(row))
             OUT.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"set": args.set, "pretrained": str(pretrained), "machine": machine(),
+            path.write_text(json.dumps({"set": args.data, "pretrained": str(pretrained), "machine": machine(),
                                         "rows": done}, indent=1))
     rows = [r for r in done if r["budget"] == budget]
     print(table(rows))
@@ -149,10 +151,12 @@ def cmd_finetune(args) -> int:
 
 
 def table(rows: list[dict]) -> str:
-    out = ["| arm | seed | steps | pixel error | mean IoU (no bg) | adapted Rand |", "|---|---:|---:|---:|---:|---:|"]
-    for r in sorted(rows, key=lambda r: (r["arm"], r["seed"])):
+    out = ["| arm | settings | seed | steps | pixel error | mean IoU (no bg) | adapted Rand |",
+           "|---|---|---:|---:|---:|---:|---:|"]
+    for r in sorted(rows, key=lambda r: (r["arm"], r.get("settings", []), r["seed"])):
         m = r["metrics"]
-        out.append(f"| {r['arm']}{' (scribbles)' if r.get('sparse') else ''} | {r['seed']} | {r['steps']} | "
+        out.append(f"| {r['arm']}{' (scribbles)' if r.get('sparse') else ''} | {' '.join(r.get('settings', []))} | "
+                   f"{r['seed']} | {r['steps']} | "
                    f"{m.get('pixel_error', float('nan')):.4f} | {m.get('mean_iou', float('nan')):.4f} | "
                    f"{m.get('adapted_rand_error', float('nan')):.4f} |")
     return "\n".join(out)
@@ -163,13 +167,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("pretrain")
-    p.add_argument("set", choices=SETS)
+    p.add_argument("data", metavar="set", choices=SETS)
     p.add_argument("--minutes", type=float, default=20.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true")
     p.set_defaults(func=cmd_pretrain)
     p = sub.add_parser("finetune")
-    p.add_argument("set", choices=SETS)
+    p.add_argument("data", metavar="set", choices=SETS)
     p.add_argument("--minutes", type=float, default=6.0, help="training time of each arm (without --steps)")
     p.add_argument("--steps", type=int, default=None, help="optimiser steps of each arm instead of a time limit "
                    "(the same budget whatever else runs on the machine)")
@@ -179,6 +183,8 @@ def main() -> int:
     p.add_argument("--full-seeds", action="store_true", help="run the full arm with every seed (default: seed 0)")
     p.add_argument("--sparse", action="store_true")
     p.add_argument("--pretrained", help="the pretrained model (default: runs/bench/pretrain/SET_20min)")
+    p.add_argument("--set", dest="changes", action="append", default=[], metavar="KEY=VALUE",
+                   help="a TrainConfig field of every arm (e.g. lr=3e-4, freeze_encoder=true); rows keep them")
     p.add_argument("--fresh", action="store_true", help="ignore earlier rows of the results file")
     p.set_defaults(func=cmd_finetune)
     for q in sub.choices.values():
