@@ -291,7 +291,7 @@ def finetune_figure(models: dict, image: np.ndarray, mask: np.ndarray, pixel_nm:
 
 
 def parse_settings(pairs: list[str]) -> dict:
-    """``KEY=VALUE`` strings to TrainConfig keyword arguments (numbers parsed)."""
+    """``KEY=VALUE`` strings to TrainConfig keyword arguments (numbers and booleans parsed; augment by preset)."""
     from emseg.train.loop import TrainConfig
     fields = TrainConfig.__dataclass_fields__
     out = {}
@@ -300,15 +300,22 @@ def parse_settings(pairs: list[str]) -> dict:
         if key not in fields:
             raise SystemExit(f"--set {pair}: {key!r} is not a training setting ({', '.join(fields)})")
         default = fields[key].default
-        if isinstance(default, bool):
+        if key == "augment":  # a preset of `emseg train --augment-preset`, or "flips" (flips and rotations only)
+            from emseg.train.augment import PRESETS, AugmentConfig
+            flips = AugmentConfig(elastic=0.0, affine=0.0, intensity=0.0, noise=0.0, blur=0.0)
+            if value not in (*PRESETS, "flips"):
+                raise SystemExit(f"--set {pair}: augment is one of {', '.join(PRESETS)}, flips")
+            out[key] = flips if value == "flips" else PRESETS[value]
+        elif isinstance(default, bool):
             out[key] = value.lower() in ("1", "true", "yes")
         elif isinstance(default, (int, float)):
             out[key] = type(default)(value)
         elif default is None and value.lower() in ("true", "false"):  # freeze_bn
             out[key] = value.lower() == "true"
-        else:  # str, or None for optional numbers (time_limit_minutes, pixel_size_nm)
+        else:  # str, or None for optional numbers (steps, time_limit_minutes, pixel_size_nm)
             try:
-                out[key] = value if isinstance(default, str) else float(value)
+                number = int if str(fields[key].type).startswith("int") else float
+                out[key] = value if isinstance(default, str) else number(value)
             except ValueError:
                 out[key] = value
     return out

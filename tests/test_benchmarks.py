@@ -9,7 +9,7 @@ from conftest import REPO
 sys.path.insert(0, str(REPO / "benchmarks"))
 import bench_finetune  # noqa: E402
 import bench_scale  # noqa: E402
-from bench_train_real import scribbles_from  # noqa: E402
+from bench_train_real import parse_settings, scribbles_from  # noqa: E402
 
 
 def band_mask(size=64, width=4, at=30) -> np.ndarray:
@@ -80,3 +80,18 @@ def test_scribbles_keep_every_class(masks, classes):
     """Scribbles are class + 1 on the strokes, 0 elsewhere, for 0/255 masks and class indices alike."""
     strokes = scribbles_from(np.tile(masks, (1, 20, 20)), every=3, width=1)
     assert set(np.unique(strokes).tolist()) == {0} | classes
+
+
+def test_settings_of_the_benchmarks_parse_to_training_fields():
+    from emseg.train.augment import PRESETS
+    out = parse_settings(["lr=3e-4", "steps=5", "freeze_bn=true", "freeze_encoder=false", "augment=flips",
+                          "decoder_upsampling=nearest"])
+    assert out["lr"] == pytest.approx(3e-4) and out["steps"] == 5 and isinstance(out["steps"], int)
+    assert out["freeze_bn"] is True and out["freeze_encoder"] is False
+    assert out["augment"].flips and out["augment"].elastic == 0 and out["augment"].intensity == 0
+    assert out["decoder_upsampling"] == "nearest"
+    assert parse_settings(["augment=none"])["augment"] == PRESETS["none"]
+    with pytest.raises(SystemExit, match="augment is one of"):
+        parse_settings(["augment=strong"])
+    with pytest.raises(SystemExit, match="not a training setting"):
+        parse_settings(["learning_rate=1"])
