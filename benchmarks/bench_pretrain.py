@@ -128,7 +128,7 @@ def cmd_finetune(args) -> int:
         raise SystemExit(f"{pretrained}: no pretrained model; run `bench_pretrain.py pretrain {args.data}` first "
                          "or give --pretrained")
     rows = []
-    tag = f"{args.data}{'_sparse' if args.sparse else ''}"
+    tag = f"{args.data}{'_sparse' if args.sparse else ''}{'_' + args.tag if args.tag else ''}"
     path = OUT / f"finetune_{tag}.json"
     done = json.loads(path.read_text())["rows"] if path.exists() and not args.fresh else []
     budget = f"{args.steps} steps" if args.steps else f"{args.minutes:g} min"
@@ -185,6 +185,7 @@ def main() -> int:
     p.add_argument("--pretrained", help="the pretrained model (default: runs/bench/pretrain/SET_20min)")
     p.add_argument("--set", dest="changes", action="append", default=[], metavar="KEY=VALUE",
                    help="a TrainConfig field of every arm (e.g. lr=3e-4, freeze_encoder=true); rows keep them")
+    p.add_argument("--tag", help="results in finetune_SET_TAG.json (runs that go side by side need their own file)")
     p.add_argument("--fresh", action="store_true", help="ignore earlier rows of the results file")
     p.set_defaults(func=cmd_finetune)
     for q in sub.choices.values():
