@@ -65,13 +65,11 @@ def unlabelled(name: str):
 
 
 def pages_of(name: str, target_nm: float | None):
-    from emseg.model.card import Normalization
-    from emseg.train.data import Annotated, normalise01, rescale_items
-    from emseg.train.pretrain import _crop_grid
+    from emseg.train.data import rescale_items
+    from emseg.train.pretrain import unlabelled_from_arrays
     items = []
-    for stack, nm, source in unlabelled(name):
-        for i, page in enumerate(stack):
-            items.append(Annotated(normalise01(page, Normalization()), _crop_grid(page.shape), f"{source}[{i}]", nm))
+    for stack, nm, source in unlabelled(name):  # every page (the data sets hold less than the pixel budget)
+        items += unlabelled_from_arrays(stack, tile=128, pixel_size_nm=nm, name=source, max_pixels=2**40)
     return rescale_items(items, target_nm)
 
 

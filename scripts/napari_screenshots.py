@@ -1,5 +1,5 @@
 """Take the napari plugin's screenshots for the docs: ``docs/img/napari_finetune.png``, ``napari_segment.png``,
-``napari_measure.png`` and ``napari_volume.png``.
+``napari_measure.png``, ``napari_volume.png`` and ``napari_pretrain.png``.
 
 Run from the checkout, with the napari extra installed, under a display (headless: Xvfb)::
 
@@ -11,7 +11,8 @@ exists, else a new ``vgg11_bn_micro`` model, which takes a few minutes on a CPU)
 viewer with the live preview; then docks the Segment widget, segments the stack with the model
 just saved and shoots the result. ``--only-volume`` opens the synthetic FIB-SEM volume sample,
 segments the whole volume (ortho-plane) with ``--volume-model`` (default: the bundled model) and
-shoots the 3D view with the measurements panel. Screenshots are napari's own ``viewer.screenshot(canvas_only=False)``.
+shoots the 3D view with the measurements panel. ``--only-pretrain`` pretrains on the synthetic sample in the
+Pretrain widget for ``--pretrain-minutes`` and shoots the widget with its restorations picture. Screenshots are napari's own ``viewer.screenshot(canvas_only=False)``.
 Fine-tuned models go to a temporary folder, not to ``~/.emseg/models``.
 """
 
@@ -95,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="only the measurements shot (objects of the default model's segmentation)")
     parser.add_argument("--only-volume", action="store_true",
                         help="only the volume shot (the FIB-SEM sample segmented ortho-plane, in 3D)")
+    parser.add_argument("--only-pretrain", action="store_true",
+                        help="only the Pretrain widget's shot (self-supervised pretraining on the sample)")
+    parser.add_argument("--pretrain-minutes", type=float, default=3.0, help="pretraining time of that shot")
     parser.add_argument("--volume-model", type=Path, default=None,
                         help="model for the volume shot (default: the bundled model)")
     args = parser.parse_args(argv)
@@ -123,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.only_measure:
         return measure_shot(viewer, app, image, args.out)
+    if args.only_pretrain:
+        return pretrain_shot(viewer, app, image, args.out, args.pretrain_minutes)
 
     # -- Fine-tune: scribbles, training, live preview --------------------------------------------
     ft_dock, ft = viewer.window.add_plugin_dock_widget("emseg", "Fine-tune")
@@ -205,6 +211,24 @@ def measure_shot(viewer, app, image, out: Path) -> int:
     settle(app, 2)
     out.mkdir(parents=True, exist_ok=True)
     save_shot(viewer, out / "napari_measure.png")
+    viewer.close()
+    return 0
+
+
+def pretrain_shot(viewer, app, image, out: Path, minutes: float) -> int:
+    """The Pretrain widget after pretraining on the sample stack: its readout and restorations picture."""
+    _dock, pre = viewer.window.add_plugin_dock_widget("emseg", "Pretrain")
+    pre.image.set_layer(image)
+    pre.minutes.setValue(minutes)
+    print(f"pretraining on the sample for {minutes:g} min…")
+    assert pre.start(), pre.last_message
+    wait(app, pre)
+    print(pre.last_message)
+    if pre.last_model_path is None:
+        return 1
+    settle(app, 2)
+    out.mkdir(parents=True, exist_ok=True)
+    save_shot(viewer, out / "napari_pretrain.png")
     viewer.close()
     return 0
 

@@ -48,7 +48,7 @@ def test_manifest_validates():
     assert manifest.name == "emseg"
     contributions = manifest.contributions
     assert len(contributions.readers) == 1 and len(contributions.writers) == 1
-    assert len(contributions.sample_data) == 2 and len(contributions.widgets) == 2
+    assert len(contributions.sample_data) == 2 and len(contributions.widgets) == 3
     patterns = contributions.readers[0].filename_patterns
     for suffix in ("dm3", "dm4", "emd", "ser", "mrc", "hspy", "tif", "tiff"):
         assert f"*.{suffix}" in patterns
@@ -58,7 +58,7 @@ def test_every_manifest_command_imports():
     npe2 = pytest.importorskip("npe2", reason='needs the napari extra: pip install "emseg[napari]"')
     pytest.importorskip("qtpy", reason='needs the napari extra: pip install "emseg[napari]"')
     manifest = npe2.PluginManifest.from_file(MANIFEST)
-    assert len(manifest.contributions.commands) == 6
+    assert len(manifest.contributions.commands) == 7
     for command in manifest.contributions.commands:
         module, _, attr = command.python_name.partition(":")
         assert callable(getattr(importlib.import_module(module), attr)), command.python_name
@@ -74,7 +74,7 @@ def test_napari_finds_the_installed_plugin():
     pm.discover()
     manifest = pm.get_manifest("emseg")
     assert manifest.name == "emseg"
-    assert {w.display_name for w in manifest.contributions.widgets} == {"Segment", "Fine-tune"}
+    assert {w.display_name for w in manifest.contributions.widgets} == {"Segment", "Fine-tune", "Pretrain"}
 
 
 def test_missing_napari_says_what_to_install(monkeypatch):
@@ -233,6 +233,31 @@ def test_finetune_job_refuses_bad_annotations():
         check_annotations(np.full((8, 8), 3, np.uint8), classes, sparse=True, name="s")
     check_annotations(np.full((8, 8), 2, np.uint8), classes, sparse=True, name="s")
     check_annotations(np.ones((8, 8), np.uint8), classes, sparse=False, name="s")
+
+
+def test_pretrain_job_saves_a_run_folder_and_stops_when_asked(tmp_path):
+    import threading
+
+    from emseg_napari._jobs import PretrainRequest, pretrain_layer
+
+    from emseg.model.modelfile import load_card
+    from emseg.synthetic import make_em_stack
+    stack = make_em_stack(pages=2, height=96, width=96, seed=4)[0]
+    request = PretrainRequest(image=stack, out_dir=tmp_path / "pre", encoder="vgg11_bn_micro", minutes=None,
+                              steps=3, tile_size=64, batch_size=2, device="cpu", pixel_size_nm=5.0, val_every=3,
+                              layer_name="stack")
+    events = []
+    result = pretrain_layer(request, progress=events.append)
+    assert [e.step for e in events] == [1, 2, 3] and events[-1].metrics["copy_loss"] > 0
+    assert result.path == tmp_path / "pre" / "model.safetensors" and result.steps_done == 3 and not result.stopped
+    assert result.restorations == tmp_path / "pre" / "restorations.png" and result.restorations.is_file()
+    card = load_card(result.path)
+    assert card.is_pretrained and card.pixel_size_nm == 5.0 and card.pretrained["sources"] == ["stack"]
+    stop = threading.Event()
+    stop.set()  # Stop before the first step: nothing learnt, no model claimed
+    request.out_dir = tmp_path / "stopped"
+    stopped = pretrain_layer(request, stop=stop)
+    assert stopped.path is None and stopped.steps_done == 0 and stopped.stopped
 
 
 def test_absurd_rescaling_is_refused():

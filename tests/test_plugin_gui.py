@@ -334,6 +334,46 @@ def test_a_pretrained_model_is_a_base_for_finetuning_not_for_segmenting(viewer, 
     assert "pretrained model" in seg.last_message
 
 
+def test_pretrain_on_a_layer_gives_a_base_for_finetuning(viewer, sample, isolated_models, qtbot):
+    image, _truth = sample  # a stack of 2 pages at 6 nm/px, taken as unlabelled
+    pre = dock(viewer, "Pretrain")
+    pre.image.set_layer(image)
+    assert pre.name.text() == "emseg_sample-pretrained"
+    pre.encoder.setCurrentText("vgg11_bn_micro")
+    pre.tile.setValue(64)
+    pre.batch.setValue(2)
+    assert pre.start(steps=4)
+    wait(qtbot, pre)
+    saved = pre.last_model_path
+    assert saved is not None and saved.name == "model.safetensors", pre.last_message
+    assert saved.parent.parent == isolated_models and saved.parent.name.startswith("emseg_sample-pretrained-")
+    assert (saved.parent / "restorations.png").is_file() and not pre.picture.pixmap().isNull()
+    assert pre.last_message.startswith("Finished after 4 steps") and "Base model in Fine-tune" in pre.last_message
+    assert "restoring held-out crops" in pre.readout.text()
+    from emseg.model.modelfile import load_card
+    card = load_card(saved)
+    assert card.is_pretrained and card.encoder == "vgg11_bn_micro" and card.pretrained["steps"] == 4
+    assert card.pretrained["sources"] == ["emseg sample"] and card.pretrained["pages"] == 2
+    assert card.pixel_size_nm == pytest.approx(6.0)  # the layer's, kept end to end
+    ft = dock(viewer, "Fine-tune")  # offered by its folder's name, in this session and the next
+    labels = [ft.base.combo.itemText(i) for i in range(ft.base.combo.count())]
+    assert saved.parent.name in labels
+    ft.base.combo.setCurrentIndex(labels.index(saved.parent.name))
+    assert "pretrained" in ft.status.text()
+
+
+def test_pretrain_refuses_what_it_cannot_learn_from(viewer, qtbot):
+    pre = dock(viewer, "Pretrain")
+    assert not pre.start() and "No image layer" in pre.last_message
+    small = viewer.add_image(np.random.default_rng(0).integers(0, 255, (40, 40), dtype=np.uint8), name="small")
+    pre.image.set_layer(small)
+    assert not pre.start() and "smaller than the 128-pixel crops" in pre.last_message
+    mask = viewer.add_image(np.repeat(np.arange(4, dtype=np.uint8), 64)[None].repeat(256, 0), name="mask")
+    pre.image.set_layer(mask)
+    assert not pre.start() and "looks like a mask" in pre.last_message
+    assert not pre.running and pre.last_model_path is None
+
+
 # -- the whole sequence --------------------------------------------------------------------------
 
 def _disks(size=128, seed=0):

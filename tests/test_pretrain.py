@@ -11,7 +11,14 @@ from emseg.model.card import ModelCard
 from emseg.model.modelfile import load_model
 from emseg.synthetic import make_em_stack
 from emseg.train.loop import TrainConfig, _prepare_network
-from emseg.train.pretrain import Corruptions, Corruptor, PretrainConfig, load_unlabelled, pretrain
+from emseg.train.pretrain import (
+    Corruptions,
+    Corruptor,
+    PretrainConfig,
+    load_unlabelled,
+    pretrain,
+    unlabelled_from_arrays,
+)
 
 CLASSES = ("background", "membrane", "mitochondrion")
 
@@ -127,6 +134,23 @@ def test_load_unlabelled_takes_pages_evenly_within_the_pixel_budget(stack_files)
     assert all(p.image.dtype == np.float32 and 0 <= p.image.min() and p.image.max() <= 1 for p in pages)
     with pytest.raises(InputError, match="no unlabelled images"):
         load_unlabelled([], tile=64)
+
+
+def test_in_memory_pages_are_taken_as_files_are_and_bad_ones_named(stack_files):
+    stack = tifffile.imread(stack_files / "raw.tif")
+    from_files = load_unlabelled([stack_files / "raw.tif"], tile=64, max_pixels=2 * 128 * 160)
+    pages = unlabelled_from_arrays(stack, tile=64, pixel_size_nm=6.0, name="layer", max_pixels=2 * 128 * 160)
+    assert [p.name for p in pages] == ["layer[0]", "layer[2]"] and all(p.pixel_size_nm == 6.0 for p in pages)
+    for a, b in zip(pages, from_files):
+        np.testing.assert_array_equal(a.image, b.image)
+    assert [p.name for p in unlabelled_from_arrays(stack[1], tile=64, name="page")] == ["page"]
+    with pytest.raises(InputError, match="'layer': its pages are 128 x 160 pixels, smaller than the 256-pixel"):
+        unlabelled_from_arrays(stack, tile=256, name="'layer'")
+    mask = tifffile.imread(stack_files / "raw_mask.tif")
+    with pytest.raises(InputError, match="masks page 1 of 3: holds only .* looks like a mask"):
+        unlabelled_from_arrays(mask, tile=64, name="masks")
+    with pytest.raises(InputError, match="rgb: has shape .*not RGB"):
+        unlabelled_from_arrays(np.zeros((64, 64, 3, 2)), tile=32, name="rgb")
 
 
 def test_corruptions_are_seeded_bounded_and_each_changes_the_crop():

@@ -163,14 +163,47 @@ def load_unlabelled(paths: Sequence[str | Path], *, tile: int, pixel_size_nm: fl
                              f"pixel size), smaller than the {tile}-pixel crops; give larger images or a "
                              "smaller --tile-size")
         with open_image(path, pixel_size_nm=pixel_size_nm) as src:
-            for i in np.unique(np.linspace(0, pages - 1, max(1, round(pages * keep))).round().astype(int)):
-                page = src.page(int(i))
+            for i in _even_pages(pages, keep):
+                page = src.page(i)
                 _refuse_mask(page, path, int(i), pages)
                 name = f"{path.name}[{i}]" if src.is_stack else path.name
                 items.append(Annotated(normalise01(page, norm), _crop_grid(page.shape), name, nm))
     if keep < 1:
         log.info("pretraining on %d of the inputs' pages (at most %.0f megapixels)", len(items), max_pixels / 1e6)
     return rescale_items(items, target)
+
+
+def unlabelled_from_arrays(image, *, tile: int, pixel_size_nm: float | None = None, name: str = "image",
+                           max_pixels: int = MAX_PIXELS, norm: Normalization | None = None) -> list[Annotated]:
+    """The pages of an in-memory image (2D, or a stack ``(pages, H, W)``; numpy or dask) as pretraining pages,
+    as :func:`load_unlabelled` makes them of files (napari's layers). InputError (naming ``name``) for an image
+    of another shape, pages smaller than the crop and a mask given by mistake."""
+    shape = tuple(image.shape)
+    if len(shape) not in (2, 3) or min(shape[-2:]) < 1:
+        raise InputError(f"{name}: has shape {shape}; pretraining takes a 2D image or a stack of 2D pages "
+                         "(grey levels, not RGB)")
+    pages = shape[0] if len(shape) == 3 else 1
+    h, w = shape[-2:]
+    if min(h, w) < tile:
+        raise InputError(f"{name}: its pages are {h} x {w} pixels, smaller than the {tile}-pixel crops; use a "
+                         "larger image or a smaller crop size")
+    norm = norm or Normalization()
+    keep = min(1.0, max_pixels / max(pages * h * w, 1))
+    items = []
+    for i in _even_pages(pages, keep):
+        page = np.asarray(image[i] if len(shape) == 3 else image)
+        _refuse_mask(page, name, i, pages)
+        items.append(Annotated(normalise01(page, norm), _crop_grid(page.shape), f"{name}[{i}]" if pages > 1 else name,
+                               pixel_size_nm))
+    if keep < 1:
+        log.info("pretraining on %d of %s's %d pages (at most %.0f megapixels)", len(items), name, pages,
+                 max_pixels / 1e6)
+    return items
+
+
+def _even_pages(pages: int, keep: float) -> list[int]:
+    """Indices of ``keep`` (a fraction) of ``pages`` pages, spread evenly from first to last."""
+    return [int(i) for i in np.unique(np.linspace(0, pages - 1, max(1, round(pages * keep))).round().astype(int))]
 
 
 def _crop_grid(shape: tuple[int, int]) -> np.ndarray:
@@ -181,7 +214,7 @@ def _crop_grid(shape: tuple[int, int]) -> np.ndarray:
     return target
 
 
-def _refuse_mask(page: np.ndarray, path: Path, index: int, pages: int) -> None:
+def _refuse_mask(page: np.ndarray, path: Path | str, index: int, pages: int) -> None:
     """A page with only a few distinct integer values is a label image given by mistake."""
     if page.dtype.kind == "f" and not np.all(page == np.round(page)):
         return

@@ -1,4 +1,4 @@
-"""emseg's napari plugin: reader, writer, sample data, and the Segment and Fine-tune widgets.
+"""emseg's napari plugin: reader, writer, sample data, and the Segment, Fine-tune and Pretrain widgets.
 
 A thin layer over the ``emseg`` core (which imports no Qt): the npe2 manifest ``napari.yaml``
 names the contributions; the widgets run emseg's plain-callback functions in worker threads.
@@ -7,7 +7,7 @@ Install with ``pip install "emseg[napari]"``.
 
 from __future__ import annotations
 
-__all__ = ["SegmentWidget", "FinetuneWidget", "get_reader", "write_labels", "make_sample_data"]
+__all__ = ["SegmentWidget", "FinetuneWidget", "PretrainWidget", "get_reader", "write_labels", "make_sample_data"]
 
 
 def __getattr__(name):
@@ -18,6 +18,9 @@ def __getattr__(name):
     if name == "FinetuneWidget":
         from ._finetune import FinetuneWidget
         return FinetuneWidget
+    if name == "PretrainWidget":
+        from ._pretrain import PretrainWidget
+        return PretrainWidget
     if name == "get_reader":
         from ._reader import get_reader
         return get_reader

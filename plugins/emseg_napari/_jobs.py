@@ -376,3 +376,64 @@ def _resize_labels(labels: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     rows = np.minimum((np.arange(shape[0]) + 0.5) * labels.shape[0] / shape[0], labels.shape[0] - 1).astype(int)
     cols = np.minimum((np.arange(shape[1]) + 0.5) * labels.shape[1] / shape[1], labels.shape[1] - 1).astype(int)
     return labels[rows][:, cols]
+
+
+# -- pretraining -----------------------------------------------------------------------------
+
+@dataclass
+class PretrainRequest:
+    """Self-supervised pretraining (:mod:`emseg.train.pretrain`) on an image layer, into the run folder
+    ``out_dir`` (model.safetensors, curves.png, restorations.png, a checkpoint)."""
+
+    image: Any
+    out_dir: Path
+    encoder: str | None = None
+    minutes: float | None = 20.0
+    steps: int | None = None  # with minutes: at most this many; alone: exactly this many
+    tile_size: int = 128
+    batch_size: int = 8
+    device: str = "auto"
+    pixel_size_nm: float | None = None
+    val_every: int = 100
+    name: str = "pretrained"
+    layer_name: str = "image layer"
+
+
+@dataclass
+class PretrainJobResult:
+    path: Path | None
+    steps_done: int
+    stopped: bool
+    seconds: float
+    validation_loss: float | None
+    copy_loss: float | None
+    restorations: Path | None
+
+
+def pretrain_layer(request: PretrainRequest, *, progress: Callable[[Any], None] | None = None,
+                   stop: threading.Event | None = None) -> PretrainJobResult:
+    """Pretrain on the layer's pages; ``progress(TrainEvent)`` after every step; Stop saves what was learnt."""
+    from emseg.model.networks import DEFAULT_ENCODER
+    from emseg.train.pretrain import PretrainConfig, pretrain, unlabelled_from_arrays
+
+    start = time.perf_counter()
+    config = PretrainConfig(encoder=request.encoder or DEFAULT_ENCODER, time_limit_minutes=request.minutes,
+                            steps=request.steps, tile_size=request.tile_size, batch_size=request.batch_size,
+                            device=request.device, pixel_size_nm=request.pixel_size_nm,
+                            val_every=max(1, request.val_every), name=request.name)
+    pages = unlabelled_from_arrays(request.image, tile=config.tile_size, pixel_size_nm=request.pixel_size_nm,
+                                   name=request.layer_name)
+    steps_done = 0
+
+    def on_event(event) -> None:
+        nonlocal steps_done
+        steps_done = event.step
+        if progress is not None:
+            progress(event)
+
+    result = pretrain(pages, config, request.out_dir, progress=on_event, stop=stop, sources=[request.layer_name])
+    last = result.history[-1] if result.history else {}
+    restorations = request.out_dir / "restorations.png"
+    return PretrainJobResult(result.model_path if steps_done else None, steps_done, result.stopped,
+                             time.perf_counter() - start, last.get("val_loss"), last.get("copy_loss"),
+                             restorations if restorations.exists() else None)

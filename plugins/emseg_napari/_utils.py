@@ -297,9 +297,10 @@ class ModelRegistry:
 
         add("default (bundled)", default_model_path())
         folder = user_model_dir()
-        found = sorted(folder.glob(f"*{MODEL_SUFFIX}"), key=_mtime, reverse=True) if folder.is_dir() else []
+        found = sorted([*folder.glob(f"*{MODEL_SUFFIX}"), *folder.glob(f"*/model{MODEL_SUFFIX}")], key=_mtime,
+                       reverse=True) if folder.is_dir() else []  # files, and run folders (Pretrain's)
         for path in [*reversed(self._added), *found]:
-            add(path.stem, path)
+            add(path.parent.name if path.stem == "model" else path.stem, path)
         return out
 
     def add(self, path: str | os.PathLike, *, select: bool = True) -> Path:

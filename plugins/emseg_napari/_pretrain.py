@@ -1,0 +1,258 @@
+"""The Pretrain widget: self-supervised pretraining on an image layer (``emseg pretrain`` in the viewer).
+
+A lab opens a raw stack it has not annotated, chooses it under Image and presses Start: the U-Net learns
+to restore corrupted crops of it (:mod:`emseg.train.pretrain`) for the given minutes, with a progress bar,
+the restoration loss against what the corrupted input scores, and Stop (which keeps what was learnt).
+The run folder (model.safetensors, curves.png, restorations.png) goes into the model folder; the model is
+offered as a Base model in Fine-tune (not for segmenting: it has no classes yet), and a picture of clean,
+corrupted and restored crops shows in the widget, so a user can see that it learnt something.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from ._utils import require_napari
+
+require_napari()
+
+from qtpy.QtCore import Qt  # noqa: E402
+from qtpy.QtGui import QPixmap  # noqa: E402
+from qtpy.QtWidgets import (  # noqa: E402
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QPushButton,
+    QSpinBox,
+    QWidget,
+)
+
+from ._jobs import Outcome, PretrainRequest, pretrain_layer  # noqa: E402
+from ._utils import MODELS, pixel_size_of, safe_name, timestamped_model_path, user_model_dir  # noqa: E402
+from ._widgets import (  # noqa: E402
+    JobRunner,
+    LayerChooser,
+    ProgressRow,
+    StatusWidget,
+    device_choices,
+    fit_width,
+    scrolling_layout,
+    small_label,
+)
+
+log = logging.getLogger(__name__)
+
+PICTURE_WIDTH = 360  # px of the restorations picture in the dock
+
+
+class PretrainWidget(StatusWidget):
+    """Dock widget: image, encoder, minutes, crop and batch size, device, where to save; Start / Stop."""
+
+    def __init__(self, napari_viewer, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        from napari.layers import Image
+
+        from emseg.model.networks import DEFAULT_ENCODER, encoder_names
+        from emseg.train.pretrain import PretrainConfig
+        defaults = PretrainConfig()
+        self.viewer = napari_viewer
+        self.runner = JobRunner(self)
+        self.last_model_path: Path | None = None
+        self.last_metrics: dict | None = None
+
+        self.image = LayerChooser(napari_viewer, Image)
+        self.image.setToolTip("Raw, unlabelled images: a stack or a single page (every page of a stack is used)")
+        self.encoder = QComboBox()
+        self.encoder.addItems(encoder_names())
+        self.encoder.setCurrentText(DEFAULT_ENCODER)
+        self.encoder.setToolTip("The encoder of the model; fine-tuning from it keeps this encoder")
+        self.minutes = QDoubleSpinBox()
+        self.minutes.setRange(0.1, 10_000)
+        self.minutes.setDecimals(1)
+        self.minutes.setSingleStep(5)
+        self.minutes.setValue(defaults.time_limit_minutes)
+        self.minutes.setSuffix(" min")
+        self.minutes.setToolTip("How long to pretrain: as many steps as fit (thousands a minute on a GPU; "
+                                "on a laptop's CPU, 15-30 minutes is a sensible start)")
+        self.tile = QSpinBox()
+        self.tile.setRange(32, 1024)
+        self.tile.setSingleStep(32)
+        self.tile.setValue(defaults.tile_size)
+        self.tile.setSuffix(" px")
+        self.tile.setToolTip("Side of the corrupted crops (multiple of 32)")
+        self.batch = QSpinBox()
+        self.batch.setRange(1, 512)
+        self.batch.setValue(defaults.batch_size)
+        self.batch.setToolTip("Crops per step; lower it when the GPU runs out of memory")
+        self.device = QComboBox()
+        self.device.addItems(device_choices())
+        self.folder = QLineEdit(str(user_model_dir()))
+        self.folder.setToolTip("Where the run folder (model.safetensors, curves.png, restorations.png) is saved")
+        self.folder_button = QPushButton("…")
+        self.folder_button.setFixedWidth(32)
+        self.name = QLineEdit()
+        self.name.setToolTip("The model's name; the run folder is NAME-YYYYmmdd-HHMMSS")
+
+        form = QFormLayout()
+        form.addRow("Image", self.image)
+        form.addRow("Encoder", self.encoder)
+        form.addRow("Time", self.minutes)
+        form.addRow("Crop size", self.tile)
+        form.addRow("Batch size", self.batch)
+        form.addRow("Device", self.device)
+        folder_row = QWidget()
+        row = QHBoxLayout(folder_row)
+        row.setContentsMargins(0, 0, 0, 0)
+        row.addWidget(self.folder, 1)
+        row.addWidget(self.folder_button)
+        form.addRow("Save to", folder_row)
+        form.addRow("Name", self.name)
+
+        self.start_button = QPushButton("Start")
+        self.stop_button = QPushButton("Stop and save")
+        self.stop_button.setEnabled(False)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.start_button)
+        buttons.addWidget(self.stop_button)
+        self.progress = ProgressRow("Stop")
+        self.progress.button.hide()
+        self.readout = small_label("")
+        self.status = small_label("Teaches a model what your images look like before you annotate: it learns to "
+                                  "restore corrupted crops of them. Then choose it as the Base model in Fine-tune.")
+        self.picture = QLabel()
+        self.picture.setAlignment(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignTop)
+        self.picture.setToolTip("Crops of your images: clean, corrupted, and as the model restores them")
+
+        layout = scrolling_layout(self)
+        layout.addLayout(form)
+        layout.addLayout(buttons)
+        layout.addWidget(self.progress)
+        layout.addWidget(self.readout)
+        layout.addWidget(self.status)
+        layout.addWidget(self.picture)
+        layout.addStretch(1)
+
+        self.image.currentIndexChanged.connect(lambda _i: self._default_name())
+        self.folder_button.clicked.connect(self._choose_folder)
+        self.start_button.clicked.connect(self.start)
+        self.stop_button.clicked.connect(self.stop)
+        self.runner.started.connect(lambda: self._set_running(True))
+        self.runner.finished.connect(lambda: self._set_running(False))
+        self._default_name()
+        fit_width(self)
+
+    def _default_name(self) -> None:
+        layer = self.image.layer()
+        self.name.setText(f"{safe_name(layer.name)}-pretrained" if layer is not None else "pretrained")
+
+    def _choose_folder(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Save pretrained models in", self.folder.text())
+        if folder:
+            self.folder.setText(folder)
+
+    @property
+    def running(self) -> bool:
+        return self.runner.running
+
+    def _set_running(self, running: bool) -> None:
+        for w in (self.start_button, self.image, self.encoder, self.minutes, self.tile, self.batch, self.device,
+                  self.folder, self.folder_button, self.name):
+            w.setEnabled(not running)
+        self.stop_button.setEnabled(running)
+        if running:
+            self.progress.set(0.0, "starting…")
+
+    def stop(self) -> None:
+        if self.running:
+            self.runner.stop()
+            self.stop_button.setEnabled(False)
+            self.progress.set(self.progress.bar.value() / 1000, "stopping after this step…")
+
+    def start(self, *, steps: int | None = None) -> bool:
+        """Check the inputs and start pretraining; returns False (after a notification) if not usable.
+        ``steps``: at most this many steps (the time limit still holds)."""
+        from emseg.errors import InputError
+        from emseg.train.pretrain import unlabelled_from_arrays
+        if self.running:
+            return False
+        image = self.image.layer()
+        if image is None:
+            self._message("No image layer: open the raw images you want to pretrain on and choose them under Image",
+                          error=True)
+            return False
+        if self.tile.value() % 32:
+            self._message(f"Crop size {self.tile.value()} is not a multiple of 32", error=True)
+            return False
+        data = image.data[0] if image.multiscale else image.data
+        if getattr(image, "rgb", False):
+            self._message(f"'{image.name}' is an RGB image; pretraining takes grey-level EM images", error=True)
+            return False
+        try:  # the checks of the run itself (shape, crop size, masks), on the first page, before the thread
+            unlabelled_from_arrays(data[:1] if data.ndim == 3 else data, tile=self.tile.value(),
+                                   name=f"'{image.name}'")
+        except InputError as exc:
+            self._message(str(exc), error=True)
+            return False
+        folder = Path(self.folder.text()).expanduser()
+        out_dir = timestamped_model_path(folder, self.name.text() or "pretrained").with_suffix("")
+        request = PretrainRequest(image=data, out_dir=out_dir, encoder=self.encoder.currentText(),
+                                  minutes=self.minutes.value(), steps=steps, tile_size=self.tile.value(),
+                                  batch_size=self.batch.value(), device=self.device.currentText(),
+                                  pixel_size_nm=pixel_size_of(image), val_every=max(1, min(100, steps or 100)),
+                                  name=self.name.text() or "pretrained", layer_name=image.name)
+        self.last_metrics = None
+        self.readout.setText("")
+        self.picture.clear()
+        self.status.setText(f"Pretraining on '{image.name}' for {self.minutes.value():g} min…")
+        self._started = time.monotonic()
+
+        def job(emit, stop):
+            return pretrain_layer(request, progress=emit, stop=stop)
+
+        self.runner.start(job, doing="Pretraining", on_progress=self._on_event, on_done=self._finished)
+        return True
+
+    def _on_event(self, event) -> None:
+        elapsed = time.monotonic() - self._started
+        limit = self.minutes.value() * 60
+        fraction = max(event.step / max(event.total_steps, 1), min(elapsed / limit, 1.0))
+        text = f"step {event.step} · {elapsed / 60:.1f} of {limit / 60:g} min"
+        self.progress.set(fraction, text)
+        if event.metrics is not None:
+            self.last_metrics = event.metrics
+        line = f"{text} · loss {event.loss:.4f}"
+        if self.last_metrics:
+            line += (f" · restoring held-out crops: {self.last_metrics['val_loss']:.4f} (the corrupted input "
+                     f"itself: {self.last_metrics['copy_loss']:.4f}; lower is better)")
+        self.readout.setText(line)
+
+    def _finished(self, outcome: Outcome) -> None:
+        if outcome.error:
+            self.progress.set(0.0, "failed")
+            self._message(outcome.error + " — nothing was saved", error=True)
+            return
+        if outcome.cancelled or outcome.value.path is None:
+            self.progress.set(0.0, "stopped")
+            self._message("Stopped before the first step; no model was saved")
+            return
+        result = outcome.value
+        self.last_model_path = result.path
+        self.progress.set(1.0, "stopped, saved" if result.stopped else "done, saved")
+        MODELS.add(result.path, select=False)
+        if result.restorations is not None:
+            picture = QPixmap(str(result.restorations))
+            if not picture.isNull():
+                self.picture.setPixmap(picture.scaledToWidth(PICTURE_WIDTH, Qt.TransformationMode.SmoothTransformation))
+        learnt = ""
+        if result.validation_loss is not None and result.copy_loss:
+            learnt = (f"; it restores held-out crops to a loss of {result.validation_loss:.4f}, against "
+                      f"{result.copy_loss:.4f} for the corrupted input")
+        self._message(f"{'Stopped' if result.stopped else 'Finished'} after {result.steps_done} steps "
+                      f"({result.seconds / 60:.1f} min{learnt}). Saved {result.path.parent}; choose "
+                      f"'{result.path.parent.name}' as the Base model in Fine-tune to train your classes from it")
