@@ -76,7 +76,7 @@ def pages_of(name: str, target_nm: float | None):
 def cmd_pretrain(args) -> int:
     from emseg.train.pretrain import PretrainConfig, pretrain
     _, _, nm = SETS[args.data]
-    config = PretrainConfig(time_limit_minutes=args.minutes, seed=args.seed, device="cpu", pixel_size_nm=nm,
+    config = PretrainConfig(time_limit_minutes=args.minutes, seed=args.seed, device=args.device, pixel_size_nm=nm,
                             name=f"pretrained on {args.data}")
     pages = pages_of(args.data, nm)
     out = OUT / f"{args.data}_{args.minutes:g}min"
@@ -108,7 +108,7 @@ def finetune_arm(arm: str, args, pretrained_path: Path | None) -> dict:
     items = annotations_from_arrays(images, masks, sparse=sparse, pixel_size_nm=nm, name=data,
                                     norm=base.card.normalization if base else None)
     budget = dict(steps=args.steps, time_limit_minutes=None) if args.steps else dict(time_limit_minutes=args.minutes)
-    config = TrainConfig(classes=classes, pixel_size_nm=nm, sparse=sparse, seed=args.seed_now, device="cpu",
+    config = TrainConfig(classes=classes, pixel_size_nm=nm, sparse=sparse, seed=args.seed_now, device=args.device,
                          name=f"bench pretrain {arm}", **{**budget, **args.settings})
     start = time.perf_counter()
     result = train(items, config, None, base=base)
@@ -188,6 +188,7 @@ def main() -> int:
     p.set_defaults(func=cmd_finetune)
     for q in sub.choices.values():
         q.add_argument("--threads", type=int, default=1)
+        q.add_argument("--device", default="cpu", help="cpu (the default: the CPU tables), auto, cuda")
     args = parser.parse_args()
     import torch
     torch.set_num_threads(args.threads)

@@ -4,21 +4,25 @@
 #   .gpu/whl/   wheels for Python 3.12 of emseg's dependencies that the machine's image lacks (it has
 #               torch, torchvision, timm, numpy, scipy, scikit-image, tifffile, OpenCV, matplotlib, ...),
 #               and MONAI for the inference benchmark
-#   .gpu/data/  ISBI 2012's training volume and membranes (15 MB; never committed)
+#   .gpu/data/  ISBI 2012 (training and test volumes), EPFL mitochondria and NASA Super1, as in ../shared/data
+#               (about 35 MB; never committed): gpu_check.sh needs ISBI, gpu_transfer.sh all three
 #
-#   bash benchmarks/gpu_kit.sh [ISBI_DIR]     # ISBI_DIR: a folder holding train-volume.tif and
-#                                             # train-membranes.tif (default ../shared/data/isbi2012)
+#   bash benchmarks/gpu_kit.sh [DATA_DIR]     # DATA_DIR: the shared data folder (default ../shared/data); it
+#                                             # must hold isbi2012/, and may hold epfl_mito/ and nasa_super/
 # The versions are this checkout's .venv's, so the check runs the code the CPU runs were measured with.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-src=${1:-../shared/data/isbi2012}
-[ -f "$src/train-volume.tif" ] && [ -f "$src/train-membranes.tif" ] \
-    || { echo "gpu_kit: $src has no train-volume.tif and train-membranes.tif (ISBI 2012); give its folder" >&2; exit 1; }
+src=${1:-../shared/data}
+[ -f "$src/isbi2012/train-volume.tif" ] && [ -f "$src/isbi2012/train-membranes.tif" ] \
+    || { echo "gpu_kit: $src/isbi2012 has no train-volume.tif and train-membranes.tif (ISBI 2012); give the shared data folder" >&2; exit 1; }
 if exclude="$(git rev-parse --git-path info/exclude 2>/dev/null)"; then  # a plain copy has no .git: nothing to ignore
     grep -qx '/.gpu/' "$exclude" 2>/dev/null || echo '/.gpu/' >> "$exclude"
 fi
 rm -rf .gpu && mkdir -p .gpu/whl .gpu/data/isbi2012
-cp "$src/train-volume.tif" "$src/train-membranes.tif" .gpu/data/isbi2012/
+cp "$src/isbi2012/"*.tif .gpu/data/isbi2012/
+for set in epfl_mito nasa_super; do  # for gpu_transfer.sh
+    if [ -d "$src/$set" ]; then cp -r "$src/$set" .gpu/data/; else echo "gpu_kit: no $src/$set (gpu_transfer.sh needs it)" >&2; fi
+done
 PY=${PYTHON:-.venv/bin/python}
 pins=$("$PY" -m pip freeze 2>/dev/null | grep -i -E '^(segmentation.models.pytorch|albumentations|albucore|pydantic|pydantic.core|annotated.types|typing.inspection|simsimd|stringzilla|torchinfo|monai)==')
 [ "$(echo "$pins" | wc -l)" -eq 11 ] || { echo "gpu_kit: expected 11 pinned packages in $PY's environment, got:" >&2; echo "$pins" >&2; exit 1; }
