@@ -171,11 +171,9 @@ def cmd_arm(args) -> dict:
         masks = scribbles_from(two_masks) if sparse else two_masks
         defaults = {"steps": args.steps}
         if base is not None:  # `emseg finetune`'s default: by whether the classes change
-            from emseg.train import FINETUNE_DEFAULTS
-            from emseg.train.loop import is_new_task
-            new = is_new_task(base, classes, settings.get("head", "auto"))
-            defaults["lr"] = FINETUNE_DEFAULTS["new_task_lr" if new else "lr"]
-            row["new_task"] = new
+            from emseg.train.loop import finetune_lr, is_new_task
+            defaults["lr"] = finetune_lr(base, classes, settings.get("head", "auto"))
+            row["new_task"] = is_new_task(base, classes, settings.get("head", "auto"))
         t0 = time.perf_counter()
         result, _ = train_on(f"finetune/{args.pair}/{tag}", two, masks, classes, train_px, None, base=base,
                              sparse=sparse, seed=args.seed, **{**defaults, **settings})

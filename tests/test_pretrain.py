@@ -97,7 +97,21 @@ def test_cli_train_init_and_finetune_from_a_pretrained_model(pretrained, stack_f
     model = load_model(tmp_path / "run" / "model.safetensors")
     assert model.card.classes == CLASSES and not model.card.is_pretrained
     assert model.card.training["pretrained_from"]["objective"] == "restoration"
+    from emseg.train import FINETUNE_DEFAULTS
+    assert model.card.training["config"]["lr"] == FINETUNE_DEFAULTS["new_task_lr"]  # a fresh head: the new-task rate
     assert model.predictor(device="cpu").predict_page(np.zeros((64, 64), np.uint8)).shape == (3, 64, 64)
+
+
+def test_finetune_rate_by_whether_the_head_starts_afresh(pretrained, tiny_model):
+    from emseg.train import FINETUNE_DEFAULTS
+    from emseg.train.loop import finetune_lr
+    new, same = FINETUNE_DEFAULTS["new_task_lr"], FINETUNE_DEFAULTS["lr"]
+    assert new != same
+    assert finetune_lr(load_model(pretrained.model_path), CLASSES) == new  # pretrained: no head to keep
+    assert finetune_lr(None, CLASSES) == new
+    assert finetune_lr(tiny_model, tiny_model.classes) == same
+    assert finetune_lr(tiny_model, tiny_model.classes, head="fresh") == new
+    assert finetune_lr(tiny_model, ("background", "other", "names")) == new
 
 
 def test_cli_train_init_refuses_another_encoder(pretrained, stack_files, tmp_path, capsys):

@@ -239,7 +239,7 @@ def add_parsers(sub) -> None:
                    help="keep batch-norm statistics fixed (auto: when the batch size is 2 or less)")
     _add_training(p, steps=FINETUNE_DEFAULTS["steps"],
                   lr=f"{FINETUNE_DEFAULTS['lr']:g} for the base's own classes, {FINETUNE_DEFAULTS['new_task_lr']:g} "
-                     "for other classes, which are also trained at the pages' own pixel size")
+                     "for other classes (also trained at the pages' own pixel size) and from a pretrained model")
     p.set_defaults(func=cmd_train, finetune=True)
 
     p = sub.add_parser("evaluate", help="measure a model on annotated images (IoU, Dice, pixel and Rand error)")
@@ -337,9 +337,9 @@ def train_config(args, base=None) -> "TrainConfig":
     if args.classes:
         values["classes"] = args.classes
     if args.finetune and "lr" not in values:
-        from emseg.train.loop import is_new_task
-        new = base is not None and is_new_task(base, values.get("classes") or base.classes, values.get("head", "auto"))
-        values["lr"] = FINETUNE_DEFAULTS["new_task_lr" if new else "lr"]
+        from emseg.train.loop import finetune_lr
+        values["lr"] = finetune_lr(base, values.get("classes") or (base.classes if base else ()),
+                                   values.get("head", "auto"))
     values["sparse"] = args.sparse or bool(values.get("sparse", False))
     values["pixel_size_nm"] = args.pixel_size or values.get("pixel_size_nm")
     values["augment"] = _augment_config(args, yaml_data)

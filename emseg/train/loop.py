@@ -267,6 +267,16 @@ def is_new_task(base: Model | None, classes: Sequence[str], head: str = "auto") 
     return base is not None and not base.card.is_pretrained and _fresh_head(head, base, tuple(classes))
 
 
+def finetune_lr(base: Model | None, classes: Sequence[str], head: str = "auto") -> float:
+    """The learning rate of `emseg finetune` and the napari Fine-tune widget when none is given:
+    ``FINETUNE_DEFAULTS["lr"]`` for the base's own classes, ``["new_task_lr"]`` whenever the output head starts
+    afresh (other classes, a pretrained base, or no base). A pretrained base at the lower rate scored 0.553
+    against 0.616 (docs/training.md, "Pretraining on unlabelled images")."""
+    from emseg.train import FINETUNE_DEFAULTS
+    fresh = base is None or _fresh_head(head, base, tuple(classes))
+    return FINETUNE_DEFAULTS["new_task_lr" if fresh else "lr"]
+
+
 def _fresh_head(head: str, base: Model, classes: tuple[str, ...]) -> bool:
     """Whether fine-tuning ``base`` for ``classes`` re-makes the output head: ``fresh`` always, ``keep`` only when
     the number of classes changes, ``auto`` when their names change too (a membrane output kept for

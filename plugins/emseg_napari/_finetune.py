@@ -132,7 +132,7 @@ class FinetuneWidget(StatusWidget):
         self.lr.setValue(0.0)
         self.lr.setToolTip(f"Learning rate (AdamW, with warm-up and cosine decay). auto: {FINETUNE_DEFAULTS['lr']:g} "
                            f"when the base model's classes are kept, {FINETUNE_DEFAULTS['new_task_lr']:g} for other "
-                           "classes or a new model (docs/training.md, \"Fine-tuning that pays\")")
+                           "classes, a pretrained base or a new model (docs/training.md, \"Fine-tuning that pays\")")
         self.val_every = _spin(1, 100_000, 50, step=10, tip="Validate, keep the best model and refresh "
                                "the preview every this many steps")
         self.device = QComboBox()

@@ -299,7 +299,7 @@ def finetune(request: FinetuneRequest, *, progress: Callable[[Any], None] | None
     from emseg.errors import InputError
     from emseg.model.modelfile import load_model
     from emseg.train.data import rescale_items
-    from emseg.train.loop import TrainConfig, annotations_from_arrays, is_new_task, train
+    from emseg.train.loop import TrainConfig, annotations_from_arrays, finetune_lr, is_new_task, train
 
     start = time.perf_counter()
     if request.labels.shape != tuple(request.image.shape):
@@ -340,7 +340,7 @@ def finetune(request: FinetuneRequest, *, progress: Callable[[Any], None] | None
     config = TrainConfig(encoder=encoder, classes=tuple(request.classes), sparse=request.sparse,
                          tile_size=request.tile_size, batch_size=request.batch_size, steps=request.steps,
                          val_every=max(1, request.val_every), device=request.device,
-                         lr=request.lr or FINETUNE_DEFAULTS["new_task_lr" if new_task or base is None else "lr"],
+                         lr=request.lr or finetune_lr(base, request.classes),
                          freeze_encoder=request.freeze_encoder,
                          pixel_size_nm=request.pixel_size_nm if base is None or new_task else None, name=request.name)
     steps_done = 0
