@@ -270,8 +270,8 @@ def is_new_task(base: Model | None, classes: Sequence[str], head: str = "auto") 
 def finetune_lr(base: Model | None, classes: Sequence[str], head: str = "auto") -> float:
     """The learning rate of `emseg finetune` and the napari Fine-tune widget when none is given:
     ``FINETUNE_DEFAULTS["lr"]`` for the base's own classes, ``["new_task_lr"]`` whenever the output head starts
-    afresh (other classes, a pretrained base, or no base). A pretrained base at the lower rate scored 0.553
-    against 0.616 (docs/training.md, "Pretraining on unlabelled images")."""
+    afresh (other classes, a pretrained base, or no base). A pretrained base at the lower rate scored 0.553 and
+    0.597 against 0.616 and 0.613 (two seeds; docs/training.md, "Pretraining on unlabelled images")."""
     from emseg.train import FINETUNE_DEFAULTS
     fresh = base is None or _fresh_head(head, base, tuple(classes))
     return FINETUNE_DEFAULTS["new_task_lr" if fresh else "lr"]
