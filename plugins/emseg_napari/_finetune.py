@@ -27,13 +27,11 @@ from qtpy.QtWidgets import (  # noqa: E402
     QCheckBox,
     QComboBox,
     QDoubleSpinBox,
-    QFileDialog,
     QFormLayout,
     QHBoxLayout,
     QHeaderView,
     QLineEdit,
     QPushButton,
-    QSpinBox,
     QTableWidget,
     QTableWidgetItem,
     QWidget,
@@ -59,15 +57,18 @@ from ._utils import (  # noqa: E402
     user_model_dir,
 )
 from ._widgets import (  # noqa: E402
+    FolderChooser,
     JobRunner,
     LayerChooser,
     ModelChooser,
     ProgressRow,
-    StatusWidget,
+    TrainingWidget,
     device_choices,
     fit_width,
+    form_row,
     scrolling_layout,
     small_label,
+    spin_box,
 )
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ SCRIBBLES_KEY = "emseg_scribbles"
 DEFAULT_NEW_CLASSES = ("background", "foreground")
 
 
-class FinetuneWidget(StatusWidget):
+class FinetuneWidget(TrainingWidget):
     """Dock widget: base model, image, scribbles, classes, steps; Start / Stop; live readout."""
 
     def __init__(self, napari_viewer, parent: QWidget | None = None) -> None:
@@ -121,9 +122,9 @@ class FinetuneWidget(StatusWidget):
         self.add_class = QPushButton("+ class")
         self.remove_class = QPushButton("− class")
 
-        self.steps = _spin(10, 1_000_000, FINETUNE_DEFAULTS["steps"], step=50, tip="Training steps (batches)")
-        self.batch = _spin(1, 128, 4, tip="Crops per step; lower it when the GPU runs out of memory")
-        self.tile = _spin(64, 1024, 256, step=32, suffix=" px", tip="Side of the training crops (multiple of 32)")
+        self.steps = spin_box(10, 1_000_000, FINETUNE_DEFAULTS["steps"], step=50, tip="Training steps (batches)")
+        self.batch = spin_box(1, 128, 4, tip="Crops per step; lower it when the GPU runs out of memory")
+        self.tile = spin_box(64, 1024, 256, step=32, suffix=" px", tip="Side of the training crops (multiple of 32)")
         self.lr = QDoubleSpinBox()
         self.lr.setDecimals(5)
         self.lr.setRange(0.0, 1e-1)
@@ -133,7 +134,7 @@ class FinetuneWidget(StatusWidget):
         self.lr.setToolTip(f"Learning rate (AdamW, with warm-up and cosine decay). auto: {FINETUNE_DEFAULTS['lr']:g} "
                            f"when the base model's classes are kept, {FINETUNE_DEFAULTS['new_task_lr']:g} for other "
                            "classes, a pretrained base or a new model (docs/training.md, \"Fine-tuning that pays\")")
-        self.val_every = _spin(1, 100_000, 50, step=10, tip="Validate, keep the best model and refresh "
+        self.val_every = spin_box(1, 100_000, 50, step=10, tip="Validate, keep the best model and refresh "
                                "the preview every this many steps")
         self.device = QComboBox()
         self.device.addItems(device_choices())
@@ -143,10 +144,8 @@ class FinetuneWidget(StatusWidget):
                               "shows them. Needs a 3D image with a pixel size and slice spacing")
         self.freeze = QCheckBox("freeze the encoder")
         self.freeze.setToolTip("Train only the decoder: faster, and safer with very few scribbles")
-        self.folder = QLineEdit(str(user_model_dir()))
-        self.folder.setToolTip("Where the fine-tuned model file is saved")
-        self.folder_button = QPushButton("…")
-        self.folder_button.setFixedWidth(32)
+        self.folder = FolderChooser(user_model_dir(), title="Save fine-tuned models in",
+                                    tip="Where the fine-tuned model file is saved")
         self.name = QLineEdit()
         self.name.setToolTip("The model's name; the file is NAME-YYYYmmdd-HHMMSS.safetensors")
 
@@ -155,9 +154,9 @@ class FinetuneWidget(StatusWidget):
         form.addRow("Encoder", self.encoder)
         form.addRow("Image", self.image)
         form.addRow("Annotations", self.annotations)
-        form.addRow("", _row(self.new_scribbles, self.dense))
+        form.addRow("", form_row(self.new_scribbles, self.dense))
         form.addRow("Classes", self.classes)
-        form.addRow("", _row(self.add_class, self.remove_class))
+        form.addRow("", form_row(self.add_class, self.remove_class))
         form.addRow("Steps", self.steps)
         form.addRow("Batch size", self.batch)
         form.addRow("Crop size", self.tile)
@@ -166,7 +165,7 @@ class FinetuneWidget(StatusWidget):
         form.addRow("Device", self.device)
         form.addRow("", self.freeze)
         form.addRow("", self.ortho)
-        form.addRow("Save to", _row(self.folder, self.folder_button, stretch_first=True))
+        form.addRow("Save to", self.folder)
         form.addRow("Name", self.name)
 
         self.start_button = QPushButton("Start")
@@ -196,7 +195,6 @@ class FinetuneWidget(StatusWidget):
         self.classes.itemSelectionChanged.connect(self._on_class_selected)
         self.annotations.currentIndexChanged.connect(lambda _i: self._on_annotations_changed())
         self.dense.toggled.connect(lambda _on: self._fill_label_column())
-        self.folder_button.clicked.connect(self._choose_folder)
         self.start_button.clicked.connect(self.start)
         self.stop_button.clicked.connect(self.stop)
         self.runner.started.connect(lambda: self._set_running(True))
@@ -309,11 +307,6 @@ class FinetuneWidget(StatusWidget):
         self.set_classes(card.classes)
         self.name.setText(f"{safe_name(stem)}-finetuned")
 
-    def _choose_folder(self) -> None:
-        folder = QFileDialog.getExistingDirectory(self, "Save fine-tuned models in", self.folder.text())
-        if folder:
-            self.folder.setText(folder)
-
     # -- layers -------------------------------------------------------------------------------
 
     def make_scribble_layer(self):
@@ -372,26 +365,15 @@ class FinetuneWidget(StatusWidget):
 
     # -- running ------------------------------------------------------------------------------
 
-    @property
-    def running(self) -> bool:
-        return self.runner.running
+    def _inputs(self) -> tuple:
+        return (self.base, self.encoder, self.image, self.annotations, self.new_scribbles, self.dense,
+                self.add_class, self.remove_class, self.steps, self.batch, self.tile, self.lr, self.val_every,
+                self.device, self.freeze, self.folder, self.name, self.ortho)
 
     def _set_running(self, running: bool) -> None:
-        for w in (self.start_button, self.base, self.encoder, self.image, self.annotations, self.new_scribbles,
-                  self.dense, self.add_class, self.remove_class, self.steps, self.batch, self.tile, self.lr,
-                  self.val_every, self.device, self.freeze, self.folder, self.folder_button, self.name, self.ortho):
-            w.setEnabled(not running)
+        super()._set_running(running)
         if not running:
             self.encoder.setEnabled(self.base.is_new())
-        self.stop_button.setEnabled(running)
-        if running:
-            self.progress.set(0.0, "starting…")
-
-    def stop(self) -> None:
-        if self.running:
-            self.runner.stop()
-            self.stop_button.setEnabled(False)
-            self.progress.set(self.progress.bar.value() / 1000, "stopping after this step…")
 
     def start(self) -> bool:
         """Check the inputs and start training; returns False (after a notification) if not usable."""
@@ -497,23 +479,3 @@ class FinetuneWidget(StatusWidget):
                       f"({result.seconds:.0f} s{best}). Saved {result.path}; it is selected in the Segment "
                       "widget: segment again to see the result")
 
-
-def _spin(low: int, high: int, value: int, *, step: int = 1, suffix: str = "", tip: str = "") -> QSpinBox:
-    box = QSpinBox()
-    box.setRange(low, high)
-    box.setSingleStep(step)
-    box.setValue(value)
-    if suffix:
-        box.setSuffix(suffix)
-    if tip:
-        box.setToolTip(tip)
-    return box
-
-
-def _row(*widgets, stretch_first: bool = False) -> QWidget:
-    row = QWidget()
-    layout = QHBoxLayout(row)
-    layout.setContentsMargins(0, 0, 0, 0)
-    for i, w in enumerate(widgets):
-        layout.addWidget(w, 1 if (stretch_first and i == 0) or not stretch_first else 0)
-    return row

@@ -23,27 +23,27 @@ from qtpy.QtGui import QPixmap  # noqa: E402
 from qtpy.QtWidgets import (  # noqa: E402
     QComboBox,
     QDoubleSpinBox,
-    QFileDialog,
     QFormLayout,
     QHBoxLayout,
     QLabel,
     QLineEdit,
     QPushButton,
-    QSpinBox,
     QWidget,
 )
 
 from ._jobs import Outcome, PretrainRequest, pretrain_layer  # noqa: E402
 from ._utils import MODELS, pixel_size_of, safe_name, timestamped_model_path, user_model_dir  # noqa: E402
 from ._widgets import (  # noqa: E402
+    FolderChooser,
     JobRunner,
     LayerChooser,
     ProgressRow,
-    StatusWidget,
+    TrainingWidget,
     device_choices,
     fit_width,
     scrolling_layout,
     small_label,
+    spin_box,
 )
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 PICTURE_WIDTH = 360  # px of the restorations picture in the dock
 
 
-class PretrainWidget(StatusWidget):
+class PretrainWidget(TrainingWidget):
     """Dock widget: image, encoder, minutes, crop and batch size, device, where to save; Start / Stop."""
 
     def __init__(self, napari_viewer, parent: QWidget | None = None) -> None:
@@ -80,22 +80,13 @@ class PretrainWidget(StatusWidget):
         self.minutes.setSuffix(" min")
         self.minutes.setToolTip("How long to pretrain: as many steps as fit (thousands a minute on a GPU; "
                                 "on a laptop's CPU, 15-30 minutes is a sensible start)")
-        self.tile = QSpinBox()
-        self.tile.setRange(32, 1024)
-        self.tile.setSingleStep(32)
-        self.tile.setValue(defaults.tile_size)
-        self.tile.setSuffix(" px")
-        self.tile.setToolTip("Side of the corrupted crops (multiple of 32)")
-        self.batch = QSpinBox()
-        self.batch.setRange(1, 512)
-        self.batch.setValue(defaults.batch_size)
-        self.batch.setToolTip("Crops per step; lower it when the GPU runs out of memory")
+        self.tile = spin_box(32, 1024, defaults.tile_size, step=32, suffix=" px",
+                             tip="Side of the corrupted crops (multiple of 32)")
+        self.batch = spin_box(1, 512, defaults.batch_size, tip="Crops per step; lower it when the GPU runs out of memory")
         self.device = QComboBox()
         self.device.addItems(device_choices())
-        self.folder = QLineEdit(str(user_model_dir()))
-        self.folder.setToolTip("Where the run folder (model.safetensors, curves.png, restorations.png) is saved")
-        self.folder_button = QPushButton("…")
-        self.folder_button.setFixedWidth(32)
+        self.folder = FolderChooser(user_model_dir(), title="Save pretrained models in",
+                                    tip="Where the run folder (model.safetensors, curves.png, restorations.png) is saved")
         self.name = QLineEdit()
         self.name.setToolTip("The model's name; the run folder is NAME-YYYYmmdd-HHMMSS")
 
@@ -106,12 +97,7 @@ class PretrainWidget(StatusWidget):
         form.addRow("Crop size", self.tile)
         form.addRow("Batch size", self.batch)
         form.addRow("Device", self.device)
-        folder_row = QWidget()
-        row = QHBoxLayout(folder_row)
-        row.setContentsMargins(0, 0, 0, 0)
-        row.addWidget(self.folder, 1)
-        row.addWidget(self.folder_button)
-        form.addRow("Save to", folder_row)
+        form.addRow("Save to", self.folder)
         form.addRow("Name", self.name)
 
         self.start_button = QPushButton("Start")
@@ -139,7 +125,6 @@ class PretrainWidget(StatusWidget):
         layout.addStretch(1)
 
         self.image.currentIndexChanged.connect(lambda _i: self._default_name())
-        self.folder_button.clicked.connect(self._choose_folder)
         self.start_button.clicked.connect(self.start)
         self.stop_button.clicked.connect(self.stop)
         self.runner.started.connect(lambda: self._set_running(True))
@@ -151,28 +136,8 @@ class PretrainWidget(StatusWidget):
         layer = self.image.layer()
         self.name.setText(f"{safe_name(layer.name)}-pretrained" if layer is not None else "pretrained")
 
-    def _choose_folder(self) -> None:
-        folder = QFileDialog.getExistingDirectory(self, "Save pretrained models in", self.folder.text())
-        if folder:
-            self.folder.setText(folder)
-
-    @property
-    def running(self) -> bool:
-        return self.runner.running
-
-    def _set_running(self, running: bool) -> None:
-        for w in (self.start_button, self.image, self.encoder, self.minutes, self.tile, self.batch, self.device,
-                  self.folder, self.folder_button, self.name):
-            w.setEnabled(not running)
-        self.stop_button.setEnabled(running)
-        if running:
-            self.progress.set(0.0, "starting…")
-
-    def stop(self) -> None:
-        if self.running:
-            self.runner.stop()
-            self.stop_button.setEnabled(False)
-            self.progress.set(self.progress.bar.value() / 1000, "stopping after this step…")
+    def _inputs(self) -> tuple:
+        return (self.image, self.encoder, self.minutes, self.tile, self.batch, self.device, self.folder, self.name)
 
     def start(self, *, steps: int | None = None) -> bool:
         """Check the inputs and start pretraining; returns False (after a notification) if not usable.

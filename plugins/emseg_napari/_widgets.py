@@ -1,4 +1,4 @@
-"""Qt building blocks shared by the Segment and Fine-tune widgets.
+"""Qt building blocks shared by the Segment, Fine-tune and Pretrain widgets.
 
 * :class:`LayerChooser`: a combo box of the viewer's layers of one type, kept in sync.
 * :class:`ModelChooser`: a combo box of model files (:data:`emseg_napari._utils.MODELS`) with a
@@ -28,10 +28,12 @@ from qtpy.QtWidgets import (  # noqa: E402
     QFrame,
     QHBoxLayout,
     QLabel,
+    QLineEdit,
     QProgressBar,
     QPushButton,
     QScrollArea,
     QSizePolicy,
+    QSpinBox,
     QVBoxLayout,
     QWidget,
 )
@@ -53,6 +55,83 @@ class StatusWidget(QWidget):
         self.last_message = text
         self.status.setText(("⚠ " if error else "") + text)
         notify(text, error=error)
+
+
+class TrainingWidget(StatusWidget):
+    """A dock widget that runs one training job (Fine-tune, Pretrain): ``self.runner`` (:class:`JobRunner`),
+    ``start_button``, ``stop_button`` and ``progress`` (:class:`ProgressRow`) are made by the subclass, which
+    lists in ``_inputs()`` the widgets to lock while the job runs."""
+
+    def _inputs(self) -> tuple:
+        return ()
+
+    @property
+    def running(self) -> bool:
+        return self.runner.running
+
+    def _set_running(self, running: bool) -> None:
+        for w in (self.start_button, *self._inputs()):
+            w.setEnabled(not running)
+        self.stop_button.setEnabled(running)
+        if running:
+            self.progress.set(0.0, "starting…")
+
+    def stop(self) -> None:
+        """Stop after the current step; the job saves what it has."""
+        if self.running:
+            self.runner.stop()
+            self.stop_button.setEnabled(False)
+            self.progress.set(self.progress.bar.value() / 1000, "stopping after this step…")
+
+
+class FolderChooser(QWidget):
+    """A folder path box with a "…" button that opens a folder dialog titled ``title``."""
+
+    def __init__(self, folder: Path, *, title: str, tip: str, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.title = title
+        self.edit = QLineEdit(str(folder))
+        self.edit.setToolTip(tip)
+        self.button = QPushButton("…")
+        self.button.setFixedWidth(32)
+        self.button.clicked.connect(self._choose)
+        layout = QHBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(self.edit, 1)
+        layout.addWidget(self.button)
+
+    def text(self) -> str:
+        return self.edit.text()
+
+    def setText(self, text: str) -> None:  # noqa: N802 - Qt's naming, as QLineEdit's
+        self.edit.setText(text)
+
+    def _choose(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, self.title, self.edit.text())
+        if folder:
+            self.edit.setText(folder)
+
+
+def spin_box(low: int, high: int, value: int, *, step: int = 1, suffix: str = "", tip: str = "") -> QSpinBox:
+    box = QSpinBox()
+    box.setRange(low, high)
+    box.setSingleStep(step)
+    box.setValue(value)
+    if suffix:
+        box.setSuffix(suffix)
+    if tip:
+        box.setToolTip(tip)
+    return box
+
+
+def form_row(*widgets, stretch_first: bool = False) -> QWidget:
+    """Widgets side by side in one row of a form (all stretching alike, or only the first)."""
+    row = QWidget()
+    layout = QHBoxLayout(row)
+    layout.setContentsMargins(0, 0, 0, 0)
+    for i, w in enumerate(widgets):
+        layout.addWidget(w, 1 if (stretch_first and i == 0) or not stretch_first else 0)
+    return row
 
 
 def device_choices() -> list[str]:
