@@ -28,7 +28,6 @@ from qtpy.QtWidgets import (  # noqa: E402
     QComboBox,
     QDoubleSpinBox,
     QFormLayout,
-    QHBoxLayout,
     QHeaderView,
     QLineEdit,
     QPushButton,
@@ -61,13 +60,10 @@ from ._widgets import (  # noqa: E402
     JobRunner,
     LayerChooser,
     ModelChooser,
-    ProgressRow,
     TrainingWidget,
     device_choices,
     fit_width,
     form_row,
-    scrolling_layout,
-    small_label,
     spin_box,
 )
 
@@ -168,24 +164,7 @@ class FinetuneWidget(TrainingWidget):
         form.addRow("Save to", self.folder)
         form.addRow("Name", self.name)
 
-        self.start_button = QPushButton("Start")
-        self.stop_button = QPushButton("Stop and save")
-        self.stop_button.setEnabled(False)
-        buttons = QHBoxLayout()
-        buttons.addWidget(self.start_button)
-        buttons.addWidget(self.stop_button)
-        self.progress = ProgressRow("Stop")
-        self.progress.button.hide()
-        self.readout = small_label("")
-        self.status = small_label("")
-
-        layout = scrolling_layout(self)
-        layout.addLayout(form)
-        layout.addLayout(buttons)
-        layout.addWidget(self.progress)
-        layout.addWidget(self.readout)
-        layout.addWidget(self.status)
-        layout.addStretch(1)
+        self._lay_out(form)
 
         self.base.changed.connect(self._on_base_changed)
         self.new_scribbles.clicked.connect(self.make_scribble_layer)
@@ -195,10 +174,6 @@ class FinetuneWidget(TrainingWidget):
         self.classes.itemSelectionChanged.connect(self._on_class_selected)
         self.annotations.currentIndexChanged.connect(lambda _i: self._on_annotations_changed())
         self.dense.toggled.connect(lambda _on: self._fill_label_column())
-        self.start_button.clicked.connect(self.start)
-        self.stop_button.clicked.connect(self.stop)
-        self.runner.started.connect(lambda: self._set_running(True))
-        self.runner.finished.connect(lambda: self._set_running(False))
         self._on_base_changed()
         fit_width(self)
 

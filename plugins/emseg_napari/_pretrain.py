@@ -24,10 +24,8 @@ from qtpy.QtWidgets import (  # noqa: E402
     QComboBox,
     QDoubleSpinBox,
     QFormLayout,
-    QHBoxLayout,
     QLabel,
     QLineEdit,
-    QPushButton,
     QWidget,
 )
 
@@ -37,12 +35,9 @@ from ._widgets import (  # noqa: E402
     FolderChooser,
     JobRunner,
     LayerChooser,
-    ProgressRow,
     TrainingWidget,
     device_choices,
     fit_width,
-    scrolling_layout,
-    small_label,
     spin_box,
 )
 
@@ -100,35 +95,14 @@ class PretrainWidget(TrainingWidget):
         form.addRow("Save to", self.folder)
         form.addRow("Name", self.name)
 
-        self.start_button = QPushButton("Start")
-        self.stop_button = QPushButton("Stop and save")
-        self.stop_button.setEnabled(False)
-        buttons = QHBoxLayout()
-        buttons.addWidget(self.start_button)
-        buttons.addWidget(self.stop_button)
-        self.progress = ProgressRow("Stop")
-        self.progress.button.hide()
-        self.readout = small_label("")
-        self.status = small_label("Teaches a model what your images look like before you annotate: it learns to "
-                                  "restore corrupted crops of them. Then choose it as the Base model in Fine-tune.")
         self.picture = QLabel()
         self.picture.setAlignment(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignTop)
         self.picture.setToolTip("Crops of your images: clean, corrupted, and as the model restores them")
-
-        layout = scrolling_layout(self)
-        layout.addLayout(form)
-        layout.addLayout(buttons)
-        layout.addWidget(self.progress)
-        layout.addWidget(self.readout)
-        layout.addWidget(self.status)
-        layout.addWidget(self.picture)
-        layout.addStretch(1)
+        self._lay_out(form, self.picture,
+                      status="Teaches a model what your images look like before you annotate: it learns to restore "
+                             "corrupted crops of them. Then choose it as the Base model in Fine-tune.")
 
         self.image.currentIndexChanged.connect(lambda _i: self._default_name())
-        self.start_button.clicked.connect(self.start)
-        self.stop_button.clicked.connect(self.stop)
-        self.runner.started.connect(lambda: self._set_running(True))
-        self.runner.finished.connect(lambda: self._set_running(False))
         self._default_name()
         fit_width(self)
 

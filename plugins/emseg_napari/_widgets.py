@@ -58,12 +58,36 @@ class StatusWidget(QWidget):
 
 
 class TrainingWidget(StatusWidget):
-    """A dock widget that runs one training job (Fine-tune, Pretrain): ``self.runner`` (:class:`JobRunner`),
-    ``start_button``, ``stop_button`` and ``progress`` (:class:`ProgressRow`) are made by the subclass, which
-    lists in ``_inputs()`` the widgets to lock while the job runs."""
+    """A dock widget that runs one training job (Fine-tune, Pretrain). The subclass makes ``self.runner``
+    (:class:`JobRunner`) and its form, calls :meth:`_lay_out`, defines ``start()`` and lists in ``_inputs()`` the
+    widgets to lock while the job runs."""
 
     def _inputs(self) -> tuple:
         return ()
+
+    def _lay_out(self, form, *below: QWidget, status: str = "") -> None:
+        """The dock's layout: ``form``, Start / Stop and save, the progress bar, the readout and status lines,
+        then ``below``; Start and Stop wired to ``start()`` and ``stop()``."""
+        self.start_button = QPushButton("Start")
+        self.stop_button = QPushButton("Stop and save")
+        self.stop_button.setEnabled(False)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.start_button)
+        buttons.addWidget(self.stop_button)
+        self.progress = ProgressRow("Stop")
+        self.progress.button.hide()
+        self.readout = small_label("")
+        self.status = small_label(status)
+        layout = scrolling_layout(self)
+        layout.addLayout(form)
+        layout.addLayout(buttons)
+        for widget in (self.progress, self.readout, self.status, *below):
+            layout.addWidget(widget)
+        layout.addStretch(1)
+        self.start_button.clicked.connect(self.start)
+        self.stop_button.clicked.connect(self.stop)
+        self.runner.started.connect(lambda: self._set_running(True))
+        self.runner.finished.connect(lambda: self._set_running(False))
 
     @property
     def running(self) -> bool:
