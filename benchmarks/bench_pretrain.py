@@ -66,10 +66,11 @@ def unlabelled(name: str):
 
 def pages_of(name: str, target_nm: float | None):
     from emseg.train.data import rescale_items
-    from emseg.train.pretrain import unlabelled_from_arrays
+    from emseg.train.pretrain import PretrainConfig, unlabelled_from_arrays
     items = []
     for stack, nm, source in unlabelled(name):  # every page (the data sets hold less than the pixel budget)
-        items += unlabelled_from_arrays(stack, tile=128, pixel_size_nm=nm, name=source, max_pixels=2**40)
+        items += unlabelled_from_arrays(stack, tile=PretrainConfig.tile_size, pixel_size_nm=nm, name=source,
+                                        max_pixels=2**40)
     return rescale_items(items, target_nm)
 
 

@@ -41,23 +41,9 @@ done
 start=$(date +%s); deadline=$((start + budget))
 OUT=${OUT:-/tmp/gpu_transfer_out}
 work=/tmp/gpu_transfer; rm -rf "$work"; mkdir -p "$OUT" "$work/logs"
-PY=${PYTHON:-python3}
-if [ -n "$rehearse" ]; then
-    PY=${PYTHON:-.venv/bin/python}
-    export PYTHONPATH=$PWD
-elif [ -d .gpu/whl ]; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/whl/*.whl \
-        || { echo "gpu_transfer: installing .gpu/whl failed (run benchmarks/gpu_kit.sh here and carry .gpu)"; exit 1; }
-    export PYTHONPATH=/tmp/site:$PWD
-else
-    export PYTHONPATH=$PWD
-fi
-export NO_ALBUMENTATIONS_UPDATE=1 PYTHONUNBUFFERED=1 EMSEG_BENCH_DATA=$data EMSEG_BENCH_RUNS=$work/runs OMP_NUM_THREADS=1
-export PY deadline work
-summary=$OUT/summary.txt; : > "$summary"
-say() { echo "$*" | tee -a "$summary"; }
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 || true
-  "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" 2>&1; } | tee -a "$summary"
+name=gpu_transfer
+source benchmarks/gpu_env.sh
+export OMP_NUM_THREADS=1 PY deadline work
 
 # one queued run: NAME COMMAND...; skipped when the budget is spent, stopped when it runs out
 run_one() {

@@ -164,10 +164,8 @@ def load_unlabelled(paths: Sequence[str | Path], *, tile: int, pixel_size_nm: fl
                              "smaller --tile-size")
         with open_image(path, pixel_size_nm=pixel_size_nm) as src:
             for i in _even_pages(pages, keep):
-                page = src.page(i)
-                _refuse_mask(page, path, int(i), pages)
-                name = f"{path.name}[{i}]" if src.is_stack else path.name
-                items.append(Annotated(normalise01(page, norm), _crop_grid(page.shape), name, nm))
+                items.append(_unlabelled_page(src.page(i), path, i, pages, f"{path.name}[{i}]" if src.is_stack
+                                              else path.name, nm, norm))
     if keep < 1:
         log.info("pretraining on %d of the inputs' pages (at most %.0f megapixels)", len(items), max_pixels / 1e6)
     return rescale_items(items, target)
@@ -192,13 +190,19 @@ def unlabelled_from_arrays(image, *, tile: int, pixel_size_nm: float | None = No
     items = []
     for i in _even_pages(pages, keep):
         page = np.asarray(image[i] if len(shape) == 3 else image)
-        _refuse_mask(page, name, i, pages)
-        items.append(Annotated(normalise01(page, norm), _crop_grid(page.shape), f"{name}[{i}]" if pages > 1 else name,
-                               pixel_size_nm))
+        items.append(_unlabelled_page(page, name, i, pages, f"{name}[{i}]" if pages > 1 else name, pixel_size_nm,
+                                      norm))
     if keep < 1:
         log.info("pretraining on %d of %s's %d pages (at most %.0f megapixels)", len(items), name, pages,
                  max_pixels / 1e6)
     return items
+
+
+def _unlabelled_page(page: np.ndarray, source: Path | str, index: int, pages: int, name: str,
+                     pixel_size_nm: float | None, norm: Normalization) -> Annotated:
+    """One page, refused if it looks like a mask, as a normalised training page without a target."""
+    _refuse_mask(page, source, index, pages)
+    return Annotated(normalise01(page, norm), _crop_grid(page.shape), name, pixel_size_nm)
 
 
 def _even_pages(pages: int, keep: float) -> list[int]:

@@ -47,6 +47,7 @@ from ._utils import (  # noqa: E402
     labels_layer_kwargs,
     layer_kwargs,
     layer_position,
+    model_label,
     page_index,
     pixel_size_of,
     safe_name,
@@ -277,7 +278,7 @@ class FinetuneWidget(TrainingWidget):
                 self.set_classes(DEFAULT_NEW_CLASSES)
             self.status.setText(f"{path.name}: pretrained on unlabelled images; its encoder and decoder are kept, "
                                 "with a new output for your classes")
-            self.name.setText(f"{safe_name(path.parent.name if stem == 'model' else stem)}-trained")
+            self.name.setText(f"{safe_name(model_label(path))}-trained")
             return
         self.set_classes(card.classes)
         self.name.setText(f"{safe_name(stem)}-finetuned")

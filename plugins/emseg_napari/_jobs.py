@@ -387,14 +387,14 @@ class PretrainRequest:
 
     image: Any
     out_dir: Path
-    encoder: str | None = None
-    minutes: float | None = 20.0
+    minutes: float | None  # None: no time limit (then steps)
     steps: int | None = None  # with minutes: at most this many; alone: exactly this many
-    tile_size: int = 128
-    batch_size: int = 8
+    encoder: str | None = None  # None here and below: PretrainConfig's default
+    tile_size: int | None = None
+    batch_size: int | None = None
+    val_every: int | None = None
     device: str = "auto"
     pixel_size_nm: float | None = None
-    val_every: int = 100
     name: str = "pretrained"
     layer_name: str = "image layer"
 
@@ -413,14 +413,14 @@ class PretrainJobResult:
 def pretrain_layer(request: PretrainRequest, *, progress: Callable[[Any], None] | None = None,
                    stop: threading.Event | None = None) -> PretrainJobResult:
     """Pretrain on the layer's pages; ``progress(TrainEvent)`` after every step; Stop saves what was learnt."""
-    from emseg.model.networks import DEFAULT_ENCODER
     from emseg.train.pretrain import PretrainConfig, pretrain, unlabelled_from_arrays
 
     start = time.perf_counter()
-    config = PretrainConfig(encoder=request.encoder or DEFAULT_ENCODER, time_limit_minutes=request.minutes,
-                            steps=request.steps, tile_size=request.tile_size, batch_size=request.batch_size,
-                            device=request.device, pixel_size_nm=request.pixel_size_nm,
-                            val_every=max(1, request.val_every), name=request.name)
+    chosen = {key: value for key, value in (("encoder", request.encoder), ("tile_size", request.tile_size),
+                                            ("batch_size", request.batch_size), ("val_every", request.val_every))
+              if value is not None}
+    config = PretrainConfig(time_limit_minutes=request.minutes, steps=request.steps, device=request.device,
+                            pixel_size_nm=request.pixel_size_nm, name=request.name, **chosen)
     pages = unlabelled_from_arrays(request.image, tile=config.tile_size, pixel_size_nm=request.pixel_size_nm,
                                    name=request.layer_name)
     steps_done = 0

@@ -60,6 +60,7 @@ class PretrainWidget(TrainingWidget):
         self.runner = JobRunner(self)
         self.last_model_path: Path | None = None
         self.last_metrics: dict | None = None
+        self._started = 0.0  # time.monotonic() of the run's start
 
         self.image = LayerChooser(napari_viewer, Image)
         self.image.setToolTip("Raw, unlabelled images: a stack or a single page (every page of a stack is used)")
@@ -117,7 +118,7 @@ class PretrainWidget(TrainingWidget):
         """Check the inputs and start pretraining; returns False (after a notification) if not usable.
         ``steps``: at most this many steps (the time limit still holds)."""
         from emseg.errors import InputError
-        from emseg.train.pretrain import unlabelled_from_arrays
+        from emseg.train.pretrain import PretrainConfig, unlabelled_from_arrays
         if self.running:
             return False
         image = self.image.layer()
@@ -143,7 +144,8 @@ class PretrainWidget(TrainingWidget):
         request = PretrainRequest(image=data, out_dir=out_dir, encoder=self.encoder.currentText(),
                                   minutes=self.minutes.value(), steps=steps, tile_size=self.tile.value(),
                                   batch_size=self.batch.value(), device=self.device.currentText(),
-                                  pixel_size_nm=pixel_size_of(image), val_every=max(1, min(100, steps or 100)),
+                                  pixel_size_nm=pixel_size_of(image),
+                                  val_every=min(steps, PretrainConfig.val_every) if steps else None,
                                   name=self.name.text() or "pretrained", layer_name=image.name)
         self.last_metrics = None
         self.readout.setText("")

@@ -260,6 +260,11 @@ def safe_name(text: str) -> str:
     return name or "model"
 
 
+def model_label(path: Path) -> str:
+    """How a model file is named in the widgets: its stem, or its run folder's name for ``RUN/model.safetensors``."""
+    return path.parent.name if path.stem == "model" else path.stem
+
+
 def timestamped_model_path(folder: Path, name: str) -> Path:
     """``folder/NAME-YYYYmmdd-HHMMSS.safetensors``, not yet existing."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -300,7 +305,7 @@ class ModelRegistry:
         found = sorted([*folder.glob(f"*{MODEL_SUFFIX}"), *folder.glob(f"*/model{MODEL_SUFFIX}")], key=_mtime,
                        reverse=True) if folder.is_dir() else []  # files, and run folders (Pretrain's)
         for path in [*reversed(self._added), *found]:
-            add(path.parent.name if path.stem == "model" else path.stem, path)
+            add(model_label(path), path)
         return out
 
     def add(self, path: str | os.PathLike, *, select: bool = True) -> Path:

@@ -1,0 +1,19 @@
+# Sourced by gpu_check.sh and gpu_transfer.sh once they have set name, rehearse, data, work and OUT: the Python to
+# run (the GPU image's, with .gpu/whl installed beside it; this checkout's .venv with --rehearse), the benchmarks'
+# environment, $summary with say(), and the machine's lines at the top of the summary.
+PY=${PYTHON:-python3}
+if [ -n "$rehearse" ]; then  # here: this checkout's environment, not the GPU image's Python 3.12 wheels
+    PY=${PYTHON:-.venv/bin/python}
+    export PYTHONPATH=$PWD
+elif [ -d .gpu/whl ]; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/whl/*.whl \
+        || { echo "$name: installing .gpu/whl failed (run benchmarks/gpu_kit.sh here and carry .gpu)"; exit 1; }
+    export PYTHONPATH=/tmp/site:$PWD
+else
+    export PYTHONPATH=$PWD
+fi
+export NO_ALBUMENTATIONS_UPDATE=1 PYTHONUNBUFFERED=1 EMSEG_BENCH_DATA=$data EMSEG_BENCH_RUNS=$work/runs
+summary=$OUT/summary.txt; : > "$summary"
+say() { echo "$*" | tee -a "$summary"; }
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 || true
+  "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" 2>&1; } | tee -a "$summary"
