@@ -1,6 +1,6 @@
 """Does `emseg pretrain` make two annotated slices enough? Pretraining on unlabelled images, then fine-tuning.
 
-    python benchmarks/bench_pretrain.py pretrain membranes [--minutes 20]
+    python benchmarks/bench_pretrain.py pretrain membranes [--minutes 20] [--objective masked]
     python benchmarks/bench_pretrain.py finetune membranes [--minutes 6] [--seeds 0 1] [--sparse] [--arms ...]
 
 Data sets (../shared/data; nothing else is ever used):
@@ -78,17 +78,19 @@ def cmd_pretrain(args) -> int:
     from emseg.train.pretrain import PretrainConfig, pretrain
     _, _, nm = SETS[args.data]
     config = PretrainConfig(time_limit_minutes=args.minutes, seed=args.seed, device=args.device, pixel_size_nm=nm,
-                            name=f"pretrained on {args.data}")
+                            objective=args.objective, name=f"pretrained on {args.data}")
     pages = pages_of(args.data, nm)
-    out = OUT / f"{args.data}_{args.minutes:g}min"
+    tag = f"{args.data}_{args.minutes:g}min{'_' + args.objective if args.objective != 'restoration' else ''}"
+    out = OUT / tag
     start = time.perf_counter()
     result = pretrain(pages, config, out, resume=args.resume)
     last = result.history[-1]
-    report = {"set": args.data, "minutes": args.minutes, "steps": last["step"], "pages": len(pages),
-              "megapixels": round(sum(p.image.size for p in pages) / 1e6, 1), "val_loss": last["val_loss"],
+    report = {"set": args.data, "objective": args.objective, "minutes": args.minutes, "steps": last["step"],
+              "pages": len(pages), "megapixels": round(sum(p.image.size for p in pages) / 1e6, 1),
+              "val_loss": last["val_loss"],
               "copy_loss": last["copy_loss"], "seconds": round(time.perf_counter() - start, 1),
               "model": str(result.model_path), "machine": machine()}
-    (OUT / f"pretrain_{args.data}.json").write_text(json.dumps(report, indent=1))
+    (OUT / f"pretrain_{tag}.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))
     return 0
 
@@ -116,7 +118,8 @@ def finetune_arm(arm: str, args, pretrained_path: Path | None) -> dict:
     seconds = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as tmp:
         summary = evaluate_arrays(result.model, val_img, val_msk, Path(tmp), nm)
-    return {"arm": arm, "seed": args.seed_now, "sparse": sparse and arm != "full", "steps": result.history[-1]["step"],
+    return {"arm": arm, "objective": base.card.pretrained.get("objective") if base else None,
+            "seed": args.seed_now, "sparse": sparse and arm != "full", "steps": result.history[-1]["step"],
             "settings": args.changes, "seconds": round(seconds, 1), "metrics": summary}
 
 
@@ -154,7 +157,8 @@ def table(rows: list[dict]) -> str:
            "|---|---|---:|---:|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: (r["arm"], r.get("settings", []), r["seed"])):
         m = r["metrics"]
-        out.append(f"| {r['arm']}{' (scribbles)' if r.get('sparse') else ''} | {' '.join(r.get('settings', []))} | "
+        arm = r["arm"] + (f" ({r['objective']})" if r.get("objective") else "")
+        out.append(f"| {arm}{' (scribbles)' if r.get('sparse') else ''} | {' '.join(r.get('settings', []))} | "
                    f"{r['seed']} | {r['steps']} | "
                    f"{m.get('pixel_error', float('nan')):.4f} | {m.get('mean_iou', float('nan')):.4f} | "
                    f"{m.get('adapted_rand_error', float('nan')):.4f} |")
@@ -170,6 +174,8 @@ def main() -> int:
     p.add_argument("--minutes", type=float, default=20.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--objective", default="restoration", choices=["restoration", "masked"],
+                   help="the self-supervised objective (results in SET_MINUTESmin_OBJECTIVE/ unless restoration)")
     p.set_defaults(func=cmd_pretrain)
     p = sub.add_parser("finetune")
     p.add_argument("data", metavar="set", choices=SETS)

@@ -12,12 +12,13 @@
 #   --rehearse    on the CPU with tiny runs of the shift pair and the pretraining arms, to check the script end
 #                 to end on a machine without a GPU (about 10 minutes on 2 cores)
 # Steps:
-#   1. side by side: the base models (bench_finetune.py base isbi, epfl, nasa with seeds 0 and 1, isbi-late
-#      seed 0; BASE_MIN minutes each: goal 4's GPU row and the bases of the pairs), and pretraining on the
-#      membranes' unlabelled images (bench_pretrain.py pretrain membranes, PRE_MIN minutes)
+#   1. side by side: pretraining on the membranes' unlabelled images with both objectives (bench_pretrain.py
+#      pretrain membranes, restoration and masked, PRE_MIN minutes) and the base models (bench_finetune.py base
+#      isbi, epfl, nasa with seeds 0 and 1, isbi-late seed 0; BASE_MIN minutes each: goal 4's GPU row and the
+#      bases of the pairs)
 #   2. a queue of runs, N at a time: every pair's zero-shot, then for seed 0..4 every pair's scratch and dense
-#      fine-tuning (500 steps), then the pretraining arms (600 steps, random / pretrained, seeds 0-2, and the
-#      24-slice ceiling)
+#      fine-tuning (500 steps), then the pretraining arms (600 steps, random / restoration-pretrained /
+#      masked-pretrained, seeds 0-2, and the 24-slice ceiling)
 #   3. $OUT/summary.txt: bench_finetune.py's table and the pretraining rows; $OUT/gpu_transfer.tar.gz: every
 #      JSON and log
 set -uo pipefail
@@ -62,11 +63,12 @@ dev="--device $([ -n "$rehearse" ] && echo cpu || echo auto)"  # bench_pretrain'
 queue=$work/queue; : > "$queue"
 q() { echo "$*" >> "$queue"; }  # q NAME COMMAND...: a line of the queue
 
-# -- 1. bases and pretraining, side by side
+# -- 1. bases and pretraining, side by side (the longer pretraining runs first: 9 runs on 8 slots)
+q "pretrain_membranes $PRE pretrain membranes --minutes $pre_min $dev"
+q "pretrain_membranes_masked $PRE pretrain membranes --minutes $pre_min --objective masked $dev"
 for b in $bases; do
     q "base_${b%:*}_s${b#*:} $FT base ${b%:*} --seed ${b#*:} --minutes $base_min"
 done
-q "pretrain_membranes $PRE pretrain membranes --minutes $pre_min $dev"
 say "== 1. bases and pretraining ($(wc -l < "$queue") runs side by side)"
 xargs -P "$jobs" -L 1 bash -c 'run_one "$@"' _ < "$queue" | tee -a "$summary"
 
@@ -82,6 +84,7 @@ for seed in $seeds; do
         for arm in random pretrained; do
             q "pre_${arm}_s$seed $PRE finetune membranes --steps $pre_steps --seeds $seed --arms $arm --tag ${arm}_s$seed --pretrained $pretrained $dev"
         done
+        q "pre_masked_s$seed $PRE finetune membranes --steps $pre_steps --seeds $seed --arms pretrained --tag masked_s$seed --pretrained ${pretrained%/model.safetensors}_masked/model.safetensors $dev"
     fi
 done
 q "pre_full_s0 $PRE finetune membranes --steps $pre_steps --seeds 0 --arms full --tag full_s0 $dev"

@@ -14,9 +14,12 @@ from emseg.train.loop import TrainConfig, _prepare_network
 from emseg.train.pretrain import (
     Corruptions,
     Corruptor,
+    Masker,
+    Masking,
     PretrainConfig,
     load_unlabelled,
     pretrain,
+    restoration_loss,
     unlabelled_from_arrays,
 )
 
@@ -86,6 +89,17 @@ def test_training_from_it_keeps_encoder_and_decoder_with_a_fresh_head(pretrained
     assert base.card.is_pretrained  # the file's model is not changed
 
 
+def test_a_fresh_decoder_keeps_only_the_encoder(pretrained):
+    base = load_model(pretrained.model_path)
+    config = TrainConfig(encoder="vgg11_bn_micro", classes=CLASSES, device="cpu", fresh_decoder=True)
+    net, card = _prepare_network(config, CLASSES, base)
+    mine, theirs = net.state_dict(), base.net.state_dict()
+    assert all(torch.equal(mine[k], v) for k, v in theirs.items() if k.startswith("encoder."))
+    decoder = [k for k in theirs if k.startswith("decoder.") and k.endswith("weight")]
+    assert decoder and not any(torch.equal(mine[k], theirs[k]) for k in decoder)
+    assert card.classes == CLASSES and card.pixel_size_nm == base.card.pixel_size_nm
+
+
 @pytest.mark.parametrize("how", ["init", "finetune"])
 def test_cli_train_init_and_finetune_from_a_pretrained_model(pretrained, stack_files, tmp_path, how):
     data = ["--images", str(stack_files / "raw.tif"), "--masks", str(stack_files / "raw_mask.tif"),
@@ -121,12 +135,17 @@ def test_cli_train_init_refuses_another_encoder(pretrained, stack_files, tmp_pat
     assert "--encoder vgg11_bn_slim differs" in capsys.readouterr().err
 
 
-def test_cli_pretrain_end_to_end_and_its_bad_inputs(stack_files, tmp_path, capsys):
+@pytest.mark.parametrize("objective", ["restoration", "masked"])
+def test_cli_pretrain_end_to_end_and_its_bad_inputs(stack_files, tmp_path, capsys, objective):
     assert main(["-q", "pretrain", "--images", str(stack_files / "raw.tif"), "-o", str(tmp_path / "run"),
                  "--encoder", "vgg11_bn_micro", "--steps", "4", "--val-every", "2", "--tile-size", "64",
-                 "--batch-size", "2", "--device", "cpu"]) == 0
+                 "--batch-size", "2", "--device", "cpu", "--objective", objective]) == 0
     card = load_model(tmp_path / "run" / "model.safetensors").card
     assert card.is_pretrained and card.pixel_size_nm == pytest.approx(6.0)
+    assert card.pretrained["objective"] == objective
+    assert ("masking" in card.pretrained) == (objective == "masked")
+    if objective == "masked":
+        return
     capsys.readouterr()
     # no images
     assert main(["-q", "pretrain", "--images", str(tmp_path / "nothing*.tif"), "-o", str(tmp_path / "a")]) == 1
@@ -204,3 +223,36 @@ def test_the_intensity_curve_keeps_the_order_of_grey_values():
     order = flat_clean.argsort(dim=1)
     assert (torch.gather(flat, 1, order).diff(dim=1) >= -1e-6).all()
     assert not torch.allclose(curved, clean, atol=0.01)
+
+
+def test_masking_hides_a_share_of_patches_under_the_crop_mean_and_scores_only_them():
+    clean = torch.rand(3, 1, 64, 64, generator=torch.Generator().manual_seed(1))
+    masked, weights = Masker(Masking(ratio=0.5, patch=16), 64, torch.device("cpu"), seed=2)(clean)
+    assert weights.shape == clean.shape
+    assert weights.mean(dim=(1, 2, 3)).tolist() == [0.5, 0.5, 0.5]
+    blocks = weights.view(3, 4, 16, 4, 16)  # whole 16-pixel patches, never parts of them
+    assert torch.equal(blocks.amax(dim=(2, 4)), blocks.amin(dim=(2, 4)))
+    hidden = weights.bool()
+    for i in range(3):
+        assert torch.allclose(masked[i][hidden[i]], clean[i].mean())
+        assert torch.equal(masked[i][~hidden[i]], clean[i][~hidden[i]])
+    assert not torch.equal(weights[0], weights[1])  # each crop its own patches
+    assert torch.equal(Masker(Masking(ratio=0.5, patch=16), 64, torch.device("cpu"), seed=2)(clean)[1], weights)
+    wrong_where_seen = torch.where(hidden, clean, 1 - clean)
+    assert restoration_loss(wrong_where_seen, clean, weights) == 0  # the visible pixels are not scored
+    assert restoration_loss(masked, clean, weights) > 0
+    with pytest.raises(ValueError, match="ratio"):
+        Masking(ratio=1.0)
+    with pytest.raises(ValueError, match="multiple of the masking patch"):
+        PretrainConfig(tile_size=96, masking=Masking(patch=64))
+
+
+def test_a_short_masked_pretraining_lowers_its_own_loss(stack_files, tmp_path):
+    pages = load_unlabelled([stack_files / "raw.tif"], tile=64)
+    config = PretrainConfig(encoder="vgg11_bn_micro", tile_size=64, batch_size=4, steps=40, val_every=20,
+                            time_limit_minutes=None, device="cpu", objective="masked")
+    result = pretrain(pages, config, tmp_path / "run")
+    assert (tmp_path / "run" / "curves.png").is_file() and (tmp_path / "run" / "restorations.png").is_file()
+    first, last = (h["val_loss"] for h in result.history)
+    assert last < 0.8 * first and np.isfinite(last), result.history
+    assert result.model.card.pretrained["masking"] == {"ratio": 0.6, "patch": 16}

@@ -530,7 +530,7 @@ def test_finetune_defaults_from_a_base_of_other_classes_learn_the_new_ones(tmp_p
     assert base.card.pixel_size_nm == pytest.approx(6.0)
     with caplog.at_level("INFO", logger="emseg"):
         assert main(["finetune", str(tmp_path / "base"), *common, "--images", str(tmp_path / "img5.tif"),
-                     "--masks", str(paths["mito"]), "--classes", "background,mitochondrion", "--steps", "100",
+                     "--masks", str(paths["mito"]), "--classes", "background,mitochondrion", "--steps", "200",
                      "-o", str(tmp_path / "ft")]) == 0
     assert "rescaled by" not in caplog.text and "the output head starts afresh" in caplog.text
     tuned = load_model(tmp_path / "ft" / "model.safetensors")

@@ -28,6 +28,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="unlabelled images: stacks, folders or files in any format emseg reads")
     p.add_argument("-o", "--output", required=True, type=Path, metavar="OUTDIR", help="run folder")
     p.add_argument("--encoder", type=_encoder, help="encoder from `emseg models` (default vgg11_bn_slim)")
+    p.add_argument("--objective", choices=["restoration", "masked"],
+                   help="restoration (default): undo intensity curves, shuffled pixels, painted-over boxes and noise; "
+                        "masked: fill in 60%% of 16-pixel patches hidden under the mean grey, scored on them alone")
     p.add_argument("--time-limit", type=_option_type("time_limit_minutes"), dest="time_limit_minutes", metavar="MIN",
                    help="minutes to pretrain (default 20; as many steps as fit, thousands on a GPU)")
     p.add_argument("--steps", type=_option_type("steps"), help="optimiser steps (with --time-limit: at most this many)")
@@ -54,7 +57,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def pretrain_config(args):
     """The PretrainConfig of the flags (defaults where a flag is not given)."""
     from emseg.train.pretrain import PretrainConfig
-    values = {name: getattr(args, name) for name in ("encoder", "time_limit_minutes", "steps", "tile_size",
+    values = {name: getattr(args, name) for name in ("encoder", "objective", "time_limit_minutes", "steps", "tile_size",
                                                      "batch_size", "lr", "val_every", "seed", "device", "name")
               if getattr(args, name, None) is not None}
     if args.steps is not None and args.time_limit_minutes is None:

@@ -87,6 +87,7 @@ OPTIONS = {
     "device": device,
     "loader_workers": integer(0, high=64),
     "freeze_encoder": _flag,
+    "fresh_decoder": _flag,
     "freeze_bn": _flag,
     "head": _choice("auto", "keep", "fresh"),
     "pixel_size_nm": pixel_size,

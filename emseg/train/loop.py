@@ -120,6 +120,7 @@ class TrainConfig(RunLength):
     device: str = "auto"
     loader_workers: int = 0
     freeze_encoder: bool = False
+    fresh_decoder: bool = False  # starting from a model: keep its encoder only (decoder and head start afresh)
     freeze_bn: bool | None = None
     head: str = "auto"
     pixel_size_nm: float | None = None
@@ -232,7 +233,15 @@ def _prepare_network(config: TrainConfig, classes: tuple[str, ...], base: Model 
         log.info("a new task for the %s model (%s -> %s): trained at the pages' pixel size (%s), not the base's",
                  base.card.encoder, ", ".join(base.classes), ", ".join(classes),
                  f"{config.pixel_size_nm:g} nm/px" if config.pixel_size_nm else "unknown")
-    if _fresh_head(config.head, base, classes):
+    if config.fresh_decoder:
+        fresh = build_unet(base.card.encoder, len(classes), decoder_channels=base.card.decoder_channels,
+                           full_resolution_skip=base.card.full_resolution_skip,
+                           upsampling=base.card.decoder_upsampling)
+        fresh.encoder.load_state_dict(net.encoder.state_dict())
+        net = fresh
+        log.info("the %s encoder from %s; decoder and head start afresh", base.card.encoder,
+                 "the pretrained model" if base.card.is_pretrained else "the base model")
+    elif _fresh_head(config.head, base, classes):
         fresh = build_unet(base.card.encoder, len(classes), decoder_channels=base.card.decoder_channels,
                            full_resolution_skip=base.card.full_resolution_skip,
                            upsampling=base.card.decoder_upsampling)

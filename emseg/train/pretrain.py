@@ -1,4 +1,4 @@
-"""Self-supervised pretraining on a lab's own unlabelled images: restoration of corrupted crops.
+"""Self-supervised pretraining on a lab's own unlabelled images: restoration of corrupted crops, or masked patches.
 
 Models Genesis (Zhou et al. 2019) taught a whole U-Net, decoder included, to restore crops of its own
 modality that had been corrupted; fine-tuned from there it beat training from scratch. emseg does the
@@ -13,10 +13,13 @@ corrupted on the device, batch-wise:
   context and shape;
 * Gaussian noise.
 
-The network (one output channel) is trained to give back the clean crop (mean squared error). The
+The network (one output channel) is trained to give back the clean crop (mean squared error). The other
+objective (``PretrainConfig.objective = "masked"``, SimMIM, Xie et al. 2022, with a U-Net) hides 60 % of the
+crop's 16-pixel patches under its mean grey and scores the filled-in patches alone (:class:`Masker`). The
 result is a normal emseg model file whose card has no classes and says what it was pretrained on
 (``card.pretrained``); ``emseg train --init FILE`` and ``emseg finetune FILE`` start from its encoder
-and decoder with a fresh head for the classes. Predicting with it is refused.
+and decoder (or its encoder alone: ``TrainConfig.fresh_decoder``) with a fresh head for the classes.
+Predicting with it is refused.
 
 Progress, the time limit, the checkpoint (``--resume``), curves.png and a preview of inputs and
 restorations (restorations.png) work as in :mod:`emseg.train.loop`.
@@ -58,7 +61,9 @@ from emseg.train.loop import (
 
 log = logging.getLogger(__name__)
 
-OBJECTIVE = "restoration"
+#: the self-supervised objectives: restore crops of several corruptions (Models Genesis), or fill in masked
+#: patches, scored on the masked pixels alone (SimMIM, Xie et al. 2022, with a U-Net)
+OBJECTIVES = ("restoration", "masked")
 #: the most pixels of unlabelled pages held for pretraining (pages are taken evenly from the inputs)
 MAX_PIXELS = 64 * 2**20
 #: a page with at most this many distinct values is taken for a mask, not an image
@@ -88,6 +93,20 @@ class Corruptions:
 
 
 @dataclass(frozen=True)
+class Masking:
+    """The masked-image objective: a share of the crop's square patches is replaced by the crop's mean grey."""
+
+    ratio: float = 0.6          # share of the patches masked
+    patch: int = 16             # side of the patches (pixels; divides the tile)
+
+    def __post_init__(self):
+        if not (isinstance(self.ratio, (int, float)) and 0 < self.ratio < 1):
+            raise ValueError(f"masking ratio must be between 0 and 1, got {self.ratio!r}")
+        if self.patch not in (4, 8, 16, 32, 64):
+            raise ValueError(f"masking patch must be a power of two from 4 to 64, got {self.patch!r}")
+
+
+@dataclass(frozen=True)
 class PretrainConfig(RunLength):
     """Everything that defines a pretraining run (summarised in the model card)."""
 
@@ -107,7 +126,9 @@ class PretrainConfig(RunLength):
     pixel_size_nm: float | None = None
     max_pixels: int = MAX_PIXELS
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    objective: str = "restoration"
     corruptions: Corruptions = field(default_factory=Corruptions)
+    masking: Masking = field(default_factory=Masking)
     name: str = "emseg pretrained encoder"
 
     def __post_init__(self):
@@ -116,6 +137,10 @@ class PretrainConfig(RunLength):
             raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
         if self.tile_size % 32 or self.tile_size < 32:
             raise ValueError(f"tile_size must be a multiple of 32, at least 32, got {self.tile_size!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.tile_size % self.masking.patch:
+            raise ValueError(f"tile_size {self.tile_size} must be a multiple of the masking patch {self.masking.patch}")
         if self.tile_size % self.corruptions.shuffle_block:
             raise ValueError(f"tile_size {self.tile_size} must be a multiple of shuffle_block "
                              f"{self.corruptions.shuffle_block}")
@@ -326,6 +351,42 @@ class Corruptor:
         return torch.where(outside, self._rand(*x.shape), x)
 
 
+class Masker:
+    """Masks a random share of the square patches of crops ``(n, 1, t, t)`` with each crop's mean grey; returns
+    the masked crops and the weights of the loss (1 on the masked pixels, 0 elsewhere: SimMIM scores only what
+    the network could not see)."""
+
+    def __init__(self, config: Masking, tile: int, device: torch.device, seed: int = 0):
+        self.config, self.tile, self.device = config, tile, device
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+
+    def __call__(self, clean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n, g = clean.shape[0], self.tile // self.config.patch
+        count = round(self.config.ratio * g * g)
+        order = torch.argsort(torch.rand((n, g * g), device=self.device, generator=self.generator), dim=1)
+        masked = torch.zeros((n, g * g), device=self.device)
+        masked.scatter_(1, order[:, :count], 1.0)
+        weights = F.interpolate(masked.view(n, 1, g, g), scale_factor=self.config.patch, mode="nearest")
+        grey = clean.mean(dim=(1, 2, 3), keepdim=True)
+        return torch.where(weights > 0, grey, clean), weights
+
+
+def corruptor(config: PretrainConfig, device: torch.device, seed: int) -> Callable:
+    """The corruption of the configured objective: a callable from clean crops to (input, loss weights or None)."""
+    if config.objective == "masked":
+        return Masker(config.masking, config.tile_size, device, seed)
+    corrupt = Corruptor(config.corruptions, config.tile_size, device, seed)
+    return lambda clean: (corrupt(clean), None)  # every pixel is scored
+
+
+def restoration_loss(restored: torch.Tensor, clean: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Mean squared error of a restoration, over the weighted pixels when weights are given."""
+    if weights is None:
+        return F.mse_loss(restored, clean)
+    return ((restored - clean) ** 2 * weights).sum() / weights.sum().clamp_min(1.0)
+
+
 # ---------------------------------------------------------------- the run
 
 def pretrain(images: Sequence[Annotated], config: PretrainConfig, out_dir: str | Path | None = None, *,
@@ -347,7 +408,7 @@ def pretrain(images: Sequence[Annotated], config: PretrainConfig, out_dir: str |
     card = ModelCard(encoder=config.encoder, classes=(), full_resolution_skip=config.full_resolution_skip,
                      decoder_upsampling=config.decoder_upsampling, normalization=norm,
                      tile_size=max(512, config.tile_size), pixel_size_nm=config.pixel_size_nm, name=config.name,
-                     pretrained={"objective": OBJECTIVE})
+                     pretrained={"objective": config.objective})
     optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     planned = DEFAULT_STEPS if config.fills_time else config.steps
     schedule = _Schedule(planned, config.warmup)
@@ -365,9 +426,9 @@ def pretrain(images: Sequence[Annotated], config: PretrainConfig, out_dir: str |
 
     sampler = DeviceCropSampler(images, config.tile_size, config=config.augment, device=device,
                                 seed=int(rng.integers(2**31)), bias=0.0)
-    corrupt = Corruptor(config.corruptions, config.tile_size, device, seed=int(rng.integers(2**62)))
-    val_clean, val_input = _validation_batch(images, config, device)
-    copy_loss = float(F.mse_loss(val_input, val_clean))  # what giving back the corrupted input would score
+    corrupt = corruptor(config, device, seed=int(rng.integers(2**62)))
+    val_clean, val_input, val_weights = _validation_batch(images, config, device)
+    copy_loss = float(restoration_loss(val_input, val_clean, val_weights))  # giving back the input would score this
     writer = _CheckpointWriter(out / "checkpoint", _weights_bytes(net)) if out is not None else None
     meter = _LossMeter(device)
     clock = _Clock(config)
@@ -383,10 +444,10 @@ def pretrain(images: Sequence[Annotated], config: PretrainConfig, out_dir: str |
                 break
             net.train()
             clean = sampler.batch(config.batch_size)[0]
-            corrupted = corrupt(clean)
+            corrupted, weights = corrupt(clean)
             with amp():
                 restored = net(((corrupted - norm.mean) / norm.std).contiguous(memory_format=torch.channels_last))
-            loss = F.mse_loss(restored.float(), clean)
+            loss = restoration_loss(restored.float(), clean, weights)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -399,7 +460,7 @@ def pretrain(images: Sequence[Annotated], config: PretrainConfig, out_dir: str |
             event = TrainEvent(state["step"], schedule.total, meter.value, scheduler.get_last_lr()[0])
             if validating:
                 running = meter.take_running()
-                val_loss = _val_loss(net, val_input, val_clean, norm, amp)
+                val_loss = _val_loss(net, val_input, val_clean, val_weights, norm, amp)
                 record = {"step": state["step"], "loss": float(np.mean(running)) if running else None,
                           "val_loss": val_loss, "copy_loss": copy_loss, "lr": event.lr,
                           "seconds": round(time.perf_counter() - clock.start, 1)}
@@ -418,7 +479,10 @@ def pretrain(images: Sequence[Annotated], config: PretrainConfig, out_dir: str |
     net.eval().to(memory_format=torch.contiguous_format)
     last = state["history"][-1] if state["history"] else {}
     summary = {
-        "objective": OBJECTIVE, "corruptions": asdict(config.corruptions), "config": config.to_dict(),
+        "objective": config.objective,
+        ("masking" if config.objective == "masked" else "corruptions"):
+            asdict(config.masking if config.objective == "masked" else config.corruptions),
+        "config": config.to_dict(),
         "pages": len(images), "megapixels": round(sum(it.image.size for it in images) / 1e6, 2),
         "sources": list(sources or sorted({it.name.split("[")[0] for it in images}))[:20],
         "steps": state["step"], "seconds": round(time.perf_counter() - clock.start, 1),
@@ -428,26 +492,28 @@ def pretrain(images: Sequence[Annotated], config: PretrainConfig, out_dir: str |
     if out is not None:
         model_path = model.save(out / "model.safetensors")
         if state["history"]:
-            plot_pretrain_curves(state["history"], out / "curves.png")
-        plot_restorations(model, val_input.cpu(), val_clean.cpu(), out / "restorations.png")
+            plot_pretrain_curves(state["history"], out / "curves.png", config.objective)
+        plot_restorations(model, val_input.cpu(), val_clean.cpu(), out / "restorations.png",
+                          weights=None if val_weights is None else val_weights.cpu())
     return PretrainResult(model, model_path, state["history"], stopped)
 
 
 def _validation_batch(images: Sequence[Annotated], config: PretrainConfig,
-                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fixed batch of clean crops (flips only) and their corruptions, the same at every validation."""
+                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A fixed batch of clean crops (flips only), their corruptions and loss weights, the same at every validation."""
     sampler = DeviceCropSampler(images, config.tile_size, config=PRESETS["none"], device=device,
                                 seed=config.seed + 1, bias=0.0)
     clean = sampler.batch(VAL_CROPS)[0]
-    return clean, Corruptor(config.corruptions, config.tile_size, device, seed=config.seed + 2)(clean)
+    return (clean, *corruptor(config, device, seed=config.seed + 2)(clean))
 
 
 @torch.no_grad()
-def _val_loss(net, val_input: torch.Tensor, val_clean: torch.Tensor, norm: Normalization, amp) -> float:
+def _val_loss(net, val_input: torch.Tensor, val_clean: torch.Tensor, val_weights: torch.Tensor | None,
+              norm: Normalization, amp) -> float:
     net.eval()
     with amp():
         restored = net((val_input - norm.mean) / norm.std)
-    return float(F.mse_loss(restored.float(), val_clean))
+    return float(restoration_loss(restored.float(), val_clean, val_weights))
 
 
 @torch.no_grad()
@@ -461,15 +527,18 @@ def restore(model: Model, corrupted: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------- pictures
 
-def plot_pretrain_curves(history: Sequence[dict], path: Path) -> Path:
+def plot_pretrain_curves(history: Sequence[dict], path: Path, objective: str = "restoration") -> Path:
     """Training and validation restoration loss against the step, with what copying the input scores."""
     from emseg.analysis.reports import _figure, save_png
     plt, (fig, ax) = _figure(1, 1, figsize=(6, 3.8))
     steps = [h["step"] for h in history]
     ax.plot(steps, [h["loss"] for h in history], "o-", color="#444444", ms=3, label="training")
     ax.plot(steps, [h["val_loss"] for h in history], "o-", color="#1f77b4", ms=3, label="validation (fixed crops)")
-    ax.axhline(history[-1]["copy_loss"], color="#d62728", ls="--", lw=1.2, label="the corrupted input itself")
-    ax.set(xlabel="step", ylabel="mean squared error", title="Restoration loss", yscale="log")
+    masked = objective == "masked"
+    ax.axhline(history[-1]["copy_loss"], color="#d62728", ls="--", lw=1.2,
+               label="the masked input itself (mean grey)" if masked else "the corrupted input itself")
+    ax.set(xlabel="step", ylabel="mean squared error" + (" (masked pixels)" if masked else ""),
+           title="Masked-patch loss" if masked else "Restoration loss", yscale="log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -477,15 +546,19 @@ def plot_pretrain_curves(history: Sequence[dict], path: Path) -> Path:
 
 
 def plot_restorations(model: Model, corrupted: torch.Tensor, clean: torch.Tensor, path: Path,
-                      rows: int = 4) -> Path:
-    """A grid: the clean crop, its corruption and the model's restoration, one crop a row."""
+                      rows: int = 4, weights: torch.Tensor | None = None) -> Path:
+    """A grid: the clean crop, its corruption and the model's restoration, one crop a row. With ``weights`` (the
+    masked objective) the output is shown where it is scored, in the masked patches, and the input elsewhere."""
     from emseg.analysis.reports import _figure, save_png
     rows = min(rows, len(clean))
     restored = restore(model, corrupted[:rows])
+    titles = ("clean crop", "corrupted (input)", "restored (output)")
+    if weights is not None:
+        restored = torch.where(weights[:rows] > 0, restored, corrupted[:rows])
+        titles = ("clean crop", "masked (input)", "filled in (output)")
     plt, (fig, axes) = _figure(rows, 3, figsize=(7.5, 2.5 * rows), squeeze=False)
     for r in range(rows):
-        for c, (title, image) in enumerate((("clean crop", clean[r, 0]), ("corrupted (input)", corrupted[r, 0]),
-                                            ("restored (output)", restored[r, 0]))):
+        for c, (title, image) in enumerate(zip(titles, (clean[r, 0], corrupted[r, 0], restored[r, 0]))):
             ax = axes[r][c]
             ax.imshow(image.numpy(), cmap="gray", vmin=0, vmax=1)
             ax.set_xticks([])
