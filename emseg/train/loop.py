@@ -233,18 +233,17 @@ def _prepare_network(config: TrainConfig, classes: tuple[str, ...], base: Model 
         log.info("a new task for the %s model (%s -> %s): trained at the pages' pixel size (%s), not the base's",
                  base.card.encoder, ", ".join(base.classes), ", ".join(classes),
                  f"{config.pixel_size_nm:g} nm/px" if config.pixel_size_nm else "unknown")
-    if config.fresh_decoder:
+    fresh_head = _fresh_head(config.head, base, classes)
+    if config.fresh_decoder or fresh_head:
         fresh = build_unet(base.card.encoder, len(classes), decoder_channels=base.card.decoder_channels,
                            full_resolution_skip=base.card.full_resolution_skip,
                            upsampling=base.card.decoder_upsampling)
+    if config.fresh_decoder:
         fresh.encoder.load_state_dict(net.encoder.state_dict())
         net = fresh
         log.info("the %s encoder from %s; decoder and head start afresh", base.card.encoder,
                  "the pretrained model" if base.card.is_pretrained else "the base model")
-    elif _fresh_head(config.head, base, classes):
-        fresh = build_unet(base.card.encoder, len(classes), decoder_channels=base.card.decoder_channels,
-                           full_resolution_skip=base.card.full_resolution_skip,
-                           upsampling=base.card.decoder_upsampling)
+    elif fresh_head:
         net.segmentation_head = fresh.segmentation_head
         if base.card.is_pretrained:
             log.info("starting from the pretrained %s U-Net (%s on %s): encoder and decoder from it, a fresh "

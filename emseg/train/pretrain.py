@@ -480,8 +480,8 @@ def pretrain(images: Sequence[Annotated], config: PretrainConfig, out_dir: str |
     last = state["history"][-1] if state["history"] else {}
     summary = {
         "objective": config.objective,
-        ("masking" if config.objective == "masked" else "corruptions"):
-            asdict(config.masking if config.objective == "masked" else config.corruptions),
+        **({"masking": asdict(config.masking)} if config.objective == "masked"
+           else {"corruptions": asdict(config.corruptions)}),
         "config": config.to_dict(),
         "pages": len(images), "megapixels": round(sum(it.image.size for it in images) / 1e6, 2),
         "sources": list(sources or sorted({it.name.split("[")[0] for it in images}))[:20],
