@@ -30,6 +30,7 @@ Results: $EMSEG_BENCH_RUNS/finetune/PAIR/TAG.json; `table` prints the Markdown t
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import os
@@ -181,8 +182,24 @@ def cmd_arm(args) -> dict:
         row.update(train_seconds=round(time.perf_counter() - t0), steps=model.card.training["steps"])
     with tempfile.TemporaryDirectory() as tmp:
         m = evaluate_arrays(model, vimg, vmsk, Path(tmp), px)
-    row.update(scores(m, classes))
+        row.update(scores(m, classes))
+        for share in args.wise if base is not None and not args.arm.startswith("zero") else ():
+            mixed = weights_averaged(base, model, share)
+            if mixed is not None:
+                row[f"wise_{share:g}"] = scores(evaluate_arrays(mixed, vimg, vmsk, Path(tmp), px), classes)
     return row
+
+
+def weights_averaged(base, tuned, share: float):
+    """WiSE-FT (Wortsman et al. 2022): ``share`` of the fine-tuned weights and ``1 - share`` of the base's, batch-norm
+    statistics included; None where the two differ in shape (a fresh head for other classes)."""
+    from emseg.model.modelfile import Model
+    a, b = base.net.state_dict(), tuned.net.state_dict()
+    if a.keys() != b.keys() or any(a[k].shape != b[k].shape for k in a):
+        return None
+    net = copy.deepcopy(tuned.net)
+    net.load_state_dict({k: (1 - share) * a[k] + share * b[k] if b[k].is_floating_point() else b[k] for k in b})
+    return Model(net, tuned.card, None)
 
 
 def cmd_table(args) -> None:
@@ -219,6 +236,8 @@ def main() -> int:
     p.add_argument("--base-scale", action="store_true",
                    help="fine-tune a new task at the base's pixel size (the pages resampled to it), as emseg did "
                         "before December 2026")
+    p.add_argument("--wise", type=float, action="append", default=[],
+                   help="also score the fine-tuned weights averaged with the base's (this share fine-tuned; WiSE-FT)")
     p.add_argument("--native-scale", action="store_true",
                    help="fine-tune at the data's pixel size (the base relabelled to it) instead of the base's")
     sub.add_parser("table")

@@ -340,6 +340,8 @@ def test_pretrain_on_a_layer_gives_a_base_for_finetuning(viewer, sample, isolate
     pre.image.set_layer(image)
     assert pre.name.text() == "emseg_sample-pretrained"
     pre.encoder.setCurrentText("vgg11_bn_micro")
+    assert pre.objective.currentText() == "restoration"
+    pre.objective.setCurrentText("masked")
     pre.tile.setValue(64)
     pre.batch.setValue(2)
     assert pre.start(steps=4)
@@ -349,10 +351,12 @@ def test_pretrain_on_a_layer_gives_a_base_for_finetuning(viewer, sample, isolate
     assert saved.parent.parent == isolated_models and saved.parent.name.startswith("emseg_sample-pretrained-")
     assert (saved.parent / "restorations.png").is_file() and not pre.picture.pixmap().isNull()
     assert pre.last_message.startswith("Finished after 4 steps") and "Base model in Fine-tune" in pre.last_message
-    assert "restoring held-out crops" in pre.readout.text()
+    assert "filling in the hidden patches of held-out crops" in pre.readout.text()
+    assert "fills in held-out crops' hidden patches" in pre.last_message
     from emseg.model.modelfile import load_card
     card = load_card(saved)
     assert card.is_pretrained and card.encoder == "vgg11_bn_micro" and card.pretrained["steps"] == 4
+    assert card.pretrained["objective"] == "masked"
     assert card.pretrained["sources"] == ["emseg sample"] and card.pretrained["pages"] == 2
     assert card.pixel_size_nm == pytest.approx(6.0)  # the layer's, kept end to end
     ft = dock(viewer, "Fine-tune")  # offered by its folder's name, in this session and the next

@@ -100,6 +100,13 @@ def test_a_fresh_decoder_keeps_only_the_encoder(pretrained):
     assert card.classes == CLASSES and card.pixel_size_nm == base.card.pixel_size_nm
 
 
+def test_settings_for_a_base_say_so_without_one(caplog):
+    config = TrainConfig(encoder="vgg11_bn_micro", classes=CLASSES, device="cpu", fresh_decoder=True)
+    with caplog.at_level("WARNING", logger="emseg"):
+        _prepare_network(config, CLASSES, None)
+    assert "fresh_decoder: no effect without a model to start from" in caplog.text
+
+
 @pytest.mark.parametrize("how", ["init", "finetune"])
 def test_cli_train_init_and_finetune_from_a_pretrained_model(pretrained, stack_files, tmp_path, how):
     data = ["--images", str(stack_files / "raw.tif"), "--masks", str(stack_files / "raw_mask.tif"),

@@ -352,6 +352,22 @@ def test_finetune_never_touches_the_base_and_keeps_its_card(tmp_path, em, base_f
     assert not torch.equal(new["segmentation_head.0.weight"], old["segmentation_head.0.weight"])
 
 
+def test_encoder_frozen_for_the_first_steps_only(em, base_file):
+    base = load_model(base_file)
+    old = base.net.state_dict()
+    enc = [k for k in old if k.startswith("encoder.") and k.endswith("weight")]
+
+    def encoder_kept(freeze_steps):
+        result = train(items_from(em), tiny_config(classes=None, freeze_encoder_steps=freeze_steps), base=base,
+                       val_data=[])  # no validation: the last weights are kept
+        new = result.model.net.state_dict()
+        assert not torch.equal(new["segmentation_head.0.weight"], old["segmentation_head.0.weight"])
+        return all(torch.equal(new[k], old[k]) for k in enc)
+
+    assert encoder_kept(4)  # all 4 steps frozen
+    assert not encoder_kept(2)  # it trains from step 2
+
+
 def test_small_batches_freeze_batch_norm_statistics(em, base_file):
     base = load_model(base_file)
     result = train(items_from(em), tiny_config(classes=None, batch_size=2), base=base)

@@ -120,6 +120,7 @@ class TrainConfig(RunLength):
     device: str = "auto"
     loader_workers: int = 0
     freeze_encoder: bool = False
+    freeze_encoder_steps: int = 0  # the encoder's weights frozen for the first steps only (then all train)
     fresh_decoder: bool = False  # starting from a model: keep its encoder only (decoder and head start afresh)
     freeze_bn: bool | None = None
     head: str = "auto"
@@ -214,6 +215,9 @@ def _set_train_mode(net: nn.Module, freeze_bn: bool) -> None:
 def _prepare_network(config: TrainConfig, classes: tuple[str, ...], base: Model | None) -> tuple[nn.Module, ModelCard]:
     """A fresh network, or a copy of the base model's with its head re-made if the classes changed."""
     if base is None:
+        unused = [k for k in ("fresh_decoder", "freeze_encoder", "freeze_encoder_steps") if getattr(config, k)]
+        if unused:
+            log.warning("%s: no effect without a model to start from (a new network is all fresh)", ", ".join(unused))
         net = build_unet(config.encoder, len(classes), full_resolution_skip=config.full_resolution_skip,
                          upsampling=config.decoder_upsampling)
         card = ModelCard(encoder=config.encoder, full_resolution_skip=config.full_resolution_skip,
@@ -635,11 +639,13 @@ class _Optimisation:
         # channels-last: 1.16x (vgg11_bn_slim) and 1.28x (densenet_slim) per CPU training step (docs/training.md)
         self.net = net.to(device, memory_format=torch.channels_last)
         self.device = device
-        if config.freeze_encoder:
+        # frozen for a while: in the optimiser from the start, without gradients (skipped) until then
+        self.frozen_until = 0 if config.freeze_encoder else config.freeze_encoder_steps
+        if config.freeze_encoder or self.frozen_until:
             for p in net.encoder.parameters():
                 p.requires_grad_(False)
         self.freeze_bn = config.freeze_bn if config.freeze_bn is not None else config.batch_size <= 2
-        params = [p for p in net.parameters() if p.requires_grad]
+        params = [p for p in net.parameters() if p.requires_grad or self.frozen_until]
         self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         self.planned = DEFAULT_STEPS if config.fills_time else config.steps  # until the pace is known
         self.schedule = _Schedule(self.planned, config.warmup)
@@ -660,6 +666,11 @@ class _Optimisation:
              norm: Normalization) -> torch.Tensor:
         """One optimiser step on a batch (raw images, uint8 targets); returns the loss, on the device."""
         device = self.device
+        if self.frozen_until and self.scheduler.last_epoch >= self.frozen_until:
+            for p in self.net.encoder.parameters():
+                p.requires_grad_(True)
+            log.info("the encoder trains too from step %d", self.scheduler.last_epoch)
+            self.frozen_until = 0
         _set_train_mode(self.net, self.freeze_bn)
         images = ((images.to(device, non_blocking=True) - norm.mean) / norm.std).contiguous(
             memory_format=torch.channels_last)

@@ -390,6 +390,7 @@ class PretrainRequest:
     minutes: float | None  # None: no time limit (then steps)
     steps: int | None = None  # with minutes: at most this many; alone: exactly this many
     encoder: str | None = None  # None here and below: PretrainConfig's default
+    objective: str | None = None  # restoration or masked (emseg.train.pretrain.OBJECTIVES)
     tile_size: int | None = None
     batch_size: int | None = None
     val_every: int | None = None
@@ -408,6 +409,7 @@ class PretrainJobResult:
     validation_loss: float | None
     copy_loss: float | None
     restorations: Path | None
+    objective: str = "restoration"
 
 
 def pretrain_layer(request: PretrainRequest, *, progress: Callable[[Any], None] | None = None,
@@ -416,7 +418,8 @@ def pretrain_layer(request: PretrainRequest, *, progress: Callable[[Any], None] 
     from emseg.train.pretrain import PretrainConfig, pretrain, unlabelled_from_arrays
 
     start = time.perf_counter()
-    chosen = {key: value for key, value in (("encoder", request.encoder), ("tile_size", request.tile_size),
+    chosen = {key: value for key, value in (("encoder", request.encoder), ("objective", request.objective),
+                                            ("tile_size", request.tile_size),
                                             ("batch_size", request.batch_size), ("val_every", request.val_every))
               if value is not None}
     config = PretrainConfig(time_limit_minutes=request.minutes, steps=request.steps, device=request.device,
@@ -436,4 +439,4 @@ def pretrain_layer(request: PretrainRequest, *, progress: Callable[[Any], None] 
     restorations = request.out_dir / "restorations.png"
     return PretrainJobResult(result.model_path if steps_done else None, steps_done, result.stopped,
                              time.perf_counter() - start, last.get("val_loss"), last.get("copy_loss"),
-                             restorations if restorations.exists() else None)
+                             restorations if restorations.exists() else None, config.objective)

@@ -1,8 +1,9 @@
 """The Pretrain widget: self-supervised pretraining on an image layer (``emseg pretrain`` in the viewer).
 
 A lab opens a raw stack it has not annotated, chooses it under Image and presses Start: the U-Net learns
-to restore corrupted crops of it (:mod:`emseg.train.pretrain`) for the given minutes, with a progress bar,
-the restoration loss against what the corrupted input scores, and Stop (which keeps what was learnt).
+to restore corrupted crops of it, or to fill in hidden patches (the Objective; :mod:`emseg.train.pretrain`), for
+the given minutes, with a progress bar, the loss against what the corrupted input scores, and Stop (which keeps
+what was learnt).
 The run folder (model.safetensors, curves.png, restorations.png) goes into the model folder; the model is
 offered as a Base model in Fine-tune (not for segmenting: it has no classes yet), and a picture of clean,
 corrupted and restored crops shows in the widget, so a user can see that it learnt something.
@@ -54,7 +55,7 @@ class PretrainWidget(TrainingWidget):
         from napari.layers import Image
 
         from emseg.model.networks import DEFAULT_ENCODER, encoder_names
-        from emseg.train.pretrain import PretrainConfig
+        from emseg.train.pretrain import OBJECTIVES, PretrainConfig
         defaults = PretrainConfig()
         self.viewer = napari_viewer
         self.runner = JobRunner(self)
@@ -68,6 +69,12 @@ class PretrainWidget(TrainingWidget):
         self.encoder.addItems(encoder_names())
         self.encoder.setCurrentText(DEFAULT_ENCODER)
         self.encoder.setToolTip("The encoder of the model; fine-tuning from it keeps this encoder")
+        self.objective = QComboBox()
+        self.objective.addItems(OBJECTIVES)
+        self.objective.setCurrentText(defaults.objective)
+        self.objective.setToolTip("restoration: restore crops spoilt by an intensity curve, shuffled pixels, "
+                                  "noise-filled boxes and noise; masked: fill in hidden patches (60 % of 16-px squares). Neither beat "
+                                  "the other clearly on ISBI, EPFL and NASA (docs/training.md)")
         self.minutes = QDoubleSpinBox()
         self.minutes.setRange(0.1, 10_000)
         self.minutes.setDecimals(1)
@@ -89,6 +96,7 @@ class PretrainWidget(TrainingWidget):
         form = QFormLayout()
         form.addRow("Image", self.image)
         form.addRow("Encoder", self.encoder)
+        form.addRow("Objective", self.objective)
         form.addRow("Time", self.minutes)
         form.addRow("Crop size", self.tile)
         form.addRow("Batch size", self.batch)
@@ -101,7 +109,8 @@ class PretrainWidget(TrainingWidget):
         self.picture.setToolTip("Crops of your images: clean, corrupted, and as the model restores them")
         self._lay_out(form, self.picture,
                       status="Teaches a model what your images look like before you annotate: it learns to restore "
-                             "corrupted crops of them. Then choose it as the Base model in Fine-tune.")
+                             "corrupted crops of them (or fill in hidden patches). Then choose it as the Base model "
+                             "in Fine-tune.")
 
         self.image.currentIndexChanged.connect(lambda _i: self._default_name())
         self._default_name()
@@ -112,7 +121,7 @@ class PretrainWidget(TrainingWidget):
         self.name.setText(f"{safe_name(layer.name)}-pretrained" if layer is not None else "pretrained")
 
     def _inputs(self) -> tuple:
-        return (self.image, self.encoder, self.minutes, self.tile, self.batch, self.device, self.folder, self.name)
+        return (self.image, self.encoder, self.objective, self.minutes, self.tile, self.batch, self.device, self.folder, self.name)
 
     def start(self, *, steps: int | None = None) -> bool:
         """Check the inputs and start pretraining; returns False (after a notification) if not usable.
@@ -142,7 +151,7 @@ class PretrainWidget(TrainingWidget):
         folder = Path(self.folder.text()).expanduser()
         out_dir = timestamped_model_path(folder, self.name.text() or "pretrained").with_suffix("")
         request = PretrainRequest(image=data, out_dir=out_dir, encoder=self.encoder.currentText(),
-                                  minutes=self.minutes.value(), steps=steps, tile_size=self.tile.value(),
+                                  objective=self.objective.currentText(), minutes=self.minutes.value(), steps=steps, tile_size=self.tile.value(),
                                   batch_size=self.batch.value(), device=self.device.currentText(),
                                   pixel_size_nm=pixel_size_of(image),
                                   val_every=min(steps, PretrainConfig.val_every) if steps else None,
@@ -169,7 +178,9 @@ class PretrainWidget(TrainingWidget):
             self.last_metrics = event.metrics
         line = f"{text} · loss {event.loss:.4f}"
         if self.last_metrics:
-            line += (f" · restoring held-out crops: {self.last_metrics['val_loss']:.4f} (the corrupted input "
+            what = ("filling in the hidden patches of held-out crops" if self.objective.currentText() == "masked"
+                    else "restoring held-out crops")
+            line += (f" · {what}: {self.last_metrics['val_loss']:.4f} (the corrupted input "
                      f"itself: {self.last_metrics['copy_loss']:.4f}; lower is better)")
         self.readout.setText(line)
 
@@ -192,7 +203,8 @@ class PretrainWidget(TrainingWidget):
                 self.picture.setPixmap(picture.scaledToWidth(PICTURE_WIDTH, Qt.TransformationMode.SmoothTransformation))
         learnt = ""
         if result.validation_loss is not None and result.copy_loss:
-            learnt = (f"; it restores held-out crops to a loss of {result.validation_loss:.4f}, against "
+            what = "fills in held-out crops' hidden patches" if result.objective == "masked" else "restores held-out crops"
+            learnt = (f"; it {what} to a loss of {result.validation_loss:.4f}, against "
                       f"{result.copy_loss:.4f} for the corrupted input")
         self._message(f"{'Stopped' if result.stopped else 'Finished'} after {result.steps_done} steps "
                       f"({result.seconds / 60:.1f} min{learnt}). Saved {result.path.parent}; choose "
