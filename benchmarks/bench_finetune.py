@@ -18,6 +18,8 @@ Pairs (base -> the 2 annotated slices it is fine-tuned on -> where it is evaluat
 * ``shift``: ISBI 12-23 -> ISBI slices 0-1 changed as another microscope would change them (`microscope_shift`:
   1.25x the pixels, a gamma of 1.6 and a contrast squeezed to 40-190 grey levels, Gaussian noise of sigma 8)
   -> ISBI 24-29 changed the same way; no pixel size given, as for a microscope whose calibration is unknown.
+* ``shift-epfl``: the same change on EPFL: the EPFL base -> slices 0 and 11 shifted -> the last 5 shifted (the
+  base was trained on those two slices unshifted: their appearance is new to it, their content is not).
 
 Arms: ``zero`` (the base as it is), ``zero-adabn`` (the base with its batch-norm statistics recomputed on the 2
 slices' images, no training), ``scratch`` / ``scratch-scribbles`` (the 2 slices from random weights,
@@ -53,6 +55,7 @@ PAIRS = {  # pair -> (base, target data set, the 2 fine-tuning slices)
     "epfl-isbi": ("epfl", "isbi", (0, 1)),
     "isbi-nasa": ("isbi", "nasa", (0, 1)),
     "shift": ("isbi-late", "isbi", (0, 1)),
+    "shift-epfl": ("epfl", "epfl", (0, 11)),
 }
 ARMS = ("zero", "zero-adabn", "scratch", "scratch-scribbles", "dense", "scribbles")
 
@@ -103,7 +106,7 @@ def target_data(pair: str):
     two, two_masks = img[list(picks)], msk[list(picks)]
     if name != "nasa":
         two_masks, vmsk = binary(two_masks), binary(vmsk)
-    if pair == "shift":
+    if pair.startswith("shift"):
         two, two_masks = microscope_shift(two, two_masks)
         vimg, vmsk = microscope_shift(vimg, vmsk, seed=8)
         two_masks, vmsk, px = binary(two_masks), binary(vmsk), None

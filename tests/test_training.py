@@ -368,6 +368,22 @@ def test_encoder_frozen_for_the_first_steps_only(em, base_file):
     assert not encoder_kept(2)  # it trains from step 2
 
 
+def test_base_share_averages_the_result_with_the_base(em, base_file, caplog):
+    base = load_model(base_file)
+    old = base.net.state_dict()
+    alone = train(items_from(em), tiny_config(classes=None), base=base, val_data=[]).model.net.state_dict()
+    half = train(items_from(em), tiny_config(classes=None, base_share=0.5), base=base, val_data=[])
+    mixed = half.model.net.state_dict()
+    weights = [k for k in old if k.endswith("weight")]
+    assert all(torch.allclose(mixed[k], (old[k] + alone[k]) / 2, atol=1e-6) for k in weights)
+    assert not torch.allclose(mixed["segmentation_head.0.weight"], alone["segmentation_head.0.weight"])
+    assert half.model.card.training["config"]["base_share"] == 0.5
+    with caplog.at_level("WARNING", logger="emseg"):  # other classes: a fresh head, nothing to average with
+        other = train(items_from(em), tiny_config(classes=("background", "a", "b"), head="fresh", base_share=0.5),
+                      base=base, val_data=[])
+    assert "nothing averaged" in caplog.text and other.model.net.segmentation_head[0].out_channels == 3
+
+
 def test_small_batches_freeze_batch_norm_statistics(em, base_file):
     base = load_model(base_file)
     result = train(items_from(em), tiny_config(classes=None, batch_size=2), base=base)

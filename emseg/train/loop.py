@@ -123,6 +123,7 @@ class TrainConfig(RunLength):
     freeze_encoder_steps: int = 0  # the encoder's weights frozen for the first steps only (then all train)
     fresh_decoder: bool = False  # starting from a model: keep its encoder only (decoder and head start afresh)
     freeze_bn: bool | None = None
+    base_share: float = 0.0  # fine-tuning the same classes: this share of the base's weights in the result (WiSE-FT)
     head: str = "auto"
     pixel_size_nm: float | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -136,6 +137,8 @@ class TrainConfig(RunLength):
             raise ValueError(f"augment_on must be auto, cpu or device, got {self.augment_on!r}")
         if self.head not in ("auto", "keep", "fresh"):
             raise ValueError(f"head must be auto, keep or fresh, got {self.head!r}")
+        if not 0 <= self.base_share < 1:
+            raise ValueError(f"base_share must be at least 0 and below 1, got {self.base_share!r}")
 
 
 @dataclass
@@ -215,7 +218,8 @@ def _set_train_mode(net: nn.Module, freeze_bn: bool) -> None:
 def _prepare_network(config: TrainConfig, classes: tuple[str, ...], base: Model | None) -> tuple[nn.Module, ModelCard]:
     """A fresh network, or a copy of the base model's with its head re-made if the classes changed."""
     if base is None:
-        unused = [k for k in ("fresh_decoder", "freeze_encoder", "freeze_encoder_steps") if getattr(config, k)]
+        unused = [k for k in ("fresh_decoder", "freeze_encoder", "freeze_encoder_steps", "base_share")
+                  if getattr(config, k)]
         if unused:
             log.warning("%s: no effect without a model to start from (a new network is all fresh)", ", ".join(unused))
         net = build_unet(config.encoder, len(classes), full_resolution_skip=config.full_resolution_skip,
@@ -565,6 +569,8 @@ def train(data: Sequence[Annotated], config: TrainConfig, out_dir: str | Path | 
             writer.close()
     _final_weights(net, opt, best_state, state, val_items)
     best_val = _best_validation(state)
+    if config.base_share and _averaged_with_base(net, base, config, classes) and val_set is not None:
+        best_val = {"step": state["step"], "val": _validate(net, val_set, card, opt.amp)}
     offset_summary = None
     if val_items and config.label_offset:
         card, best_val, offset_summary = _final_offset(net, card, val_set, opt.amp, state, best_val)
@@ -822,6 +828,23 @@ def _final_weights(net: nn.Module, opt: _Optimisation, best_state: dict, state: 
     elif opt.averaged is not None:
         net.load_state_dict(opt.evaluated.state_dict())
     net.eval().to(memory_format=torch.contiguous_format)
+
+
+def _averaged_with_base(net: nn.Module, base: Model | None, config: TrainConfig, classes: tuple[str, ...]) -> bool:
+    """WiSE-FT (Wortsman et al. 2022): the run's final weights averaged with the base's, ``config.base_share`` of
+    the base's (batch-norm statistics too). Only for the base's own classes: a re-made head has nothing to average
+    with. Returns whether the weights were averaged."""
+    if base is None:
+        return False
+    if _fresh_head(config.head, base, classes):
+        log.warning("base_share: the output head was made afresh for other classes; nothing averaged with the base")
+        return False
+    mine, theirs = net.state_dict(), base.net.state_dict()
+    share = config.base_share
+    net.load_state_dict({k: (1 - share) * v + share * theirs[k].to(v.device) if v.is_floating_point() else v
+                         for k, v in mine.items()})
+    log.info("the fine-tuned weights averaged with the base's (%.0f %% base)", 100 * share)
+    return True
 
 
 def _best_validation(state: dict) -> dict | None:
