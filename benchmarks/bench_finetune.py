@@ -197,11 +197,12 @@ def weights_averaged(base, tuned, share: float):
     """WiSE-FT (Wortsman et al. 2022): ``share`` of the fine-tuned weights and ``1 - share`` of the base's, batch-norm
     statistics included; None where the two differ in shape (a fresh head for other classes)."""
     from emseg.model.modelfile import Model
+    from emseg.train.loop import weights_with_base
     a, b = base.net.state_dict(), tuned.net.state_dict()
     if a.keys() != b.keys() or any(a[k].shape != b[k].shape for k in a):
         return None
     net = copy.deepcopy(tuned.net)
-    net.load_state_dict({k: (1 - share) * a[k] + share * b[k] if b[k].is_floating_point() else b[k] for k in b})
+    net.load_state_dict(weights_with_base(b, a, 1 - share))
     return Model(net, tuned.card, None)
 
 

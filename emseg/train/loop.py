@@ -839,12 +839,16 @@ def _averaged_with_base(net: nn.Module, base: Model | None, config: TrainConfig,
     if _fresh_head(config.head, base, classes):
         log.warning("base_share: the output head was made afresh for other classes; nothing averaged with the base")
         return False
-    mine, theirs = net.state_dict(), base.net.state_dict()
-    share = config.base_share
-    net.load_state_dict({k: (1 - share) * v + share * theirs[k].to(v.device) if v.is_floating_point() else v
-                         for k, v in mine.items()})
-    log.info("the fine-tuned weights averaged with the base's (%.0f %% base)", 100 * share)
+    net.load_state_dict(weights_with_base(net.state_dict(), base.net.state_dict(), config.base_share))
+    log.info("the fine-tuned weights averaged with the base's (%.0f %% base)", 100 * config.base_share)
     return True
+
+
+def weights_with_base(tuned: dict, base: dict, base_share: float) -> dict:
+    """A state dict of ``base_share`` of ``base``'s weights and the rest of ``tuned``'s (floating-point entries,
+    batch-norm statistics included; counters kept from ``tuned``)."""
+    return {k: (1 - base_share) * v + base_share * base[k].to(v.device) if v.is_floating_point() else v
+            for k, v in tuned.items()}
 
 
 def _best_validation(state: dict) -> dict | None:

@@ -73,8 +73,8 @@ class PretrainWidget(TrainingWidget):
         self.objective.addItems(OBJECTIVES)
         self.objective.setCurrentText(defaults.objective)
         self.objective.setToolTip("restoration: restore crops spoilt by an intensity curve, shuffled pixels, "
-                                  "noise-filled boxes and noise; masked: fill in hidden patches (60 % of 16-px squares). Neither beat "
-                                  "the other clearly on ISBI, EPFL and NASA (docs/training.md)")
+                                  "noise-filled boxes and noise; masked: fill in hidden patches (60 % of 16-px "
+                                  "squares). Neither beat the other clearly on ISBI, EPFL and NASA (docs/training.md)")
         self.minutes = QDoubleSpinBox()
         self.minutes.setRange(0.1, 10_000)
         self.minutes.setDecimals(1)
@@ -121,7 +121,8 @@ class PretrainWidget(TrainingWidget):
         self.name.setText(f"{safe_name(layer.name)}-pretrained" if layer is not None else "pretrained")
 
     def _inputs(self) -> tuple:
-        return (self.image, self.encoder, self.objective, self.minutes, self.tile, self.batch, self.device, self.folder, self.name)
+        return (self.image, self.encoder, self.objective, self.minutes, self.tile, self.batch, self.device,
+                self.folder, self.name)
 
     def start(self, *, steps: int | None = None) -> bool:
         """Check the inputs and start pretraining; returns False (after a notification) if not usable.
@@ -151,7 +152,8 @@ class PretrainWidget(TrainingWidget):
         folder = Path(self.folder.text()).expanduser()
         out_dir = timestamped_model_path(folder, self.name.text() or "pretrained").with_suffix("")
         request = PretrainRequest(image=data, out_dir=out_dir, encoder=self.encoder.currentText(),
-                                  objective=self.objective.currentText(), minutes=self.minutes.value(), steps=steps, tile_size=self.tile.value(),
+                                  objective=self.objective.currentText(), minutes=self.minutes.value(), steps=steps,
+                                  tile_size=self.tile.value(),
                                   batch_size=self.batch.value(), device=self.device.currentText(),
                                   pixel_size_nm=pixel_size_of(image),
                                   val_every=min(steps, PretrainConfig.val_every) if steps else None,
@@ -203,7 +205,8 @@ class PretrainWidget(TrainingWidget):
                 self.picture.setPixmap(picture.scaledToWidth(PICTURE_WIDTH, Qt.TransformationMode.SmoothTransformation))
         learnt = ""
         if result.validation_loss is not None and result.copy_loss:
-            what = "fills in held-out crops' hidden patches" if result.objective == "masked" else "restores held-out crops"
+            what = ("fills in held-out crops' hidden patches" if result.objective == "masked"
+                    else "restores held-out crops")
             learnt = (f"; it {what} to a loss of {result.validation_loss:.4f}, against "
                       f"{result.copy_loss:.4f} for the corrupted input")
         self._message(f"{'Stopped' if result.stopped else 'Finished'} after {result.steps_done} steps "
