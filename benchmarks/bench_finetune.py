@@ -20,6 +20,8 @@ Pairs (base -> the 2 annotated slices it is fine-tuned on -> where it is evaluat
   -> ISBI 24-29 changed the same way; no pixel size given, as for a microscope whose calibration is unknown.
 * ``shift-epfl``: the same change on EPFL: the EPFL base -> slices 0 and 11 shifted -> the last 5 shifted (the
   base was trained on those two slices unshifted: their appearance is new to it, their content is not).
+* ``invert``, ``invert-epfl``: ``shift`` and ``shift-epfl`` with the grey levels then inverted (membranes and
+  mitochondria bright, as in a backscattered-electron image): a base that is poor on the new pages.
 
 Arms: ``zero`` (the base as it is), ``zero-adabn`` (the base with its batch-norm statistics recomputed on the 2
 slices' images, no training), ``scratch`` / ``scratch-scribbles`` (the 2 slices from random weights,
@@ -56,6 +58,8 @@ PAIRS = {  # pair -> (base, target data set, the 2 fine-tuning slices)
     "isbi-nasa": ("isbi", "nasa", (0, 1)),
     "shift": ("isbi-late", "isbi", (0, 1)),
     "shift-epfl": ("epfl", "epfl", (0, 11)),
+    "invert": ("isbi-late", "isbi", (0, 1)),
+    "invert-epfl": ("epfl", "epfl", (0, 11)),
 }
 ARMS = ("zero", "zero-adabn", "scratch", "scratch-scribbles", "dense", "scribbles")
 
@@ -84,15 +88,18 @@ def reestimate_batchnorm(model, pages: np.ndarray, pixel_nm: float | None, tile:
     model.net.eval()
 
 
-def microscope_shift(images: np.ndarray, masks: np.ndarray, seed: int = 7) -> tuple[np.ndarray, np.ndarray]:
+def microscope_shift(images: np.ndarray, masks: np.ndarray, seed: int = 7,
+                     invert: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Pages as another microscope might record them: 1.25x the pixels (images bilinear, masks as
-    bench_scale.py resamples them), a gamma of 1.6, the grey levels squeezed into 40-190, noise of sigma 8."""
+    bench_scale.py resamples them), a gamma of 1.6, the grey levels squeezed into 40-190, noise of sigma 8;
+    ``invert``: then the grey levels inverted, as a backscattered-electron image shows stained membranes bright."""
     rng = np.random.default_rng(seed)
     shape = resampled_shape(images.shape[1:], 1.25)
     imgs = np.stack([resample_image(p, shape) for p in images]).astype(np.float32) / 255.0
     imgs = 40 + 150 * imgs ** 1.6 + rng.normal(0, 8, imgs.shape)
     msks = np.stack([resample_mask(m, shape) for m in masks])
-    return np.clip(np.rint(imgs), 0, 255).astype(np.uint8), msks
+    imgs = np.clip(np.rint(imgs), 0, 255).astype(np.uint8)
+    return 255 - imgs if invert else imgs, msks
 
 
 def binary(masks: np.ndarray) -> np.ndarray:
@@ -106,9 +113,10 @@ def target_data(pair: str):
     two, two_masks = img[list(picks)], msk[list(picks)]
     if name != "nasa":
         two_masks, vmsk = binary(two_masks), binary(vmsk)
-    if pair.startswith("shift"):
-        two, two_masks = microscope_shift(two, two_masks)
-        vimg, vmsk = microscope_shift(vimg, vmsk, seed=8)
+    if pair.startswith(("shift", "invert")):
+        invert = pair.startswith("invert")
+        two, two_masks = microscope_shift(two, two_masks, invert=invert)
+        vimg, vmsk = microscope_shift(vimg, vmsk, seed=8, invert=invert)
         two_masks, vmsk, px = binary(two_masks), binary(vmsk), None
     return two, two_masks, vimg, vmsk, classes, px
 
@@ -147,7 +155,7 @@ def cmd_arm(args) -> dict:
            "settings": {k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in settings.items()}}
     base = None
     if args.arm in ("zero", "zero-adabn", "dense", "scribbles"):
-        path = OUT / "bases" / f"{base_name}_s0" / "model.safetensors"
+        path = OUT / "bases" / (args.base_tag or f"{base_name}_s0") / "model.safetensors"
         if not path.exists():
             raise SystemExit(f"run `bench_finetune.py base {base_name}` first ({path} is missing)")
         base = load_model(path)
@@ -190,6 +198,16 @@ def cmd_arm(args) -> dict:
             mixed = weights_averaged(base, model, share)
             if mixed is not None:
                 row[f"wise_{share:g}"] = scores(evaluate_arrays(mixed, vimg, vmsk, Path(tmp), px), classes)
+        chose = model.card.training.get("base_share") if base is not None and "steps" in row else None
+        if chose and "validation_mean_iou" in chose:  # base_share=auto: what every share it chose from scores here
+            row["base_share"] = chose
+            tuned = weights_averaged(base, model, 1 / (1 - chose["chosen"]))  # the fine-tuned weights, unaveraged
+            row["test_by_share"] = {}
+            from emseg.train.loop import BASE_SHARES
+            for share in BASE_SHARES:
+                mixed = weights_averaged(base, tuned, 1 - share)
+                row["test_by_share"][f"{share:g}"] = scores(evaluate_arrays(mixed, vimg, vmsk, Path(tmp), px),
+                                                            classes)["iou_foreground"]
     return row
 
 
@@ -237,6 +255,7 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", default=[])
     p.add_argument("--tag")
+    p.add_argument("--base-tag", help="the base run to start from (default BASE_s0; e.g. one made with --set and --tag)")
     p.add_argument("--base-scale", action="store_true",
                    help="fine-tune a new task at the base's pixel size (the pages resampled to it), as emseg did "
                         "before December 2026")

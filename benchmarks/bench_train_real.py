@@ -306,6 +306,8 @@ def parse_settings(pairs: list[str]) -> dict:
             if value not in (*PRESETS, "flips"):
                 raise SystemExit(f"--set {pair}: augment is one of {', '.join(PRESETS)}, flips")
             out[key] = flips if value == "flips" else PRESETS[value]
+        elif key == "base_share" and value == "auto":
+            out[key] = value
         elif isinstance(default, bool):
             out[key] = value.lower() in ("1", "true", "yes")
         elif isinstance(default, (int, float)):

@@ -72,6 +72,8 @@ def test_microscope_shift_changes_the_image_not_the_labels_meaning():
     assert 30 <= imgs.mean() <= 160 and not np.array_equal(imgs[0], imgs[1])
     again, _ = bench_finetune.microscope_shift(images, masks)
     assert np.array_equal(imgs, again)  # the same shift every run
+    inverted, same_masks = bench_finetune.microscope_shift(images, masks, invert=True)
+    assert np.array_equal(inverted, 255 - imgs) and np.array_equal(same_masks, msks)
 
 
 @pytest.mark.parametrize("masks, classes", [(np.array([[[0, 255], [255, 0]]], np.uint8), {1, 2}),
@@ -95,3 +97,20 @@ def test_settings_of_the_benchmarks_parse_to_training_fields():
         parse_settings(["augment=strong"])
     with pytest.raises(SystemExit, match="not a training setting"):
         parse_settings(["learning_rate=1"])
+
+
+def test_an_average_with_the_base_is_undone_by_its_inverse_share(tiny_model):
+    """bench_finetune scores every share of a base_share=auto run from its averaged weights: the fine-tuned weights
+    are recovered by averaging with the base at 1 / (1 - chosen share)."""
+    import copy
+
+    import torch
+    tuned = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        for p in tuned.net.parameters():
+            p.add_(torch.randn_like(p))
+    mixed = bench_finetune.weights_averaged(tiny_model, tuned, 0.25)  # 25 % fine-tuned, 75 % base
+    back = bench_finetune.weights_averaged(tiny_model, mixed, 1 / (1 - 0.75)).net.state_dict()
+    want = tuned.net.state_dict()
+    assert not torch.allclose(mixed.net.state_dict()["segmentation_head.0.weight"], want["segmentation_head.0.weight"])
+    assert all(torch.allclose(back[k], want[k], atol=1e-5) for k in want if want[k].is_floating_point())

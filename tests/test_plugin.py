@@ -338,5 +338,7 @@ def test_finetune_job_trains_at_the_base_pixel_size_or_relabels_an_absurd_one(tm
             image=image[0], labels=mask[0] + 1, classes=tiny_model.classes, out_path=tmp_path / "m.safetensors",
             base_path=base, steps=2, batch_size=2, tile_size=32, val_every=1, device="cpu", pixel_size_nm=layer_nm))
     assert load_model(result.path).card.pixel_size_nm == pytest.approx(saved_nm)
+    from emseg.train import FINETUNE_DEFAULTS
+    assert load_model(result.path).card.training["config"]["base_share"] == FINETUNE_DEFAULTS["base_share"]
     assert ("rescaled by" in caplog.text) is rescaled
     assert "but the model is for" not in caplog.text

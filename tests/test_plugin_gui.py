@@ -232,6 +232,7 @@ def test_finetune_saves_a_model_that_segment_uses(viewer, sample, tiny_path, iso
     ft = dock(viewer, "Fine-tune")
     ft.base.add(tiny_path)
     assert ft.class_names() == CLASSES and not ft.encoder.isEnabled()
+    assert ft.blend.isEnabled() and ft.blend.isChecked()  # a base with classes: blended with it by default
     ft.image.set_layer(image)
     scribbles = ft.make_scribble_layer()
     assert scribbles.data.shape == image.data.shape and tuple(scribbles.scale) == tuple(image.scale)
@@ -249,6 +250,8 @@ def test_finetune_saves_a_model_that_segment_uses(viewer, sample, tiny_path, iso
     assert saved is not None and saved.parent == isolated_models and saved.exists(), ft.last_message
     assert saved.name.startswith("tiny-finetuned-") and saved.suffix == ".safetensors"
     assert digest(tiny_path) == base_digest
+    from emseg.model.modelfile import load_card
+    assert load_card(saved).training["config"]["base_share"] == 0  # a class renamed: a fresh head, nothing to blend
     assert "step 10/10" in ft.readout.text() and "loss" in ft.readout.text()
     preview = viewer.layers["emseg sample preview"]
     assert preview.data.shape == image.data.shape
@@ -264,7 +267,7 @@ def test_finetune_saves_a_model_that_segment_uses(viewer, sample, tiny_path, iso
 def test_finetune_new_model_stop_keeps_a_checkpoint(viewer, sample, qtbot):
     image, truth = sample
     ft = dock(viewer, "Fine-tune")
-    assert ft.base.is_new() and ft.encoder.isEnabled()
+    assert ft.base.is_new() and ft.encoder.isEnabled() and not ft.blend.isEnabled()
     ft.encoder.setCurrentText("vgg11_bn_micro")
     ft.set_classes(CLASSES)
     ft.image.set_layer(image)
@@ -312,7 +315,7 @@ def test_a_pretrained_model_is_a_base_for_finetuning_not_for_segmenting(viewer, 
     image, truth = sample
     ft = dock(viewer, "Fine-tune")
     ft.base.add(result.model_path)
-    assert len(ft.class_names()) >= 2 and "pretrained" in ft.status.text()
+    assert len(ft.class_names()) >= 2 and "pretrained" in ft.status.text() and not ft.blend.isEnabled()
     ft.set_classes(CLASSES)  # the sample's three
     ft.image.set_layer(image)
     scribbles = ft.make_scribble_layer()
@@ -455,6 +458,9 @@ def test_open_segment_paint_finetune_resegment_save(viewer, tmp_path, isolated_m
     saved = ft.last_model_path
     assert saved is not None and saved.parent == isolated_models, ft.last_message
     assert digest(default) == default_digest  # the base model is never changed
+    chosen = load_model(saved).card.training["base_share"]  # the classes kept: blended by validation (auto)
+    assert set(chosen["validation_mean_iou"]) == {"0", "0.25", "0.5", "0.75"}
+    assert ("blended with the base model" in ft.last_message) is (chosen["chosen"] > 0)
 
     # re-segment with the fine-tuned model (selected for us) and see the mistakes fixed
     assert seg.model.path() == saved

@@ -135,6 +135,18 @@ def test_finetune_rate_by_whether_the_head_starts_afresh(pretrained, tiny_model)
     assert finetune_lr(tiny_model, ("background", "other", "names")) == new
 
 
+def test_finetune_blends_with_the_base_only_when_its_head_is_kept(pretrained, tiny_model):
+    from emseg.train import FINETUNE_DEFAULTS
+    from emseg.train.loop import finetune_base_share
+    share = FINETUNE_DEFAULTS["base_share"]
+    assert share == "auto"  # chosen on the validation pages (docs/training.md, "Fine-tuning that pays")
+    assert finetune_base_share(tiny_model, tiny_model.classes) == share
+    assert finetune_base_share(load_model(pretrained.model_path), CLASSES) == 0  # no head to average with
+    assert finetune_base_share(None, CLASSES) == 0
+    assert finetune_base_share(tiny_model, tiny_model.classes, head="fresh") == 0
+    assert finetune_base_share(tiny_model, ("background", "other", "names")) == 0
+
+
 def test_cli_train_init_refuses_another_encoder(pretrained, stack_files, tmp_path, capsys):
     assert main(["-q", "train", "--init", str(pretrained.model_path), "--encoder", "vgg11_bn_slim",
                  "--images", str(stack_files / "raw.tif"), "--masks", str(stack_files / "raw_mask.tif"),

@@ -384,6 +384,31 @@ def test_base_share_averages_the_result_with_the_base(em, base_file, caplog):
     assert "nothing averaged" in caplog.text and other.model.net.segmentation_head[0].out_channels == 3
 
 
+def test_base_share_auto_keeps_the_share_that_validates_best(em, base_file, caplog):
+    """``base_share="auto"`` (finetune's default for the base's own classes) scores every share of BASE_SHARES on
+    the validation pages and ends with the best one's average; without validation pages it keeps the fine-tuned
+    weights alone, and says so."""
+    from emseg.train.loop import BASE_SHARES, weights_with_base
+    base = load_model(base_file)
+    with caplog.at_level("INFO", logger="emseg"):
+        auto = train(items_from(em), tiny_config(classes=None, base_share="auto"), base=base)
+    training = auto.model.card.training
+    scores, chosen = training["base_share"]["validation_mean_iou"], training["base_share"]["chosen"]
+    assert set(scores) == {f"{c:g}" for c in BASE_SHARES} and len(set(scores.values())) > 1
+    assert scores[f"{chosen:g}"] == max(scores.values()) and training["validation"]["mean_iou"] == max(scores.values())
+    assert "base_share auto" in caplog.text and training["config"]["base_share"] == "auto"
+    alone = train(items_from(em), tiny_config(classes=None), base=base).model.net.state_dict()
+    expected = weights_with_base(alone, base.net.state_dict(), chosen)
+    got = auto.model.net.state_dict()
+    assert all(torch.allclose(got[k], expected[k], atol=1e-6) for k in got if got[k].is_floating_point())
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="emseg"):
+        blind = train(items_from(em), tiny_config(classes=None, base_share="auto"), base=base, val_data=[])
+    assert "no validation pages" in caplog.text and blind.model.card.training["base_share"]["chosen"] == 0
+    with pytest.raises(ValueError, match="base_share"):
+        tiny_config(base_share="half")
+
+
 def test_small_batches_freeze_batch_norm_statistics(em, base_file):
     base = load_model(base_file)
     result = train(items_from(em), tiny_config(classes=None, batch_size=2), base=base)
@@ -447,7 +472,10 @@ def test_cli_train_finetune_evaluate(tmp_path, stacks):
     before = model_file.read_bytes()
     assert main(["-q", "finetune", str(model_file), *common, "-o", str(tmp_path / "ft")]) == 0
     assert model_file.read_bytes() == before
-    assert (tmp_path / "ft" / "model.safetensors").exists()
+    from emseg.train import FINETUNE_DEFAULTS
+    assert load_model(tmp_path / "ft").card.training["config"]["base_share"] == FINETUNE_DEFAULTS["base_share"]
+    assert main(["-q", "finetune", str(model_file), *common, "--base-share", "0", "-o", str(tmp_path / "ft0")]) == 0
+    assert load_model(tmp_path / "ft0").card.training["config"]["base_share"] == 0  # the fine-tuned weights alone
     assert main(["-q", "evaluate", str(tmp_path / "ft" / "model.safetensors"), "--images", str(img),
                  "--masks", str(msk), "-o", str(tmp_path / "eval")]) == 0
     results = json.loads((tmp_path / "eval" / "metrics.json").read_text())
@@ -567,6 +595,7 @@ def test_finetune_defaults_from_a_base_of_other_classes_learn_the_new_ones(tmp_p
     assert "rescaled by" not in caplog.text and "the output head starts afresh" in caplog.text
     tuned = load_model(tmp_path / "ft" / "model.safetensors")
     assert tuned.card.training["config"]["lr"] == FINETUNE_DEFAULTS["new_task_lr"]
+    assert tuned.card.training["config"]["base_share"] == 0  # a fresh head: nothing to average with the base
     assert tuned.card.pixel_size_nm == pytest.approx(5.0)
     assert tuned.classes == ("background", "mitochondrion")
     torch.manual_seed(0)

@@ -60,6 +60,11 @@ def _classes(value) -> tuple[str, ...]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _base_share(value):
+    """auto, or a share of the base's weights from 0 to 0.99."""
+    return value if value == "auto" else number(0.0, 0.99)(value)
+
+
 #: every training option (YAML key, and the flag of the same name): its parser, which takes the flag's
 #: text or the YAML value (as text, unless it is one of _YAML_VALUES) and raises
 #: argparse.ArgumentTypeError saying what is expected
@@ -90,7 +95,7 @@ OPTIONS = {
     "freeze_encoder_steps": integer(0),
     "fresh_decoder": _flag,
     "freeze_bn": _flag,
-    "base_share": number(0.0, 0.99),
+    "base_share": _base_share,
     "head": _choice("auto", "keep", "fresh"),
     "pixel_size_nm": pixel_size,
     "time_limit_minutes": number(0.0, above=True),
@@ -240,6 +245,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--freeze-encoder", action="store_true", help="train only the decoder and head")
     p.add_argument("--freeze-bn", choices=["auto", "yes", "no"], default="auto",
                    help="keep batch-norm statistics fixed (auto: when the batch size is 2 or less)")
+    p.add_argument("--base-share", type=_option_type("base_share"), metavar="S",
+                   help="average the fine-tuned weights with the base model's, S of them the base's (WiSE-FT), when "
+                        "the base's classes are kept; auto (the default): the share of 0, 0.25, 0.5 and 0.75 that "
+                        "scores best on the validation pages; 0: the fine-tuned weights alone")
     _add_training(p, steps=FINETUNE_DEFAULTS["steps"],
                   lr=f"{FINETUNE_DEFAULTS['lr']:g} for the base's own classes, {FINETUNE_DEFAULTS['new_task_lr']:g} "
                      "for other classes (also trained at the pages' own pixel size) and from a pretrained model")
@@ -333,16 +342,17 @@ def train_config(args, base=None) -> "TrainConfig":
         values["freeze_encoder"] = args.freeze_encoder or values.get("freeze_encoder", False)
     for name in ("encoder", "tile_size", "batch_size", "steps", "val_every", "lr", "patience", "val_fraction",
                  "seed", "device", "loader_workers", "augment_on", "name", "time_limit_minutes", "border_weight",
-                 "label_offset", "ema_decay", "full_resolution_skip", "decoder_upsampling", "head"):
+                 "label_offset", "ema_decay", "full_resolution_skip", "decoder_upsampling", "head", "base_share"):
         value = getattr(args, name, None)
         if value is not None:
             values[name] = value
     if args.classes:
         values["classes"] = args.classes
-    if args.finetune and "lr" not in values:
-        from emseg.train.loop import finetune_lr
-        values["lr"] = finetune_lr(base, values.get("classes") or (base.classes if base else ()),
-                                   values.get("head", "auto"))
+    if args.finetune:
+        from emseg.train.loop import finetune_base_share, finetune_lr
+        classes, head = values.get("classes") or (base.classes if base else ()), values.get("head", "auto")
+        values.setdefault("lr", finetune_lr(base, classes, head))
+        values.setdefault("base_share", finetune_base_share(base, classes, head))
     values["sparse"] = args.sparse or bool(values.get("sparse", False))
     values["pixel_size_nm"] = args.pixel_size or values.get("pixel_size_nm")
     values["augment"] = _augment_config(args, yaml_data)
@@ -470,8 +480,9 @@ def cmd_train(args) -> int:
                        stop=threading.Event(), resume=args.resume)
     finally:
         bar.close()
-    log.info("model written to %s (best validation mean IoU %s); curves in %s", result.model_path,
-             f"{result.best_metric:.4f}" if result.best_metric is not None else "-", args.output / "curves.png")
+    val = (result.model.card.training.get("validation") or {}).get("mean_iou")  # of the weights saved
+    log.info("model written to %s (validation mean IoU %s); curves in %s", result.model_path,
+             f"{val:.4f}" if val is not None else "-", args.output / "curves.png")
     return 0
 
 

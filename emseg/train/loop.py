@@ -65,6 +65,8 @@ REALIGN_BY = 0.1
 REALIGN_UNTIL = 0.9
 #: optimiser steps of a run without --steps and without a time limit
 DEFAULT_STEPS = 2000
+#: the shares of the base's weights that ``TrainConfig(base_share="auto")`` chooses from on the validation pages
+BASE_SHARES = (0.0, 0.25, 0.5, 0.75)
 #: the step cap of a run with a time limit and no --steps: the time limit decides (with the schedule
 #: planned for DEFAULT_STEPS until the pace is known)
 FILL_STEPS = 10_000_000
@@ -123,7 +125,9 @@ class TrainConfig(RunLength):
     freeze_encoder_steps: int = 0  # the encoder's weights frozen for the first steps only (then all train)
     fresh_decoder: bool = False  # starting from a model: keep its encoder only (decoder and head start afresh)
     freeze_bn: bool | None = None
-    base_share: float = 0.0  # fine-tuning the same classes: this share of the base's weights in the result (WiSE-FT)
+    # fine-tuning the same classes: this share of the base's weights in the result (WiSE-FT); "auto": the share of
+    # BASE_SHARES that scores best on the validation pages
+    base_share: float | str = 0.0
     head: str = "auto"
     pixel_size_nm: float | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -137,8 +141,8 @@ class TrainConfig(RunLength):
             raise ValueError(f"augment_on must be auto, cpu or device, got {self.augment_on!r}")
         if self.head not in ("auto", "keep", "fresh"):
             raise ValueError(f"head must be auto, keep or fresh, got {self.head!r}")
-        if not 0 <= self.base_share < 1:
-            raise ValueError(f"base_share must be at least 0 and below 1, got {self.base_share!r}")
+        if self.base_share != "auto" and not (isinstance(self.base_share, (int, float)) and 0 <= self.base_share < 1):
+            raise ValueError(f"base_share must be 'auto', or at least 0 and below 1, got {self.base_share!r}")
 
 
 @dataclass
@@ -291,6 +295,15 @@ def finetune_lr(base: Model | None, classes: Sequence[str], head: str = "auto") 
     from emseg.train import FINETUNE_DEFAULTS
     fresh = base is None or _fresh_head(head, base, tuple(classes))
     return FINETUNE_DEFAULTS["new_task_lr" if fresh else "lr"]
+
+
+def finetune_base_share(base: Model | None, classes: Sequence[str], head: str = "auto") -> float | str:
+    """The share of the base's weights in the result of `emseg finetune` and the napari Fine-tune widget when none
+    is given (WiSE-FT, ``TrainConfig.base_share``): ``FINETUNE_DEFAULTS["base_share"]`` for the base's own classes,
+    0 whenever the output head starts afresh (nothing to average it with)."""
+    from emseg.train import FINETUNE_DEFAULTS
+    fresh = base is None or _fresh_head(head, base, tuple(classes))
+    return 0.0 if fresh else FINETUNE_DEFAULTS["base_share"]
 
 
 def _fresh_head(head: str, base: Model, classes: tuple[str, ...]) -> bool:
@@ -569,14 +582,18 @@ def train(data: Sequence[Annotated], config: TrainConfig, out_dir: str | Path | 
             writer.close()
     _final_weights(net, opt, best_state, state, val_items)
     best_val = _best_validation(state)
-    if config.base_share and _averaged_with_base(net, base, config, classes) and val_set is not None:
-        best_val = {"step": state["step"], "val": _validate(net, val_set, card, opt.amp)}
+    share_summary = None
+    if config.base_share:
+        best_val, share_summary = _averaged_with_base(net, base, config, classes, val_set, card, opt.amp, best_val,
+                                                      state["step"])
     offset_summary = None
     if val_items and config.label_offset:
         card, best_val, offset_summary = _final_offset(net, card, val_set, opt.amp, state, best_val)
     summary = _training_summary(config, data, val_items, state, best_val, base, clock.start)
     if offset_summary is not None:
         summary["label_offset"] = offset_summary
+    if share_summary is not None:
+        summary["base_share"] = share_summary
     model = Model(net.cpu(), card.updated(training=summary))
     model_path = None
     if out is not None:
@@ -830,18 +847,40 @@ def _final_weights(net: nn.Module, opt: _Optimisation, best_state: dict, state: 
     net.eval().to(memory_format=torch.contiguous_format)
 
 
-def _averaged_with_base(net: nn.Module, base: Model | None, config: TrainConfig, classes: tuple[str, ...]) -> bool:
+def _averaged_with_base(net: nn.Module, base: Model | None, config: TrainConfig, classes: tuple[str, ...],
+                        val_set, card: ModelCard, amp, best_val: dict | None, step: int) -> tuple[dict | None, dict | None]:
     """WiSE-FT (Wortsman et al. 2022): the run's final weights averaged with the base's, ``config.base_share`` of
-    the base's (batch-norm statistics too). Only for the base's own classes: a re-made head has nothing to average
-    with. Returns whether the weights were averaged."""
+    the base's (batch-norm statistics too), or with ``"auto"`` the share of BASE_SHARES (0 included: the fine-tuned
+    weights alone) that scores the highest validation mean IoU. Only for the base's own classes: a re-made head has
+    nothing to average with. Returns the validation of the weights ``net`` ends with, and a summary for the card
+    (None when nothing was averaged)."""
     if base is None:
-        return False
+        return best_val, None
     if _fresh_head(config.head, base, classes):
         log.warning("base_share: the output head was made afresh for other classes; nothing averaged with the base")
-        return False
-    net.load_state_dict(weights_with_base(net.state_dict(), base.net.state_dict(), config.base_share))
-    log.info("the fine-tuned weights averaged with the base's (%.0f %% base)", 100 * config.base_share)
-    return True
+        return best_val, None
+    tuned = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    base_state = base.net.state_dict()
+    share, summary = config.base_share, {}
+    if share == "auto":
+        if val_set is None:
+            log.warning("base_share auto: no validation pages to choose a share on; the fine-tuned weights are kept "
+                        "alone")
+            return best_val, {"chosen": 0.0, "how": "no validation pages"}
+        scored = {}
+        for candidate in BASE_SHARES:
+            net.load_state_dict(weights_with_base(tuned, base_state, candidate))
+            scored[candidate] = _validate(net, val_set, card, amp)
+        share = max(scored, key=lambda c: scored[c]["mean_iou"] or 0)  # the first of equals: the least base
+        summary = {"how": "validation", "validation_mean_iou": {f"{c:g}": scored[c]["mean_iou"] for c in scored}}
+        log.info("base_share auto: validation mean IoU %s; %.0f %% of the base's weights kept",
+                 ", ".join(f"{100 * c:.0f} % base {scored[c]['mean_iou'] or 0:.4f}" for c in scored), 100 * share)
+        val = scored[share]
+    net.load_state_dict(weights_with_base(tuned, base_state, share))
+    if config.base_share != "auto":
+        log.info("the fine-tuned weights averaged with the base's (%.0f %% base)", 100 * share)
+        val = _validate(net, val_set, card, amp) if val_set is not None else None
+    return ({"step": step, "val": val} if val is not None else best_val), {"chosen": share, **summary}
 
 
 def weights_with_base(tuned: dict, base: dict, base_share: float) -> dict:

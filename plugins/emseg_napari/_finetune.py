@@ -141,6 +141,13 @@ class FinetuneWidget(TrainingWidget):
                               "shows them. Needs a 3D image with a pixel size and slice spacing")
         self.freeze = QCheckBox("freeze the encoder")
         self.freeze.setToolTip("Train only the decoder: faster, and safer with very few scribbles")
+        self.blend = QCheckBox("blend with the base model")
+        self.blend.setChecked(True)
+        self.blend.setToolTip("When the base model's classes are kept: average the fine-tuned weights with the "
+                              "base's (WiSE-FT), keeping the share of the base (0, 25, 50 or 75 %) that scores best "
+                              "on the held-out part of your annotation; it kept what the base knew where the new "
+                              "images are like its own (docs/training.md, \"Fine-tuning that pays\"). Other classes "
+                              "start a fresh output: nothing to blend")
         self.folder = FolderChooser(user_model_dir(), title="Save fine-tuned models in",
                                     tip="Where the fine-tuned model file is saved")
         self.name = QLineEdit()
@@ -161,6 +168,7 @@ class FinetuneWidget(TrainingWidget):
         form.addRow("Preview every", self.val_every)
         form.addRow("Device", self.device)
         form.addRow("", self.freeze)
+        form.addRow("", self.blend)
         form.addRow("", self.ortho)
         form.addRow("Save to", self.folder)
         form.addRow("Name", self.name)
@@ -261,6 +269,8 @@ class FinetuneWidget(TrainingWidget):
         from emseg.model.modelfile import load_card
         path = self.base.path()
         self.encoder.setEnabled(self.base.is_new())
+        self._base_has_classes = False  # a segmentation model to blend the result with (not new, not pretrained)
+        self.blend.setEnabled(False)
         if self.base.is_new() or path is None:
             if not self.class_names():
                 self.set_classes(DEFAULT_NEW_CLASSES)
@@ -282,6 +292,8 @@ class FinetuneWidget(TrainingWidget):
             return
         self.set_classes(card.classes)
         self.name.setText(f"{safe_name(stem)}-finetuned")
+        self._base_has_classes = True
+        self.blend.setEnabled(True)
 
     # -- layers -------------------------------------------------------------------------------
 
@@ -344,12 +356,13 @@ class FinetuneWidget(TrainingWidget):
     def _inputs(self) -> tuple:
         return (self.base, self.encoder, self.image, self.annotations, self.new_scribbles, self.dense,
                 self.add_class, self.remove_class, self.steps, self.batch, self.tile, self.lr, self.val_every,
-                self.device, self.freeze, self.folder, self.name, self.ortho)
+                self.device, self.freeze, self.blend, self.folder, self.name, self.ortho)
 
     def _set_running(self, running: bool) -> None:
         super()._set_running(running)
         if not running:
             self.encoder.setEnabled(self.base.is_new())
+            self.blend.setEnabled(self._base_has_classes)
 
     def start(self) -> bool:
         """Check the inputs and start training; returns False (after a notification) if not usable."""
@@ -404,7 +417,8 @@ class FinetuneWidget(TrainingWidget):
             encoder=self.encoder.currentText(), sparse=not self.dense.isChecked(), steps=self.steps.value(),
             batch_size=self.batch.value(), tile_size=self.tile.value(), lr=self.lr.value() or None,
             val_every=self.val_every.value(), device=self.device.currentText(),
-            freeze_encoder=self.freeze.isChecked(), pixel_size_nm=pixel_size_of(image),
+            freeze_encoder=self.freeze.isChecked(), base_share=None if self.blend.isChecked() else 0.0,
+            pixel_size_nm=pixel_size_of(image),
             preview_page=np.asarray(preview_source), name=self.name.text() or "model",
             layer_name=annotations.name, planes="ortho" if voxel else "xy", voxel_size_nm=voxel)
         if request.base_path is None and not self.base.is_new():
@@ -450,8 +464,10 @@ class FinetuneWidget(TrainingWidget):
         self.last_model_path = result.path
         self.progress.set(1.0, "stopped, saved" if result.stopped else "done, saved")
         MODELS.add(result.path, select=True)
-        best = f", best held-out IoU {result.best_metric:.3f}" if result.best_metric is not None else ""
+        best = f", held-out IoU {result.held_out_iou:.3f}" if result.held_out_iou is not None else ""
+        blend = (f"; blended with the base model, {result.base_share:.0%} of its weights kept"
+                 if result.base_share else "")
         self._message(f"{'Stopped' if result.stopped else 'Finished'} after {result.steps_done} steps "
-                      f"({result.seconds:.0f} s{best}). Saved {result.path}; it is selected in the Segment "
+                      f"({result.seconds:.0f} s{best}{blend}). Saved {result.path}; it is selected in the Segment "
                       "widget: segment again to see the result")
 

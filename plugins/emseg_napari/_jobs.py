@@ -248,6 +248,7 @@ class FinetuneRequest:
     val_every: int = 50
     device: str = "auto"
     freeze_encoder: bool = False
+    base_share: float | None = None  # None: FINETUNE_DEFAULTS' share of the base's weights when its classes are kept
     pixel_size_nm: float | None = None
     preview_page: np.ndarray | None = None
     name: str = "fine-tuned"
@@ -262,9 +263,10 @@ class FinetuneResult:
     path: Path | None
     classes: tuple[str, ...]
     steps_done: int
-    best_metric: float | None
+    held_out_iou: float | None  # the saved model's validation mean IoU
     stopped: bool
     seconds: float
+    base_share: float | None = None  # the share of the base's weights averaged into the result (None: none)
 
 
 def check_annotations(labels: np.ndarray, classes: Sequence[str], *, sparse: bool, name: str) -> None:
@@ -299,7 +301,14 @@ def finetune(request: FinetuneRequest, *, progress: Callable[[Any], None] | None
     from emseg.errors import InputError
     from emseg.model.modelfile import load_model
     from emseg.train.data import rescale_items
-    from emseg.train.loop import TrainConfig, annotations_from_arrays, finetune_lr, is_new_task, train
+    from emseg.train.loop import (
+        TrainConfig,
+        annotations_from_arrays,
+        finetune_base_share,
+        finetune_lr,
+        is_new_task,
+        train,
+    )
 
     start = time.perf_counter()
     if request.labels.shape != tuple(request.image.shape):
@@ -342,6 +351,8 @@ def finetune(request: FinetuneRequest, *, progress: Callable[[Any], None] | None
                          val_every=max(1, request.val_every), device=request.device,
                          lr=request.lr or finetune_lr(base, request.classes),
                          freeze_encoder=request.freeze_encoder,
+                         base_share=(finetune_base_share(base, request.classes) if request.base_share is None
+                                     else request.base_share),
                          pixel_size_nm=request.pixel_size_nm if base is None or new_task else None, name=request.name)
     steps_done = 0
     shape = None if request.preview_page is None else request.preview_page.shape
@@ -362,8 +373,10 @@ def finetune(request: FinetuneRequest, *, progress: Callable[[Any], None] | None
         request.out_path.parent.mkdir(parents=True, exist_ok=True)
     path = result.model.save(request.out_path)
     log.info("saved %s after %d steps (best mean IoU %s)", path, steps_done, result.best_metric)
-    return FinetuneResult(path, result.model.classes, steps_done, result.best_metric, result.stopped,
-                          time.perf_counter() - start)
+    training = result.model.card.training
+    validation = (training.get("validation") or {}).get("mean_iou")
+    return FinetuneResult(path, result.model.classes, steps_done, validation, result.stopped,
+                          time.perf_counter() - start, (training.get("base_share") or {}).get("chosen"))
 
 
 def _resize_page(page: np.ndarray, factor: float) -> np.ndarray:
