@@ -26,7 +26,9 @@ Pairs (base -> the 2 annotated slices it is fine-tuned on -> where it is evaluat
 Arms: ``zero`` (the base as it is), ``zero-adabn`` (the base with its batch-norm statistics recomputed on the 2
 slices' images, no training), ``scratch`` / ``scratch-scribbles`` (the 2 slices from random weights,
 `emseg train`'s defaults), ``dense`` / ``scribbles`` (`emseg finetune`'s defaults from the base; scribbles are
-horizontal strokes, as bench_train_real.py draws them). Every training arm runs ``--steps`` steps; ``--set``
+horizontal strokes, as bench_train_real.py draws them; for the base's own classes the result is blended with the
+base as `finetune` does, ``base_share=auto``, and every share it chose from is scored on the test slices too).
+Every training arm runs ``--steps`` steps; ``--set``
 changes a TrainConfig field (the study of goal 3: lr, ema_decay, freeze_encoder, freeze_bn, ...).
 Results: $EMSEG_BENCH_RUNS/finetune/PAIR/TAG.json; `table` prints the Markdown tables of docs/training.md.
 """
@@ -182,9 +184,12 @@ def cmd_arm(args) -> dict:
             row["base_scale"] = True
         masks = scribbles_from(two_masks) if sparse else two_masks
         defaults = {"steps": args.steps}
-        if base is not None:  # `emseg finetune`'s default: by whether the classes change
-            from emseg.train.loop import finetune_lr, is_new_task
+        if base is not None:  # `emseg finetune`'s defaults: by whether the classes change
+            from emseg.train.loop import finetune_base_share, finetune_lr, is_new_task
             defaults["lr"] = finetune_lr(base, classes, settings.get("head", "auto"))
+            # --wise scores averages of the plain fine-tuned weights: then none is made in the run
+            defaults["base_share"] = 0.0 if args.wise else finetune_base_share(base, classes,
+                                                                               settings.get("head", "auto"))
             row["new_task"] = is_new_task(base, classes, settings.get("head", "auto"))
         t0 = time.perf_counter()
         result, _ = train_on(f"finetune/{args.pair}/{tag}", two, masks, classes, train_px, None, base=base,
@@ -260,7 +265,8 @@ def main() -> int:
                    help="fine-tune a new task at the base's pixel size (the pages resampled to it), as emseg did "
                         "before December 2026")
     p.add_argument("--wise", type=float, action="append", default=[],
-                   help="also score the fine-tuned weights averaged with the base's (this share fine-tuned; WiSE-FT)")
+                   help="also score the fine-tuned weights averaged with the base's (this share fine-tuned; WiSE-FT); "
+                        "the run itself then blends nothing (base_share 0)")
     p.add_argument("--native-scale", action="store_true",
                    help="fine-tune at the data's pixel size (the base relabelled to it) instead of the base's")
     sub.add_parser("table")

@@ -384,23 +384,32 @@ def test_base_share_averages_the_result_with_the_base(em, base_file, caplog):
     assert "nothing averaged" in caplog.text and other.model.net.segmentation_head[0].out_channels == 3
 
 
-def test_base_share_auto_keeps_the_share_that_validates_best(em, base_file, caplog):
+def test_base_share_auto_keeps_the_share_that_validates_best(em, base_file, caplog, monkeypatch):
     """``base_share="auto"`` (finetune's default for the base's own classes) scores every share of BASE_SHARES on
-    the validation pages and ends with the best one's average; without validation pages it keeps the fine-tuned
-    weights alone, and says so."""
+    the validation pages and ends with the best one's average, unless the base alone scores more than
+    BLEND_MARGIN below the fine-tuned weights (then it keeps them alone); without validation pages it keeps the
+    fine-tuned weights alone, and says so."""
+    from emseg.train import loop
     from emseg.train.loop import BASE_SHARES, weights_with_base
     base = load_model(base_file)
+    monkeypatch.setattr(loop, "BLEND_MARGIN", 1.0)  # any base may be blended with
     with caplog.at_level("INFO", logger="emseg"):
         auto = train(items_from(em), tiny_config(classes=None, base_share="auto"), base=base)
     training = auto.model.card.training
     scores, chosen = training["base_share"]["validation_mean_iou"], training["base_share"]["chosen"]
     assert set(scores) == {f"{c:g}" for c in BASE_SHARES} and len(set(scores.values())) > 1
     assert scores[f"{chosen:g}"] == max(scores.values()) and training["validation"]["mean_iou"] == max(scores.values())
+    assert 0 <= training["base_share"]["base_alone_mean_iou"] <= 1
     assert "base_share auto" in caplog.text and training["config"]["base_share"] == "auto"
     alone = train(items_from(em), tiny_config(classes=None), base=base).model.net.state_dict()
     expected = weights_with_base(alone, base.net.state_dict(), chosen)
     got = auto.model.net.state_dict()
     assert all(torch.allclose(got[k], expected[k], atol=1e-6) for k in got if got[k].is_floating_point())
+    monkeypatch.setattr(loop, "BLEND_MARGIN", -1.0)  # the base counts as too far below the fine-tuned weights
+    kept = train(items_from(em), tiny_config(classes=None, base_share="auto"), base=base).model
+    assert kept.card.training["base_share"]["chosen"] == 0 and "too far below" in kept.card.training["base_share"]["how"]
+    got = kept.net.state_dict()
+    assert all(torch.allclose(got[k], alone[k], atol=1e-6) for k in got if got[k].is_floating_point())
     caplog.clear()
     with caplog.at_level("WARNING", logger="emseg"):
         blind = train(items_from(em), tiny_config(classes=None, base_share="auto"), base=base, val_data=[])

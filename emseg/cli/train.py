@@ -248,7 +248,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--base-share", type=_option_type("base_share"), metavar="S",
                    help="average the fine-tuned weights with the base model's, S of them the base's (WiSE-FT), when "
                         "the base's classes are kept; auto (the default): the share of 0, 0.25, 0.5 and 0.75 that "
-                        "scores best on the validation pages; 0: the fine-tuned weights alone")
+                        "scores best on the validation pages, or 0 where the base alone scores far below the "
+                        "fine-tuned weights there; 0: the fine-tuned weights alone")
     _add_training(p, steps=FINETUNE_DEFAULTS["steps"],
                   lr=f"{FINETUNE_DEFAULTS['lr']:g} for the base's own classes, {FINETUNE_DEFAULTS['new_task_lr']:g} "
                      "for other classes (also trained at the pages' own pixel size) and from a pretrained model")

@@ -145,9 +145,10 @@ class FinetuneWidget(TrainingWidget):
         self.blend.setChecked(True)
         self.blend.setToolTip("When the base model's classes are kept: average the fine-tuned weights with the "
                               "base's (WiSE-FT), keeping the share of the base (0, 25, 50 or 75 %) that scores best "
-                              "on the held-out part of your annotation; it kept what the base knew where the new "
-                              "images are like its own (docs/training.md, \"Fine-tuning that pays\"). Other classes "
-                              "start a fresh output: nothing to blend")
+                              "on the held-out part of your annotation (none when the base alone scores far below "
+                              "the fine-tuned model there); it keeps what the base knew where your images are like "
+                              "its own (docs/training.md, \"Fine-tuning that pays\"). Other classes start a fresh "
+                              "output: nothing to blend")
         self.folder = FolderChooser(user_model_dir(), title="Save fine-tuned models in",
                                     tip="Where the fine-tuned model file is saved")
         self.name = QLineEdit()
