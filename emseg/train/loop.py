@@ -872,10 +872,11 @@ def _averaged_with_base(net: nn.Module, base: Model | None, config: TrainConfig,
             log.warning("base_share auto: no validation pages to choose a share on; the fine-tuned weights are kept "
                         "alone")
             return best_val, {"chosen": 0.0, "how": "no validation pages"}
-        scored = {}
+        metrics = {}
         for candidate in (*BASE_SHARES, 1.0):  # 1: the base alone, to see whether it knows these pages at all
             net.load_state_dict(weights_with_base(tuned, base_state, candidate))
-            scored[candidate] = _validate(net, val_set, card, amp)["mean_iou"] or 0.0
+            metrics[candidate] = _validate(net, val_set, card, amp)
+        scored = {c: m["mean_iou"] or 0.0 for c, m in metrics.items()}
         alone = scored.pop(1.0)
         summary = {"how": "validation", "validation_mean_iou": {f"{c:g}": scored[c] for c in scored},
                    "base_alone_mean_iou": alone}
@@ -888,10 +889,12 @@ def _averaged_with_base(net: nn.Module, base: Model | None, config: TrainConfig,
             share = max(scored, key=scored.get)  # the first of equals: the least base
             log.info("base_share auto: validation mean IoU %s (the base alone %.4f); %.0f %% of the base's weights "
                      "kept", ", ".join(f"{100 * c:.0f} % base {scored[c]:.4f}" for c in scored), alone, 100 * share)
+        net.load_state_dict(weights_with_base(tuned, base_state, share))
+        val = metrics[share]  # validated in the scan above
     else:
         log.info("the fine-tuned weights averaged with the base's (%.0f %% base)", 100 * share)
-    net.load_state_dict(weights_with_base(tuned, base_state, share))
-    val = _validate(net, val_set, card, amp) if val_set is not None else None
+        net.load_state_dict(weights_with_base(tuned, base_state, share))
+        val = _validate(net, val_set, card, amp) if val_set is not None else None
     return ({"step": step, "val": val} if val is not None else best_val), {"chosen": share, **summary}
 
 
