@@ -368,6 +368,23 @@ def test_encoder_frozen_for_the_first_steps_only(em, base_file):
     assert not encoder_kept(2)  # it trains from step 2
 
 
+def test_encoder_learning_rate_scale(em, base_file):
+    base = load_model(base_file)
+    old = base.net.state_dict()
+    enc = [k for k in old if k.startswith("encoder.") and k.endswith("weight")]
+
+    def run(scale):
+        result = train(items_from(em), tiny_config(classes=None, encoder_lr_scale=scale), base=base, val_data=[])
+        new = result.model.net.state_dict()
+        assert not torch.equal(new["segmentation_head.0.weight"], old["segmentation_head.0.weight"])
+        assert result.model.card.training["config"]["encoder_lr_scale"] == scale
+        assert result.history[-1]["lr"] > 0  # the decoder's rate is the one reported
+        return max((new[k] - old[k]).abs().max().item() for k in enc)
+
+    assert run(0.0) == 0  # an encoder at rate 0 does not move, while decoder and head train
+    assert run(1.0) > 0
+
+
 def test_base_share_averages_the_result_with_the_base(em, base_file, caplog):
     base = load_model(base_file)
     old = base.net.state_dict()

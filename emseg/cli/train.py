@@ -94,6 +94,7 @@ OPTIONS = {
     "freeze_encoder": _flag,
     "freeze_encoder_steps": integer(0),
     "fresh_decoder": _flag,
+    "encoder_lr_scale": number(0.0),
     "freeze_bn": _flag,
     "base_share": _base_share,
     "head": _choice("auto", "keep", "fresh"),

@@ -127,6 +127,7 @@ class TrainConfig(RunLength):
     freeze_encoder: bool = False
     freeze_encoder_steps: int = 0  # the encoder's weights frozen for the first steps only (then all train)
     fresh_decoder: bool = False  # starting from a model: keep its encoder only (decoder and head start afresh)
+    encoder_lr_scale: float = 1.0  # the encoder's learning rate as a share of lr (discriminative fine-tuning)
     freeze_bn: bool | None = None
     # fine-tuning the same classes: this share of the base's weights in the result (WiSE-FT); "auto": the share of
     # BASE_SHARES that scores best on the validation pages
@@ -226,7 +227,7 @@ def _prepare_network(config: TrainConfig, classes: tuple[str, ...], base: Model 
     """A fresh network, or a copy of the base model's with its head re-made if the classes changed."""
     if base is None:
         unused = [k for k in ("fresh_decoder", "freeze_encoder", "freeze_encoder_steps", "base_share")
-                  if getattr(config, k)]
+                  if getattr(config, k)] + (["encoder_lr_scale"] if config.encoder_lr_scale != 1 else [])
         if unused:
             log.warning("%s: no effect without a model to start from (a new network is all fresh)", ", ".join(unused))
         net = build_unet(config.encoder, len(classes), full_resolution_skip=config.full_resolution_skip,
@@ -562,7 +563,7 @@ def train(data: Sequence[Annotated], config: TrainConfig, out_dir: str | Path | 
             validating = state["step"] % config.val_every == 0 or state["step"] == opt.schedule.total
             meter.add(loss, read=validating)
             clock.tick(opt.schedule, state["step"])
-            event = TrainEvent(state["step"], opt.schedule.total, meter.value, opt.scheduler.get_last_lr()[0])
+            event = TrainEvent(state["step"], opt.schedule.total, meter.value, opt.scheduler.get_last_lr()[-1])
             if validating:
                 event = _end_of_epoch(state, event, meter.take_running(), opt.evaluated, card, val_set, device,
                                       config, opt.amp, best_state, preview_image, clock.start)
@@ -672,6 +673,11 @@ class _Optimisation:
                 p.requires_grad_(False)
         self.freeze_bn = config.freeze_bn if config.freeze_bn is not None else config.batch_size <= 2
         params = [p for p in net.parameters() if p.requires_grad or self.frozen_until]
+        if config.encoder_lr_scale != 1:  # the rest last: its rate is the one reported
+            encoder = {id(p) for p in net.encoder.parameters()}
+            params = [g for g in ({"params": [p for p in params if id(p) in encoder],
+                                   "lr": config.lr * config.encoder_lr_scale},
+                                  {"params": [p for p in params if id(p) not in encoder]}) if g["params"]]
         self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         self.planned = DEFAULT_STEPS if config.fills_time else config.steps  # until the pace is known
         self.schedule = _Schedule(self.planned, config.warmup)
