@@ -1,7 +1,7 @@
 """Training and fine-tuning a U-Net on a few annotated pages.
 
 :func:`train` samples random crops (biased towards annotated pixels), augments them, and
-optimises Dice + cross-entropy with AdamW under a warm-up + cosine schedule, ignoring
+optimises cross-entropy (plus Dice, if weighted) with AdamW under a warm-up + cosine schedule, ignoring
 unannotated pixels. Every ``val_every`` steps it measures per-class IoU/Dice on held-out pixels,
 keeps the best weights, writes a resumable checkpoint, and stops early after ``patience``
 validations without improvement. From a quarter into the run (at every validation until 90 % of
@@ -116,17 +116,18 @@ class TrainConfig(RunLength):
     warmup: float = 0.05
     patience: int = 10
     val_fraction: float = 0.2
-    dice_weight: float = 1.0
+    dice_weight: float = 0.0  # Dice + cross-entropy: helped NASA, cost EPFL (docs/training.md, "The defaults ...")
     border_weight: float = 10.0
     border_sigma: float = 5.0
     label_offset: bool = False
-    ema_decay: float = 0.999
+    ema_decay: float = 0.0  # a moving average (e.g. 0.999): helped NASA, cost EPFL (docs/training.md)
     seed: int = 0
     device: str = "auto"
     loader_workers: int = 0
     freeze_encoder: bool = False
     freeze_encoder_steps: int = 0  # the encoder's weights frozen for the first steps only (then all train)
-    fresh_decoder: bool = False  # starting from a model: keep its encoder only (decoder and head start afresh)
+    # starting from a model: keep its encoder only (decoder and head start afresh); None: for a new task only
+    fresh_decoder: bool | None = None
     encoder_lr_scale: float = 1.0  # the encoder's learning rate as a share of lr (discriminative fine-tuning)
     freeze_bn: bool | None = None
     # fine-tuning the same classes: this share of the base's weights in the result (WiSE-FT); "auto": the share of
@@ -196,7 +197,7 @@ class _Schedule:
 
 
 class _Loss(nn.Module):
-    """Cross-entropy (optionally weighted per pixel) + Dice (smp), both ignoring unannotated pixels."""
+    """Cross-entropy (optionally weighted per pixel), plus Dice (smp) if weighted, both ignoring unannotated pixels."""
 
     def __init__(self, dice_weight: float):
         super().__init__()
@@ -250,14 +251,18 @@ def _prepare_network(config: TrainConfig, classes: tuple[str, ...], base: Model 
                  base.card.encoder, ", ".join(base.classes), ", ".join(classes),
                  f"{config.pixel_size_nm:g} nm/px" if config.pixel_size_nm else "unknown")
     fresh_head = _fresh_head(config.head, base, classes)
-    if config.fresh_decoder or fresh_head:
+    fresh_decoder = _decoder_afresh(config, base, classes)
+    if fresh_decoder or fresh_head:
         fresh = build_unet(base.card.encoder, len(classes), decoder_channels=base.card.decoder_channels,
                            full_resolution_skip=base.card.full_resolution_skip,
                            upsampling=base.card.decoder_upsampling)
-    if config.fresh_decoder:
+    why = (f"classes changed from {', '.join(base.classes)} to {', '.join(classes)}"
+           if tuple(classes) != tuple(base.classes) else "a fresh head was asked for")
+    if fresh_decoder:
         fresh.encoder.load_state_dict(net.encoder.state_dict())
         net = fresh
-        log.info("the %s encoder from %s; decoder and head start afresh", base.card.encoder,
+        log.info("%s: the %s encoder from %s; decoder and output head start afresh",
+                 why if fresh_head and not base.card.is_pretrained else "fresh_decoder", base.card.encoder,
                  "the pretrained model" if base.card.is_pretrained else "the base model")
     elif fresh_head:
         net.segmentation_head = fresh.segmentation_head
@@ -266,8 +271,7 @@ def _prepare_network(config: TrainConfig, classes: tuple[str, ...], base: Model 
                      "head for the classes %s", base.card.encoder, base.card.pretrained.get("objective"),
                      ", ".join(base.card.pretrained.get("sources", [])[:3]) or "unlabelled images", ", ".join(classes))
         else:
-            log.info("%s: the output head starts afresh", f"classes changed from {', '.join(base.classes)} to "
-                     f"{', '.join(classes)}" if tuple(classes) != tuple(base.classes) else "a fresh head was asked for")
+            log.info("%s: the output head starts afresh", why)
     card = card.updated(classes=classes, name=config.name, pretrained={})
     return net, card
 
@@ -308,6 +312,13 @@ def finetune_base_share(base: Model | None, classes: Sequence[str], head: str = 
     from emseg.train import FINETUNE_DEFAULTS
     fresh = base is None or _fresh_head(head, base, tuple(classes))
     return 0.0 if fresh else FINETUNE_DEFAULTS["base_share"]
+
+
+def _decoder_afresh(config: TrainConfig, base: Model, classes: tuple[str, ...]) -> bool:
+    """Whether fine-tuning ``base`` keeps its encoder only: ``config.fresh_decoder``, by default for a new task
+    (a decoder that drew membranes is a worse start for mitochondria than a fresh one; docs/training.md,
+    "Fine-tuning that pays")."""
+    return config.fresh_decoder if config.fresh_decoder is not None else is_new_task(base, classes, config.head)
 
 
 def _fresh_head(head: str, base: Model, classes: tuple[str, ...]) -> bool:
@@ -531,6 +542,8 @@ def train(data: Sequence[Annotated], config: TrainConfig, out_dir: str | Path | 
     sizes = {it.pixel_size_nm for it in data}
     if is_new_task(base, classes, config.head) and config.pixel_size_nm is None and len(sizes) == 1:
         config = replace(config, pixel_size_nm=sizes.pop())  # the pages' own, for the new model's card
+    if base is not None:
+        config = replace(config, fresh_decoder=_decoder_afresh(config, base, classes))  # as the card records it
     net, card = _prepare_network(config, classes, base)
     _warn_other_pixel_sizes(list(train_items) + list(val_items or []), card.pixel_size_nm)
     card = card.updated(follow_label_offset=bool(config.label_offset))
