@@ -30,7 +30,7 @@ ARGS = [
     "--border-weight", "0",
     # likewise trained before the annotation offset and the moving average of the weights existed
     "--no-label-offset", "--ema-decay", "0",
-    # and with Dice + cross-entropy, the default until December 2026
+    # with Dice + cross-entropy
     "--dice-weight", "1",
     # and with smp's own decoder, before the full-resolution skip and bilinear upsampling became the defaults
     "--no-full-resolution-skip", "--decoder-upsampling", "nearest",

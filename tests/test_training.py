@@ -296,19 +296,18 @@ def test_the_moving_average_of_the_weights():
 
 def test_the_model_written_is_the_average_and_resumes_with_it(tmp_path, em):
     run = tmp_path / "run"
-    result = train(items_from(em), tiny_config(val_every=4, label_offset=False, ema_decay=0.999), run)
+    result = train(items_from(em), tiny_config(val_every=4, label_offset=False), run)
     tensors = load_file(str(run / "checkpoint" / "tensors.safetensors"))
     written = result.model.net.state_dict()
     assert all(torch.equal(v.cpu(), tensors[f"ema.module.{k}"]) for k, v in written.items())
     assert not all(torch.equal(v.cpu(), tensors[f"net.{k}"]) for k, v in written.items())
     assert tensors["ema.n_averaged"].item() == 4
-    resumed = train(items_from(em), tiny_config(steps=6, val_every=2, label_offset=False, ema_decay=0.999), run,
-                    resume=True)
+    resumed = train(items_from(em), tiny_config(steps=6, val_every=2, label_offset=False), run, resume=True)
     tensors = load_file(str(run / "checkpoint" / "tensors.safetensors"))
     assert tensors["ema.n_averaged"].item() == 6  # carried on from the checkpoint's 4, not afresh
     assert [h["step"] for h in resumed.history] == [4, 6]
-    # off (the default since December 2026), the written weights are the trained ones
-    plain = train(items_from(em), tiny_config(val_every=4, label_offset=False), tmp_path / "plain")
+    # switched off, the written weights are the trained ones
+    plain = train(items_from(em), tiny_config(val_every=4, label_offset=False, ema_decay=0), tmp_path / "plain")
     tensors = load_file(str(tmp_path / "plain" / "checkpoint" / "tensors.safetensors"))
     assert not any(k.startswith("ema.") for k in tensors)
     assert all(torch.equal(v.cpu(), tensors[f"net.{k}"]) for k, v in plain.model.net.state_dict().items())
@@ -497,7 +496,7 @@ def test_cli_train_finetune_evaluate(tmp_path, stacks):
     assert card.pixel_size_nm == pytest.approx(6.0)  # from the training files
     assert card.training["config"]["augment"]["elastic"] == 0
     assert "label_offset" not in card.training and not card.follow_label_offset  # opt-in, off by default
-    assert card.training["config"]["dice_weight"] == 0 and card.training["config"]["ema_decay"] == 0  # both opt-in
+    assert card.training["config"]["dice_weight"] == 1 and card.training["config"]["ema_decay"] == 0.999
     assert main(["-q", "train", *common, "--encoder", "vgg11_bn_micro", "--classes", ",".join(CLASSES),
                  "--follow-label-offset", "-o", str(tmp_path / "run_offset")]) == 0
     followed = load_model(tmp_path / "run_offset" / "model.safetensors").card
@@ -524,7 +523,7 @@ def test_cli_yaml_config_and_bad_keys(tmp_path, stacks):
                                        "encoder: vgg11_bn_micro\naugment:\n  noise: 0\n")
     assert main(["-q", "train", "--images", str(img), "--masks", str(msk), "--config", str(tmp_path / "cfg.yaml"),
                  "--border-weight", "7", "--loader-workers", "2", "--no-label-offset", "--no-full-resolution-skip",
-                 "--decoder-upsampling", "nearest", "--dice-weight", "1", "--ema-decay", "0.99",
+                 "--decoder-upsampling", "nearest", "--dice-weight", "0.5", "--ema-decay", "0.99",
                  "-o", str(tmp_path / "run")]) == 0
     model = load_model(tmp_path / "run" / "model.safetensors")
     card = model.card
@@ -534,7 +533,7 @@ def test_cli_yaml_config_and_bad_keys(tmp_path, stacks):
     assert card.training["config"]["label_offset"] is False and "label_offset" not in card.training
     assert card.training["steps"] == 1 and card.training["config"]["augment"]["noise"] == 0
     assert card.training["config"]["border_weight"] == 7
-    assert card.training["config"]["dice_weight"] == 1 and card.training["config"]["ema_decay"] == 0.99
+    assert card.training["config"]["dice_weight"] == 0.5 and card.training["config"]["ema_decay"] == 0.99
     (tmp_path / "bad.yaml").write_text("stepz: 3\n")
     assert main(["train", "--images", str(img), "--masks", str(msk), "--config", str(tmp_path / "bad.yaml"),
                  "-o", str(tmp_path / "run2")]) == 1
