@@ -240,8 +240,11 @@ def add_parsers(sub) -> None:
     p.set_defaults(func=cmd_train, finetune=False)
 
     p = sub.add_parser("finetune", help="fine-tune an existing model on your own annotations",
-                       description="Start from BASE_MODEL (never modified), keep its normalisation and pixel size, "
-                                   "and train on your annotations; writes a new model in OUTDIR.")
+                       description="Start from BASE_MODEL (never modified) and train on your annotations; writes a new "
+                                   "model in OUTDIR. For the base's own classes its pixel size and output head are "
+                                   "kept and the result is blended with it (--base-share); for other classes only "
+                                   "its encoder is kept and the pages keep their own pixel size. The base's "
+                                   "normalisation is kept either way.")
     p.add_argument("base", help="model file or folder to start from ('default' for the bundled model)")
     _add_data(p)
     _add_planes(p)
