@@ -243,8 +243,9 @@ def add_parsers(sub) -> None:
                        description="Start from BASE_MODEL (never modified) and train on your annotations; writes a new "
                                    "model in OUTDIR. For the base's own classes its pixel size and output head are "
                                    "kept and the result is blended with it (--base-share); for other classes only "
-                                   "its encoder is kept and the pages keep their own pixel size. The base's "
-                                   "normalisation is kept either way.")
+                                   "its encoder is kept and the pages keep their own pixel size; from a model of "
+                                   "`emseg pretrain`, its encoder and decoder at its pixel size. The base's "
+                                   "normalisation is kept in every case.")
     p.add_argument("base", help="model file or folder to start from ('default' for the bundled model)")
     _add_data(p)
     _add_planes(p)
