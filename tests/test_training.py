@@ -385,6 +385,40 @@ def test_encoder_learning_rate_scale(em, base_file):
     assert run(1.0) > 0
 
 
+def test_encoder_keep_mixes_the_base_encoder_with_fresh_weights(base_file, caplog):
+    """``encoder_keep`` (shrink and perturb): the encoder starts as that share of the base's weights and the rest of
+    a fresh draw that is not the run's own initialisation; decoder and head are as without it."""
+    from emseg.train.loop import _prepare_network
+    base = load_model(base_file)
+    old = base.net.encoder.state_dict()
+
+    def start(keep):
+        torch.manual_seed(0)
+        net, _ = _prepare_network(tiny_config(classes=None, encoder_keep=keep), base.classes, base)
+        return net.state_dict()
+
+    kept, half, quarter = start(1.0), start(0.5), start(0.25)
+    weights = [k for k in old if k.endswith("weight")]
+    assert all(torch.equal(kept["encoder." + k], old[k]) for k in weights)
+    for k in weights:  # both mixes lie on one line from the base's weights towards the same fresh draw
+        away_half, away_quarter = half["encoder." + k] - old[k], quarter["encoder." + k] - old[k]
+        assert torch.allclose(away_quarter, 1.5 * away_half, atol=1e-6)
+    assert any(away.abs().max() > 0.01 for away in (half["encoder." + k] - old[k] for k in weights))
+    decoder = [k for k in kept if not k.startswith("encoder.")]
+    assert all(torch.equal(kept[k], half[k]) for k in decoder)
+    torch.manual_seed(0)  # the run's own initialisation: a network built from the same seed
+    from emseg.model.networks import build_unet
+    own = build_unet(base.card.encoder, base.card.num_classes, decoder_channels=base.card.decoder_channels,
+                     full_resolution_skip=base.card.full_resolution_skip).encoder.state_dict()
+    drawn = 2 * half["encoder.features.0.weight"] - old["features.0.weight"]
+    assert not torch.allclose(drawn, own["features.0.weight"])
+    with caplog.at_level("WARNING", logger="emseg"):
+        _prepare_network(tiny_config(encoder_keep=0.5), ("background", "membrane"), None)
+    assert "encoder_keep: no effect" in caplog.text
+    with pytest.raises(ValueError, match="encoder_keep"):
+        tiny_config(encoder_keep=0)
+
+
 def test_base_share_averages_the_result_with_the_base(em, base_file, caplog):
     base = load_model(base_file)
     old = base.net.state_dict()

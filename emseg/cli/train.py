@@ -95,6 +95,7 @@ OPTIONS = {
     "freeze_encoder_steps": integer(0),
     "fresh_decoder": _flag,
     "encoder_lr_scale": number(0.0),
+    "encoder_keep": number(0.0, 1.0, above=True),
     "freeze_bn": _flag,
     "base_share": _base_share,
     "head": _choice("auto", "keep", "fresh"),

@@ -63,6 +63,8 @@ ALIGN_AT = 0.25
 REALIGN_BY = 0.1
 #: fraction of a run after which the images are not moved again (too few steps left to learn from them)
 REALIGN_UNTIL = 0.9
+#: added to the run's seed for the fresh weights that ``TrainConfig.encoder_keep`` mixes into the base's encoder
+SHRINK_SEED = 7919
 #: optimiser steps of a run without --steps and without a time limit
 DEFAULT_STEPS = 2000
 #: the shares of the base's weights that ``TrainConfig(base_share="auto")`` chooses from on the validation pages
@@ -129,6 +131,9 @@ class TrainConfig(RunLength):
     # starting from a model: keep its encoder only (decoder and head start afresh); None: for a new task only
     fresh_decoder: bool | None = None
     encoder_lr_scale: float = 1.0  # the encoder's learning rate as a share of lr (discriminative fine-tuning)
+    # starting from a model: this share of its encoder's weights, the rest a fresh initialisation's (shrink and
+    # perturb, Ash & Adams 2020)
+    encoder_keep: float = 1.0
     freeze_bn: bool | None = None
     # fine-tuning the same classes: this share of the base's weights in the result (WiSE-FT); "auto": the share of
     # BASE_SHARES that scores best on the validation pages
@@ -148,6 +153,8 @@ class TrainConfig(RunLength):
             raise ValueError(f"head must be auto, keep or fresh, got {self.head!r}")
         if self.base_share != "auto" and not (isinstance(self.base_share, (int, float)) and 0 <= self.base_share < 1):
             raise ValueError(f"base_share must be 'auto', or at least 0 and below 1, got {self.base_share!r}")
+        if not (isinstance(self.encoder_keep, (int, float)) and 0 < self.encoder_keep <= 1):
+            raise ValueError(f"encoder_keep must be above 0 and at most 1, got {self.encoder_keep!r}")
 
 
 @dataclass
@@ -228,7 +235,7 @@ def _prepare_network(config: TrainConfig, classes: tuple[str, ...], base: Model 
     """A fresh network, or a copy of the base model's with its head re-made if the classes changed."""
     if base is None:
         unused = [k for k in ("fresh_decoder", "freeze_encoder", "freeze_encoder_steps", "base_share")
-                  if getattr(config, k)] + (["encoder_lr_scale"] if config.encoder_lr_scale != 1 else [])
+                  if getattr(config, k)] + [k for k in ("encoder_lr_scale", "encoder_keep") if getattr(config, k) != 1]
         if unused:
             log.warning("%s: no effect without a model to start from (a new network is all fresh)", ", ".join(unused))
         net = build_unet(config.encoder, len(classes), full_resolution_skip=config.full_resolution_skip,
@@ -272,6 +279,14 @@ def _prepare_network(config: TrainConfig, classes: tuple[str, ...], base: Model 
                      ", ".join(base.card.pretrained.get("sources", [])[:3]) or "unlabelled images", ", ".join(classes))
         else:
             log.info("%s: the output head starts afresh", why)
+    if config.encoder_keep < 1:
+        with torch.random.fork_rng(devices=[]):  # a draw of its own: with the base's seed it would be its first weights
+            torch.manual_seed(config.seed + SHRINK_SEED)
+            drawn = build_unet(base.card.encoder, len(classes), decoder_channels=base.card.decoder_channels,
+                               full_resolution_skip=base.card.full_resolution_skip).encoder.state_dict()
+        net.encoder.load_state_dict(weights_with_base(net.encoder.state_dict(), drawn, 1 - config.encoder_keep))
+        log.info("the encoder starts %g %% from the base model and %g %% from a fresh initialisation (shrink and "
+                 "perturb)", 100 * config.encoder_keep, 100 * (1 - config.encoder_keep))
     card = card.updated(classes=classes, name=config.name, pretrained={})
     return net, card
 
