@@ -18,7 +18,8 @@
 #      bases of the pairs)
 #   2. a queue of runs, N at a time: every pair's zero-shot, then for seed 0..4 every pair's scratch and dense
 #      fine-tuning (500 steps), then the pretraining arms (600 steps, random / restoration-pretrained /
-#      masked-pretrained, seeds 0-2, and the 24-slice ceiling)
+#      masked-pretrained, seeds 0-2, and the 24-slice ceiling), then every pair's dense fine-tuning from half of the
+#      base's encoder (encoder_keep 0.5) for seed 0..4
 #   3. $OUT/summary.txt: bench_finetune.py's table and the pretraining rows; $OUT/gpu_transfer.tar.gz: every
 #      JSON and log
 set -uo pipefail
@@ -88,6 +89,11 @@ for seed in $seeds; do
     fi
 done
 q "pre_full_s0 $PRE finetune membranes --steps $pre_steps --seeds 0 --arms full --tag full_s0 $dev"
+for seed in $seeds; do  # last: half of the base's encoder and half a fresh draw (docs/training.md, "A sixth look")
+    for pair in $pairs; do
+        q "keep50_${pair}_s$seed $FT arm $pair dense --seed $seed --steps $ft_steps --set encoder_keep=0.5 --tag keep50_dense_s$seed"
+    done
+done
 say "== 2. $(wc -l < "$queue") runs, $jobs at a time, until $(date -d @"$deadline" +%T 2>/dev/null || echo the deadline)"
 xargs -P "$jobs" -L 1 bash -c 'run_one "$@"' _ < "$queue" | tee -a "$summary"
 

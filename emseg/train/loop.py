@@ -131,8 +131,9 @@ class TrainConfig(RunLength):
     # starting from a model: keep its encoder only (decoder and head start afresh); None: for a new task only
     fresh_decoder: bool | None = None
     encoder_lr_scale: float = 1.0  # the encoder's learning rate as a share of lr (discriminative fine-tuning)
-    # starting from a model: this share of its encoder's weights, the rest a fresh initialisation's (shrink and
-    # perturb, Ash & Adams 2020)
+    # starting from a model: this share of its encoder's weights, the rest a fresh draw's (shrink and perturb, Ash &
+    # Adams 2020); a half helped dense new tasks on two pairs of three and lost on every pair of scribbles, so all by
+    # default (docs/training.md, "A sixth look")
     encoder_keep: float = 1.0
     freeze_bn: bool | None = None
     # fine-tuning the same classes: this share of the base's weights in the result (WiSE-FT); "auto": the share of
