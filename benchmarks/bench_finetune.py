@@ -3,6 +3,7 @@
     python benchmarks/bench_finetune.py base isbi  [--seed 0] [--minutes 12]  # also: epfl, nasa, isbi-late
     python benchmarks/bench_finetune.py arm  PAIR ARM [--steps 200] [--seed 0] [--set KEY=VALUE] [--tag NAME]
     python benchmarks/bench_finetune.py table
+    python benchmarks/bench_finetune.py compare TAG_A TAG_B [--pairs PAIR...]   # e.g. s500_dense s500_scratch
 
 `base NAME` trains `emseg train`'s defaults with a time limit (``--minutes``, one compute thread) on a data set's
 training slices and evaluates its held-out slices with the code of `emseg evaluate`: the runs of goal 4
@@ -31,6 +32,8 @@ base as `finetune` does, ``base_share=auto``, and every share it chose from is s
 Every training arm runs ``--steps`` steps; ``--set``
 changes a TrainConfig field (the study of goal 3: lr, ema_decay, freeze_encoder, freeze_bn, ...).
 Results: $EMSEG_BENCH_RUNS/finetune/PAIR/TAG.json; `table` prints the Markdown tables of docs/training.md.
+`compare A B` pairs the runs ``A_sSEED`` and ``B_sSEED`` of each pair by seed and prints their foreground IoU, the
+mean difference A - B with a 95 % interval (Student's t over the seeds' differences) and how many seeds A led.
 """
 
 from __future__ import annotations
@@ -244,6 +247,45 @@ def cmd_table(args) -> None:
                   f"{r.get('pixel_error', '')} | {note} |")
 
 
+def paired(a: dict[int, float], b: dict[int, float]) -> dict | None:
+    """A against B over the seeds both have: each's IoU, the mean difference A - B and its 95 % interval
+    (Student's t over the per-seed differences; none with one seed), and in how many seeds A led."""
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return None
+    from scipy import stats
+
+    diff = np.array([a[s] - b[s] for s in seeds])
+    half = (float(stats.t.ppf(0.975, len(seeds) - 1) * diff.std(ddof=1) / np.sqrt(len(seeds)))
+            if len(seeds) > 1 else None)
+    return {"seeds": seeds, "a": [a[s] for s in seeds], "b": [b[s] for s in seeds], "mean_a": float(np.mean(
+        [a[s] for s in seeds])), "mean_b": float(np.mean([b[s] for s in seeds])), "diff": float(diff.mean()),
+        "half_width": half, "led": int((diff > 0).sum())}
+
+
+def _by_seed(pair: str, tag: str) -> dict[int, float]:
+    found = {}
+    for path in (OUT / pair).glob(f"{tag}_s*.json"):
+        row = json.loads(path.read_text())
+        if row.get("tag") == path.stem and path.stem == f"{tag}_s{row['seed']}":
+            found[row["seed"]] = row["iou_foreground"]
+    return found
+
+
+def cmd_compare(args) -> None:
+    print(f"| pair | seeds | {args.a} | {args.b} | mean {args.a} | mean {args.b} | difference (95 % interval) | "
+          f"{args.a} ahead |\n|---|---|---|---|---|---|---|---|")
+    for pair in args.pairs:
+        c = paired(_by_seed(pair, args.a), _by_seed(pair, args.b))
+        if c is None:
+            continue
+        low, high = (c["diff"] - c["half_width"], c["diff"] + c["half_width"]) if c["half_width"] is not None else (0, 0)
+        spread = "" if c["half_width"] is None else f" ({low:+.3f} to {high:+.3f})"
+        print(f"| {pair} | {', '.join(map(str, c['seeds']))} | {' / '.join(f'{x:.3f}' for x in c['a'])} | "
+              f"{' / '.join(f'{x:.3f}' for x in c['b'])} | {c['mean_a']:.3f} | {c['mean_b']:.3f} | "
+              f"{c['diff']:+.3f}{spread} | {c['led']} of {len(c['seeds'])} |")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -270,9 +312,13 @@ def main() -> int:
     p.add_argument("--native-scale", action="store_true",
                    help="fine-tune at the data's pixel size (the base relabelled to it) instead of the base's")
     sub.add_parser("table")
+    p = sub.add_parser("compare", help="two arms paired by seed on every pair that has both")
+    p.add_argument("a", help="the first arm's tag without its _sSEED (e.g. s500_dense)")
+    p.add_argument("b", help="the second arm's tag (e.g. s500_scratch)")
+    p.add_argument("--pairs", nargs="+", choices=list(PAIRS), default=list(PAIRS))
     args = parser.parse_args()
-    if args.cmd == "table":
-        cmd_table(args)
+    if args.cmd in ("table", "compare"):
+        (cmd_table if args.cmd == "table" else cmd_compare)(args)
         return 0
     if not DATA.exists():
         print(f"skipped: the shared data folder {DATA} is absent")

@@ -114,3 +114,28 @@ def test_an_average_with_the_base_is_undone_by_its_inverse_share(tiny_model):
     want = tuned.net.state_dict()
     assert not torch.allclose(mixed.net.state_dict()["segmentation_head.0.weight"], want["segmentation_head.0.weight"])
     assert all(torch.allclose(back[k], want[k], atol=1e-5) for k in want if want[k].is_floating_point())
+
+
+def test_arms_are_compared_seed_by_seed(monkeypatch, tmp_path):
+    """`bench_finetune.py compare` pairs two arms' runs by seed (a tag that merely starts alike is another arm),
+    and its interval is Student's over the per-seed differences."""
+    import json
+
+    from scipy import stats
+    for tag, seed, iou in [("ft", 0, 0.60), ("ft", 1, 0.58), ("ft", 2, 0.59), ("ft", 3, 0.99),
+                           ("sc", 0, 0.57), ("sc", 1, 0.56), ("sc", 2, 0.60), ("ft_other", 1, 0.10)]:
+        name = f"{tag}_s{seed}"
+        (tmp_path / "isbi-epfl").mkdir(exist_ok=True)
+        row = {"tag": name, "seed": seed, "iou_foreground": iou}
+        (tmp_path / "isbi-epfl" / f"{name}.json").write_text(json.dumps(row))
+    monkeypatch.setattr(bench_finetune, "OUT", tmp_path)
+    ft, sc = bench_finetune._by_seed("isbi-epfl", "ft"), bench_finetune._by_seed("isbi-epfl", "sc")
+    assert ft == {0: 0.60, 1: 0.58, 2: 0.59, 3: 0.99}  # not ft_other_s1
+    c = bench_finetune.paired(ft, sc)
+    assert c["seeds"] == [0, 1, 2]  # seed 3 has no counterpart
+    diff = np.array([0.03, 0.02, -0.01])
+    assert c["diff"] == pytest.approx(diff.mean())
+    assert c["half_width"] == pytest.approx(stats.t.ppf(0.975, 2) * diff.std(ddof=1) / np.sqrt(3))
+    assert c["led"] == 2 and c["mean_b"] == pytest.approx(np.mean([0.57, 0.56, 0.60]))
+    assert bench_finetune.paired({0: 0.5}, {0: 0.4})["half_width"] is None
+    assert bench_finetune.paired({0: 0.5}, {1: 0.4}) is None
