@@ -3,7 +3,7 @@
     python benchmarks/bench_finetune.py base isbi  [--seed 0] [--minutes 12]  # also: epfl, nasa, isbi-late
     python benchmarks/bench_finetune.py arm  PAIR ARM [--steps 200] [--seed 0] [--set KEY=VALUE] [--tag NAME]
     python benchmarks/bench_finetune.py table
-    python benchmarks/bench_finetune.py compare TAG_A TAG_B [--pairs PAIR...]   # e.g. s500_dense s500_scratch
+    python benchmarks/bench_finetune.py compare TAG_A:TAG_B[=TITLE]... [--pairs PAIR...] [--plot PNG]
 
 `base NAME` trains `emseg train`'s defaults with a time limit (``--minutes``, one compute thread) on a data set's
 training slices and evaluates its held-out slices with the code of `emseg evaluate`: the runs of goal 4
@@ -32,8 +32,9 @@ base as `finetune` does, ``base_share=auto``, and every share it chose from is s
 Every training arm runs ``--steps`` steps; ``--set``
 changes a TrainConfig field (the study of goal 3: lr, ema_decay, freeze_encoder, freeze_bn, ...).
 Results: $EMSEG_BENCH_RUNS/finetune/PAIR/TAG.json; `table` prints the Markdown tables of docs/training.md.
-`compare A B` pairs the runs ``A_sSEED`` and ``B_sSEED`` of each pair by seed and prints their foreground IoU, the
-mean difference A - B with a 95 % interval (Student's t over the seeds' differences) and how many seeds A led.
+`compare A:B` pairs the runs ``A_sSEED`` and ``B_sSEED`` of each pair by seed and prints their foreground IoU, the
+mean difference A - B with a 95 % interval (Student's t over the seeds' differences) and how many seeds A led;
+``--plot`` draws each comparison as a panel (e.g. ``compare s500_dense:s500_scratch fdec_scrib:am_scratchscrib``).
 """
 
 from __future__ import annotations
@@ -273,17 +274,58 @@ def _by_seed(pair: str, tag: str) -> dict[int, float]:
 
 
 def cmd_compare(args) -> None:
-    print(f"| pair | seeds | {args.a} | {args.b} | mean {args.a} | mean {args.b} | difference (95 % interval) | "
-          f"{args.a} ahead |\n|---|---|---|---|---|---|---|---|")
-    for pair in args.pairs:
-        c = paired(_by_seed(pair, args.a), _by_seed(pair, args.b))
-        if c is None:
-            continue
-        low, high = (c["diff"] - c["half_width"], c["diff"] + c["half_width"]) if c["half_width"] is not None else (0, 0)
-        spread = "" if c["half_width"] is None else f" ({low:+.3f} to {high:+.3f})"
-        print(f"| {pair} | {', '.join(map(str, c['seeds']))} | {' / '.join(f'{x:.3f}' for x in c['a'])} | "
-              f"{' / '.join(f'{x:.3f}' for x in c['b'])} | {c['mean_a']:.3f} | {c['mean_b']:.3f} | "
-              f"{c['diff']:+.3f}{spread} | {c['led']} of {len(c['seeds'])} |")
+    panels = []
+    for spec in args.comparisons:
+        spec, _, title = spec.partition("=")
+        a, _, b = spec.partition(":")
+        if not a or not b:
+            raise SystemExit(f"compare: {spec!r} is not TAG_A:TAG_B (e.g. s500_dense:s500_scratch)")
+        rows = {pair: c for pair in args.pairs if (c := paired(_by_seed(pair, a), _by_seed(pair, b)))}
+        print(f"\n| pair | seeds | {a} | {b} | mean {a} | mean {b} | difference (95 % interval) | {a} ahead |\n"
+              "|---|---|---|---|---|---|---|---|")
+        for pair, c in rows.items():
+            spread = "" if c["half_width"] is None else \
+                f" ({c['diff'] - c['half_width']:+.3f} to {c['diff'] + c['half_width']:+.3f})"
+            print(f"| {pair} | {', '.join(map(str, c['seeds']))} | {' / '.join(f'{x:.3f}' for x in c['a'])} | "
+                  f"{' / '.join(f'{x:.3f}' for x in c['b'])} | {c['mean_a']:.3f} | {c['mean_b']:.3f} | "
+                  f"{c['diff']:+.3f}{spread} | {c['led']} of {len(c['seeds'])} |")
+        panels.append((title or f"{a} - {b}", rows))
+    if args.plot:
+        print(f"\nwrote {plot_comparisons(panels, Path(args.plot))}")
+
+
+def plot_comparisons(panels, path: Path) -> Path:
+    """One panel a comparison: per pair, each seed's difference in IoU (dots) and their mean with its 95 % interval
+    (an interval wider than the panel, as two seeds give, ends in an arrow at its edge)."""
+    from emseg.analysis.reports import _figure, save_png
+
+    plt, (fig, axes) = _figure(1, len(panels), figsize=(5 * len(panels), 0.9 + 0.45 * max(
+        len(rows) for _, rows in panels)), squeeze=False)
+    for ax, (title, rows) in zip(axes[0], panels):
+        items = list(reversed(rows.items()))
+        reach = max([0.02] + [abs(d) for _, c in items for d in np.subtract(c["a"], c["b"])])
+        lim = 1.35 * reach
+        for y, (pair, c) in enumerate(items):
+            diffs = np.subtract(c["a"], c["b"])
+            ax.scatter(diffs, np.full(len(diffs), y), s=22, facecolors="none", edgecolors="0.4", zorder=2)
+            colour = "tab:blue" if c["diff"] > 0 else "tab:red"
+            half = c["half_width"] or 0.0
+            low, high = max(c["diff"] - half, -lim), min(c["diff"] + half, lim)
+            ax.plot([low, high], [y, y], color=colour, lw=1.6, zorder=3)
+            ax.plot(c["diff"], y, "o", color=colour, ms=7, zorder=4)
+            for end, edge, mark in ((c["diff"] - half, -lim, "<"), (c["diff"] + half, lim, ">")):
+                if (end < edge) if mark == "<" else (end > edge):
+                    ax.plot(edge, y, mark, color=colour, ms=6, zorder=4, clip_on=False)
+        ax.axvline(0, color="0.2", lw=0.8)
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(-0.6, len(items) - 0.4)
+        seeds = [len(c["seeds"]) for _, c in items]
+        ax.set_yticks(range(len(items)), [f"{p} ({n} seed{'s' * (n > 1)})" for (p, _), n in zip(items, seeds)])
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("difference in foreground IoU (> 0: the first ahead)")
+        ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return save_png(plt, fig, path)
 
 
 def main() -> int:
@@ -312,10 +354,11 @@ def main() -> int:
     p.add_argument("--native-scale", action="store_true",
                    help="fine-tune at the data's pixel size (the base relabelled to it) instead of the base's")
     sub.add_parser("table")
-    p = sub.add_parser("compare", help="two arms paired by seed on every pair that has both")
-    p.add_argument("a", help="the first arm's tag without its _sSEED (e.g. s500_dense)")
-    p.add_argument("b", help="the second arm's tag (e.g. s500_scratch)")
+    p = sub.add_parser("compare", help="arms paired by seed on every pair that has both")
+    p.add_argument("comparisons", nargs="+", metavar="TAG_A:TAG_B[=TITLE]",
+                   help="two arms' tags without their _sSEED (e.g. s500_dense:s500_scratch), and the plot's title")
     p.add_argument("--pairs", nargs="+", choices=list(PAIRS), default=list(PAIRS))
+    p.add_argument("--plot", help="also draw the comparisons, one panel each, into this PNG")
     args = parser.parse_args()
     if args.cmd in ("table", "compare"):
         (cmd_table if args.cmd == "table" else cmd_compare)(args)

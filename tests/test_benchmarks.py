@@ -139,3 +139,26 @@ def test_arms_are_compared_seed_by_seed(monkeypatch, tmp_path):
     assert c["led"] == 2 and c["mean_b"] == pytest.approx(np.mean([0.57, 0.56, 0.60]))
     assert bench_finetune.paired({0: 0.5}, {0: 0.4})["half_width"] is None
     assert bench_finetune.paired({0: 0.5}, {1: 0.4}) is None
+
+
+def test_a_comparison_prints_its_table_and_draws_its_panel(monkeypatch, tmp_path, capsys):
+    import argparse
+    import json
+
+    from PIL import Image
+    for tag, seed, iou in [("ft", 0, 0.60), ("ft", 1, 0.58), ("sc", 0, 0.57), ("sc", 1, 0.56)]:
+        (tmp_path / "epfl-isbi").mkdir(exist_ok=True)
+        row = {"tag": f"{tag}_s{seed}", "seed": seed, "iou_foreground": iou}
+        (tmp_path / "epfl-isbi" / f"{tag}_s{seed}.json").write_text(json.dumps(row))
+    monkeypatch.setattr(bench_finetune, "OUT", tmp_path)
+    png = tmp_path / "compare.png"
+    args = argparse.Namespace(comparisons=["ft:sc=fine-tuned - scratch", "sc:ft"], pairs=list(bench_finetune.PAIRS),
+                              plot=str(png))
+    bench_finetune.cmd_compare(args)
+    out = capsys.readouterr().out
+    assert "| epfl-isbi | 0, 1 | 0.600 / 0.580 | 0.570 / 0.560 | 0.590 | 0.565 | +0.025 (" in out
+    assert "| 2 of 2 |" in out and "| 0 of 2 |" in out and "isbi-nasa" not in out
+    with Image.open(png) as image:
+        assert image.size[0] > 2 * image.size[1]  # two panels side by side
+    with pytest.raises(SystemExit, match="not TAG_A:TAG_B"):
+        bench_finetune.cmd_compare(argparse.Namespace(comparisons=["ft"], pairs=["epfl-isbi"], plot=None))
