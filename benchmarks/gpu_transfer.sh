@@ -16,12 +16,12 @@
 #      pretrain membranes, restoration and masked, PRE_MIN minutes) and the base models (bench_finetune.py base
 #      isbi, epfl, nasa with seeds 0 and 1, isbi-late seed 0; BASE_MIN minutes each: goal 4's GPU row and the
 #      bases of the pairs)
-#   2. a queue of runs, N at a time: every pair's zero-shot, then for seed 0..4 every pair's scratch and dense
-#      fine-tuning (500 steps), then the pretraining arms (600 steps, random / restoration-pretrained /
+#   2. a queue of runs, N at a time: every pair's zero-shot, then for seed 0..4 every pair's training from scratch
+#      and fine-tuning, dense and with scribbles (500 steps), then the pretraining arms (600 steps, random / restoration-pretrained /
 #      masked-pretrained, seeds 0-2, and the 24-slice ceiling), then every pair's dense fine-tuning from half of the
 #      base's encoder (encoder_keep 0.5) for seed 0..4
-#   3. $OUT/summary.txt: bench_finetune.py's table and the pretraining rows; $OUT/gpu_transfer.tar.gz: every
-#      JSON and log
+#   3. $OUT/summary.txt: bench_finetune.py's table, fine-tuned against from scratch seed by seed (`compare`; the
+#      picture in $OUT/finetune_vs_scratch.png) and the pretraining rows; $OUT/gpu_transfer.tar.gz: every JSON and log
 set -uo pipefail
 cd "$(dirname "$0")/.."
 data=.gpu/data; budget=470; jobs=8; rehearse=
@@ -78,7 +78,9 @@ xargs -P "$jobs" -L 1 bash -c 'run_one "$@"' _ < "$queue" | tee -a "$summary"
 for pair in $pairs; do q "zero_${pair} $FT arm $pair zero"; done
 for seed in $seeds; do
     for pair in $pairs; do
-        for arm in scratch dense; do q "${arm}_${pair}_s$seed $FT arm $pair $arm --seed $seed --steps $ft_steps"; done
+        for arm in scratch dense scratch-scribbles scribbles; do
+            q "${arm}_${pair}_s$seed $FT arm $pair $arm --seed $seed --steps $ft_steps"
+        done
     done
     if [[ " $pre_seeds " == *" $seed "* ]]; then
         pretrained=$work/runs/pretrain/membranes_${pre_min}min/model.safetensors
@@ -100,6 +102,8 @@ xargs -P "$jobs" -L 1 bash -c 'run_one "$@"' _ < "$queue" | tee -a "$summary"
 # -- 3. tables and the archive
 say "== 3. results after $(($(date +%s) - start)) s"
 $FT table 2>&1 | tee -a "$summary"
+$FT compare "dense:scratch=dense: fine-tuned - from scratch" "scribbles:scratch-scribbles=scribbles" \
+    "keep50_dense:scratch=dense, half the encoder kept" --plot "$OUT/finetune_vs_scratch.png" 2>&1 | tee -a "$summary"
 "$PY" - "$work/runs/pretrain" <<'PYEOF' 2>&1 | tee -a "$summary"
 import json, sys
 from pathlib import Path
