@@ -265,10 +265,12 @@ def paired(a: dict[int, float], b: dict[int, float]) -> dict | None:
 
 
 def _by_seed(pair: str, tag: str) -> dict[int, float]:
+    """Each seed's foreground IoU of an arm; a run without one (a base's output of other classes, which records a
+    note instead) is left out."""
     found = {}
     for path in (OUT / pair).glob(f"{tag}_s*.json"):
         row = json.loads(path.read_text())
-        if row.get("tag") == path.stem and path.stem == f"{tag}_s{row['seed']}":
+        if row.get("tag") == path.stem and path.stem == f"{tag}_s{row['seed']}" and "iou_foreground" in row:
             found[row["seed"]] = row["iou_foreground"]
     return found
 

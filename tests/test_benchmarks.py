@@ -123,14 +123,16 @@ def test_arms_are_compared_seed_by_seed(monkeypatch, tmp_path):
 
     from scipy import stats
     for tag, seed, iou in [("ft", 0, 0.60), ("ft", 1, 0.58), ("ft", 2, 0.59), ("ft", 3, 0.99),
-                           ("sc", 0, 0.57), ("sc", 1, 0.56), ("sc", 2, 0.60), ("ft_other", 1, 0.10)]:
+                           ("sc", 0, 0.57), ("sc", 1, 0.56), ("sc", 2, 0.60), ("ft_other", 1, 0.10),
+                           ("zero", 0, None)]:
         name = f"{tag}_s{seed}"
         (tmp_path / "isbi-epfl").mkdir(exist_ok=True)
-        row = {"tag": name, "seed": seed, "iou_foreground": iou}
+        row = {"tag": name, "seed": seed, **({"iou_foreground": iou} if iou else {"note": "other classes"})}
         (tmp_path / "isbi-epfl" / f"{name}.json").write_text(json.dumps(row))
     monkeypatch.setattr(bench_finetune, "OUT", tmp_path)
     ft, sc = bench_finetune._by_seed("isbi-epfl", "ft"), bench_finetune._by_seed("isbi-epfl", "sc")
     assert ft == {0: 0.60, 1: 0.58, 2: 0.59, 3: 0.99}  # not ft_other_s1
+    assert bench_finetune._by_seed("isbi-epfl", "zero") == {}  # a run with no score is left out
     c = bench_finetune.paired(ft, sc)
     assert c["seeds"] == [0, 1, 2]  # seed 3 has no counterpart
     diff = np.array([0.03, 0.02, -0.01])
