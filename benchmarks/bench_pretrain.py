@@ -2,6 +2,7 @@
 
     python benchmarks/bench_pretrain.py pretrain membranes [--minutes 20] [--objective masked]
     python benchmarks/bench_pretrain.py finetune membranes [--minutes 6] [--seeds 0 1] [--sparse] [--arms ...]
+    python benchmarks/bench_pretrain.py scaling membranes --series LABEL 0=random 20=masked ... [--ceiling TAG]
 
 Data sets (../shared/data; nothing else is ever used):
 
@@ -16,7 +17,9 @@ otherwise): ``random`` (the 2 slices from random weights), ``pretrained`` (the s
 model, as `emseg train --init`), ``full`` (all training slices from random weights: the ceiling).
 ``--sparse`` fine-tunes on scribbles (horizontal strokes, as bench_train_real.py draws them) instead of the
 dense masks of the 2 slices. One compute thread (``--threads``). Results: runs/bench/pretrain/*.json and a
-Markdown table on stdout.
+Markdown table on stdout. ``scaling`` tables (and plots) the fine-tuned IoU against the pretraining length, from the
+results of ``finetune --tag`` runs (one tag a length, 0 minutes for random weights; ``--series`` again for another
+line), and the share of the gap to ``--ceiling`` (a ``full`` arm's tag) that each closes.
 """
 
 from __future__ import annotations
@@ -152,6 +155,90 @@ def cmd_finetune(args) -> int:
     return 0
 
 
+def _ious(data: str, tag: str) -> dict[int, float]:
+    """Each seed's mean IoU in the fine-tuning results of a tag (finetune_SET_TAG.json, or one file a seed:
+    finetune_SET_TAG_sN.json)."""
+    paths = [OUT / f"finetune_{data}_{tag}.json", *sorted(OUT.glob(f"finetune_{data}_{tag}_s[0-9]*.json"))]
+    found = {}
+    for path in paths:
+        if path.exists() and (path.stem == f"finetune_{data}_{tag}" or path.stem.rpartition("_s")[2].isdigit()):
+            found.update({r["seed"]: r["metrics"]["mean_iou"] for r in json.loads(path.read_text())["rows"]})
+    return found
+
+
+def scaling(data: str, points: list[tuple[float, str]], ceiling: str | None) -> list[dict]:
+    """Per pretraining length (0: random weights), each seed's fine-tuned IoU, their mean and the share of the gap
+    between random weights and the ceiling (all training slices) that it closes."""
+    rows = [{"minutes": minutes, "tag": tag, "iou": _ious(data, tag)} for minutes, tag in points]
+    for row in rows:
+        if not row["iou"]:
+            raise SystemExit(f"scaling: no results for tag {row['tag']!r} (runs/bench/pretrain/finetune_{data}_"
+                             f"{row['tag']}[_sN].json)")
+        row["mean"] = float(np.mean(list(row["iou"].values())))
+    top = _ious(data, ceiling) if ceiling else {}
+    start = next((r["mean"] for r in rows if r["minutes"] == 0), None)
+    for row in rows:
+        row["ceiling"] = float(np.mean(list(top.values()))) if top else None
+        row["share"] = ((row["mean"] - start) / (row["ceiling"] - start)
+                        if top and start is not None and row["ceiling"] != start else None)
+    return rows
+
+
+def _points(specs: list[str]) -> list[tuple[float, str]]:
+    points = []
+    for spec in specs:
+        minutes, _, tag = spec.partition("=")
+        try:
+            points.append((float(minutes), tag))
+        except ValueError:
+            tag = ""
+        if not tag:
+            raise SystemExit(f"scaling: {spec!r} is not MINUTES=TAG (e.g. 0=random 20=masked)")
+    return points
+
+
+def cmd_scaling(args) -> int:
+    series = [(label, scaling(args.data, _points(specs), args.ceiling)) for label, *specs in args.series]
+    print("| series | pretraining (min) | results | seeds | IoU per seed | mean | share of the gap closed |\n"
+          "|---|---|---|---|---|---|---|")
+    for label, rows in series:
+        for r in rows:
+            share = "" if r["share"] is None else f"{100 * r['share']:.0f} %"
+            print(f"| {label} | {r['minutes']:g} | {r['tag']} | {', '.join(map(str, r['iou']))} | "
+                  f"{' / '.join(f'{v:.3f}' for v in r['iou'].values())} | {r['mean']:.3f} | {share} |")
+    if args.plot:
+        print(f"wrote {plot_scaling(series, args.data, Path(args.plot))}")
+    return 0
+
+
+def plot_scaling(series: list[tuple[str, list[dict]]], data: str, path: Path) -> Path:
+    """Fine-tuned IoU against pretraining minutes, a line a series: each seed (circles), the means (line), the
+    ceiling and the issue's goal (half the gap between random weights and the ceiling closed)."""
+    from emseg.analysis.reports import _figure, save_png
+
+    plt, (fig, ax) = _figure(figsize=(6.4, 4.0))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for (label, rows), colour in zip(series, colours):
+        for r in rows:
+            ax.scatter([r["minutes"]] * len(r["iou"]), list(r["iou"].values()), s=26, facecolors="none",
+                       edgecolors=colour, alpha=0.7, zorder=2)
+        ax.plot([r["minutes"] for r in rows], [r["mean"] for r in rows], "o-", color=colour, ms=6, zorder=3,
+                label=f"{label} (mean; circles: seeds)")
+    rows = series[0][1]
+    ceiling, start = rows[0]["ceiling"], next((r["mean"] for r in rows if r["minutes"] == 0), None)
+    if ceiling is not None:
+        ax.axhline(ceiling, color="0.2", ls="--", lw=1, label="all training slices (ceiling)")
+        if start is not None:
+            ax.axhline((start + ceiling) / 2, color="tab:red", ls=":", lw=1.2, label="goal: half the gap closed")
+    ax.set(xlabel="pretraining (CPU-minutes, one thread; 0: random weights)", ylabel="foreground IoU, 2 slices",
+           title=f"{data}: fine-tuned on two slices after pretraining")
+    ax.set_xticks(sorted({r["minutes"] for _, rows in series for r in rows}))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
+    fig.tight_layout()
+    return save_png(plt, fig, path)
+
+
 def table(rows: list[dict]) -> str:
     out = ["| arm | settings | seed | steps | pixel error | mean IoU (no bg) | adapted Rand |",
            "|---|---|---:|---:|---:|---:|---:|"]
@@ -193,6 +280,14 @@ def main() -> int:
     p.add_argument("--tag", help="results in finetune_SET_TAG.json (runs that go side by side need their own file)")
     p.add_argument("--fresh", action="store_true", help="ignore earlier rows of the results file")
     p.set_defaults(func=cmd_finetune)
+    p = sub.add_parser("scaling", help="fine-tuned IoU against pretraining length: a table (and --plot PNG)")
+    p.add_argument("data", metavar="set", choices=SETS)
+    p.add_argument("--series", nargs="+", action="append", required=True, metavar="LABEL MINUTES=TAG",
+                   help="a label, then the fine-tuning results of each pretraining length, 0 for random weights "
+                        "(e.g. --series 'whole U-Net' 0=random 20=masked 40=masked40); repeat for another line")
+    p.add_argument("--ceiling", metavar="TAG", help="the results of all training slices (the gap's top)")
+    p.add_argument("--plot", metavar="PNG")
+    p.set_defaults(func=cmd_scaling)
     for q in sub.choices.values():
         q.add_argument("--threads", type=int, default=1)
         q.add_argument("--device", default="cpu", help="cpu (the default: the CPU tables), auto, cuda")

@@ -8,6 +8,7 @@ from conftest import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import bench_finetune  # noqa: E402
+import bench_pretrain  # noqa: E402
 import bench_scale  # noqa: E402
 from bench_train_real import parse_settings, scribbles_from  # noqa: E402
 
@@ -164,3 +165,38 @@ def test_a_comparison_prints_its_table_and_draws_its_panel(monkeypatch, tmp_path
         assert image.size[0] > 2 * image.size[1]  # two panels side by side
     with pytest.raises(SystemExit, match="not TAG_A:TAG_B"):
         bench_finetune.cmd_compare(argparse.Namespace(comparisons=["ft"], pairs=["epfl-isbi"], plot=None))
+
+
+def test_pretraining_lengths_are_tabled_against_the_gap(monkeypatch, tmp_path, capsys):
+    """`bench_pretrain.py scaling` reads each pretraining length's fine-tuning results (one file, or one a seed), and
+    the share of the gap between random weights and the ceiling that each closes."""
+    import argparse
+    import json
+
+    from PIL import Image
+
+    def write(name, rows):
+        rows = [{"arm": "pretrained", "seed": seed, "metrics": {"mean_iou": iou}} for seed, iou in rows]
+        (tmp_path / f"finetune_membranes_{name}.json").write_text(json.dumps({"rows": rows}))
+    write("random_s0", [(0, 0.60)])
+    write("random_s1", [(1, 0.62)])
+    write("long", [(0, 0.66), (1, 0.64)])
+    write("long_encoder_s0", [(0, 0.10)])  # another arm whose tag merely starts alike
+    write("full", [(0, 0.71), (1, 0.69)])
+    monkeypatch.setattr(bench_pretrain, "OUT", tmp_path)
+    rows = bench_pretrain.scaling("membranes", [(0, "random"), (80, "long")], "full")
+    assert rows[0]["iou"] == {0: 0.60, 1: 0.62} and rows[1]["iou"] == {0: 0.66, 1: 0.64}
+    assert rows[0]["share"] == pytest.approx(0.0) and rows[1]["share"] == pytest.approx(0.04 / 0.09)
+    png = tmp_path / "scaling.png"
+    series = [["whole", "0=random", "80=long"], ["encoder", "0=random", "20=long_encoder"]]
+    bench_pretrain.cmd_scaling(argparse.Namespace(data="membranes", series=series, ceiling="full", plot=str(png)))
+    out = capsys.readouterr().out
+    assert "| whole | 80 | long | 0, 1 | 0.660 / 0.640 | 0.650 | 44 % |" in out
+    assert "| encoder | 20 | long_encoder | 0 | 0.100 | 0.100 | -567 % |" in out
+    with Image.open(png) as image:
+        assert image.size[0] > image.size[1]
+    with pytest.raises(SystemExit, match="no results for tag 'short'"):
+        bench_pretrain.scaling("membranes", [(0, "random"), (5, "short")], None)
+    with pytest.raises(SystemExit, match="MINUTES=TAG"):
+        bench_pretrain.cmd_scaling(argparse.Namespace(data="membranes", series=[["a", "random"]], ceiling=None,
+                                                      plot=None))
