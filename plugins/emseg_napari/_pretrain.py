@@ -82,7 +82,7 @@ class PretrainWidget(TrainingWidget):
         self.minutes.setValue(defaults.time_limit_minutes)
         self.minutes.setSuffix(" min")
         self.minutes.setToolTip("How long to pretrain: as many steps as fit (thousands a minute on a GPU). "
-                                "20 minutes was the best length measured on a CPU; longer did worse")
+                                "The best length measured was 20 CPU-minutes (about 4000 steps); longer did worse")
         self.tile = spin_box(32, 1024, defaults.tile_size, step=32, suffix=" px",
                              tip="Side of the corrupted crops (multiple of 32)")
         self.batch = spin_box(1, 512, defaults.batch_size, tip="Crops per step; lower it when the GPU runs out of memory")
