@@ -280,6 +280,9 @@ def main() -> int:
     p.add_argument("--tag", help="results in finetune_SET_TAG.json (runs that go side by side need their own file)")
     p.add_argument("--fresh", action="store_true", help="ignore earlier rows of the results file")
     p.set_defaults(func=cmd_finetune)
+    for q in sub.choices.values():
+        q.add_argument("--threads", type=int, default=1)
+        q.add_argument("--device", default="cpu", help="cpu (the default: the CPU tables), auto, cuda")
     p = sub.add_parser("scaling", help="fine-tuned IoU against pretraining length: a table (and --plot PNG)")
     p.add_argument("data", metavar="set", choices=SETS)
     p.add_argument("--series", nargs="+", action="append", required=True, metavar="LABEL MINUTES=TAG",
@@ -288,10 +291,9 @@ def main() -> int:
     p.add_argument("--ceiling", metavar="TAG", help="the results of all training slices (the gap's top)")
     p.add_argument("--plot", metavar="PNG")
     p.set_defaults(func=cmd_scaling)
-    for q in sub.choices.values():
-        q.add_argument("--threads", type=int, default=1)
-        q.add_argument("--device", default="cpu", help="cpu (the default: the CPU tables), auto, cuda")
     args = parser.parse_args()
+    if args.func is cmd_scaling:  # reads earlier results only: no data, no torch
+        return cmd_scaling(args)
     import torch
     torch.set_num_threads(args.threads)
     if not DATA.exists():
