@@ -1,6 +1,6 @@
 """Does `emseg pretrain` make two annotated slices enough? Pretraining on unlabelled images, then fine-tuning.
 
-    python benchmarks/bench_pretrain.py pretrain membranes [--minutes 20] [--objective masked]
+    python benchmarks/bench_pretrain.py pretrain membranes [--minutes 20] [--objective masked|contrastive]
     python benchmarks/bench_pretrain.py finetune membranes [--minutes 6] [--seeds 0 1] [--sparse] [--arms ...]
     python benchmarks/bench_pretrain.py scaling membranes --series LABEL 0=random 20=masked ... [--ceiling TAG]
 
@@ -67,12 +67,12 @@ def unlabelled(name: str):
     return [(train_images, None, "nasa train images")]
 
 
-def pages_of(name: str, target_nm: float | None):
+def pages_of(name: str, target_nm: float | None, crop: int):
     from emseg.train.data import rescale_items
-    from emseg.train.pretrain import PretrainConfig, unlabelled_from_arrays
+    from emseg.train.pretrain import unlabelled_from_arrays
     items = []
     for stack, nm, source in unlabelled(name):  # every page (the data sets hold less than the pixel budget)
-        items += unlabelled_from_arrays(stack, tile=PretrainConfig.tile_size, pixel_size_nm=nm, name=source,
+        items += unlabelled_from_arrays(stack, tile=crop, pixel_size_nm=nm, name=source,
                                         max_pixels=2**40)
     return rescale_items(items, target_nm)
 
@@ -82,7 +82,7 @@ def cmd_pretrain(args) -> int:
     _, _, nm = SETS[args.data]
     config = PretrainConfig(time_limit_minutes=args.minutes, seed=args.seed, device=args.device, pixel_size_nm=nm,
                             objective=args.objective, name=f"pretrained on {args.data}")
-    pages = pages_of(args.data, nm)
+    pages = pages_of(args.data, nm, config.crop_size)
     tag = f"{args.data}_{args.minutes:g}min{'_' + args.objective if args.objective != 'restoration' else ''}"
     out = OUT / tag
     start = time.perf_counter()
@@ -261,7 +261,7 @@ def main() -> int:
     p.add_argument("--minutes", type=float, default=20.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true")
-    p.add_argument("--objective", default="restoration", choices=["restoration", "masked"],
+    p.add_argument("--objective", default="restoration", choices=["restoration", "masked", "contrastive"],
                    help="the self-supervised objective (results in SET_MINUTESmin_OBJECTIVE/ unless restoration)")
     p.set_defaults(func=cmd_pretrain)
     p = sub.add_parser("finetune")

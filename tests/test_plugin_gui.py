@@ -337,14 +337,15 @@ def test_a_pretrained_model_is_a_base_for_finetuning_not_for_segmenting(viewer, 
     assert "pretrained model" in seg.last_message
 
 
-def test_pretrain_on_a_layer_gives_a_base_for_finetuning(viewer, sample, isolated_models, qtbot):
+@pytest.mark.parametrize("objective", ["masked", "contrastive"])
+def test_pretrain_on_a_layer_gives_a_base_for_finetuning(viewer, sample, isolated_models, qtbot, objective):
     image, _truth = sample  # a stack of 2 pages at 6 nm/px, taken as unlabelled
     pre = dock(viewer, "Pretrain")
     pre.image.set_layer(image)
     assert pre.name.text() == "emseg_sample-pretrained"
     pre.encoder.setCurrentText("vgg11_bn_micro")
     assert pre.objective.currentText() == "restoration"
-    pre.objective.setCurrentText("masked")
+    pre.objective.setCurrentText(objective)
     pre.tile.setValue(64)
     pre.batch.setValue(2)
     assert pre.start(steps=4)
@@ -352,14 +353,18 @@ def test_pretrain_on_a_layer_gives_a_base_for_finetuning(viewer, sample, isolate
     saved = pre.last_model_path
     assert saved is not None and saved.name == "model.safetensors", pre.last_message
     assert saved.parent.parent == isolated_models and saved.parent.name.startswith("emseg_sample-pretrained-")
-    assert (saved.parent / "restorations.png").is_file() and not pre.picture.pixmap().isNull()
+    picture = "features.png" if objective == "contrastive" else "restorations.png"
+    assert (saved.parent / picture).is_file() and not pre.picture.pixmap().isNull()
     assert pre.last_message.startswith("Finished after 4 steps") and "Base model in Fine-tune" in pre.last_message
-    assert "filling in the hidden patches of held-out crops" in pre.readout.text()
-    assert "fills in held-out crops' hidden patches" in pre.last_message
+    what, reference = {"masked": ("filling in the hidden patches of held-out crops", "the masked input itself"),
+                       "contrastive": ("matching the features of held-out crops' two views",
+                                       "the untrained network")}[objective]
+    assert f"{what}:" in pre.readout.text() and f"({reference}:" in pre.readout.text()
+    assert f"; {what}: a loss of" in pre.last_message and f"for {reference}" in pre.last_message
     from emseg.model.modelfile import load_card
     card = load_card(saved)
     assert card.is_pretrained and card.encoder == "vgg11_bn_micro" and card.pretrained["steps"] == 4
-    assert card.pretrained["objective"] == "masked"
+    assert card.pretrained["objective"] == objective
     assert card.pretrained["sources"] == ["emseg sample"] and card.pretrained["pages"] == 2
     assert card.pixel_size_nm == pytest.approx(6.0)  # the layer's, kept end to end
     ft = dock(viewer, "Fine-tune")  # offered by its folder's name, in this session and the next
@@ -378,6 +383,9 @@ def test_pretrain_refuses_what_it_cannot_learn_from(viewer, qtbot):
     mask = viewer.add_image(np.repeat(np.arange(4, dtype=np.uint8), 64)[None].repeat(256, 0), name="mask")
     pre.image.set_layer(mask)
     assert not pre.start() and "looks like a mask" in pre.last_message
+    pre.objective.setCurrentText("contrastive")  # its two views need room: crops of 32 px leave none
+    pre.tile.setValue(32)
+    assert not pre.start() and "crop size of at least 64 px" in pre.last_message
     assert not pre.running and pre.last_model_path is None
 
 

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+import torch.nn.functional as F
 
 from emseg.cli import main
 from emseg.errors import InputError, ModelFileError
@@ -12,6 +13,8 @@ from emseg.model.modelfile import load_model
 from emseg.synthetic import make_em_stack
 from emseg.train.loop import TrainConfig, _prepare_network
 from emseg.train.pretrain import (
+    Contrast,
+    Contraster,
     Corruptions,
     Corruptor,
     Masker,
@@ -21,6 +24,7 @@ from emseg.train.pretrain import (
     pretrain,
     restoration_loss,
     unlabelled_from_arrays,
+    vicreg_loss,
 )
 
 CLASSES = ("background", "membrane", "mitochondrion")
@@ -275,3 +279,91 @@ def test_a_short_masked_pretraining_lowers_its_own_loss(stack_files, tmp_path):
     first, last = (h["val_loss"] for h in result.history)
     assert last < 0.8 * first and np.isfinite(last), result.history
     assert result.model.card.pretrained["masking"] == {"ratio": 0.6, "patch": 16}
+
+
+def _pooled(views: torch.Tensor, stages) -> list:
+    """Stand-in encoder features: the views average-pooled to each stage's stride (exactly equivariant to the
+    views' quarter turns, flips and shifts by whole strides)."""
+    return [views if s == 0 else F.avg_pool2d(views, 2 ** s) for s in range(max(stages) + 1)]
+
+
+def test_contrastive_views_meet_at_the_same_places():
+    still = Corruptions(intensity=0, shuffle=0, paint=0, noise=0)
+    config = Contrast(shift=32, stages=(2, 3, 4), dim=4, invariance=1.0, variance=0.0, covariance=0.0,
+                      corruptions=still)
+    clean = torch.rand(3, 1, 96, 96, generator=torch.Generator().manual_seed(0))
+    seen = set()
+    for seed in range(12):
+        contraster = Contraster(config, (1,) * 6, 64, torch.device("cpu"), seed=seed)
+        contraster.heads = torch.nn.ModuleList(torch.nn.Identity() for _ in config.stages)  # the features as they are
+        views, plan = contraster.views(clean)
+        assert views.shape == (6, 1, 64, 64)
+        (top1, left1, turns1, flip1), (top2, left2, turns2, flip2) = plan
+        assert all(v % 16 == 0 and 0 <= v <= 32 for v in (top1, left1, top2, left2))
+        seen.add((top1, left1, turns1, flip1))
+        with torch.no_grad():
+            assert contraster.loss(_pooled(views, config.stages), plan) < 1e-10  # the same places agree
+            # told that the first view's window lay one stride lower: other places, other features
+            wrong = ((top1 + 16 if top1 < 32 else top1 - 16, left1, turns1, flip1), plan[1])
+            assert contraster.loss(_pooled(views, config.stages), wrong) > 1e-3
+    assert len(seen) > 6  # offsets, turns and flips are drawn
+
+
+def test_the_contrastive_terms_score_collapse_and_correlation():
+    config = Contrast(invariance=1.0, variance=1.0, covariance=1.0)
+    z = torch.randn(4096, 8, generator=torch.Generator().manual_seed(0))
+    spread = vicreg_loss(z, z, config)
+    assert spread < 0.05  # unit-variance, uncorrelated and equal: near nothing to pay
+    assert vicreg_loss(0.01 * z, 0.01 * z, config) > 0.9  # collapsed features pay the variance hinge
+    correlated = torch.cat([z[:, :1]] * 8, dim=1)
+    assert vicreg_loss(correlated, correlated, config) > spread + 5  # copies of one channel pay the covariance
+    assert vicreg_loss(z, z.roll(1, dims=0), config) > spread + 1.5  # unlike pairs pay the invariance
+
+
+def test_the_contrastive_settings_are_checked():
+    with pytest.raises(ValueError, match="multiple of 16"):
+        Contrast(shift=24)
+    with pytest.raises(ValueError, match="stages"):
+        Contrast(stages=(6,))
+    with pytest.raises(ValueError, match="too small for the contrastive objective.*at least 64 px"):
+        PretrainConfig(objective="contrastive", tile_size=32, contrast=Contrast(shift=32))
+    assert PretrainConfig(objective="contrastive", tile_size=64).crop_size == 96
+    assert PretrainConfig(objective="masked", tile_size=64).crop_size == 64
+
+
+def test_a_short_contrastive_pretraining_lowers_its_loss_and_trains_the_encoder_alone(stack_files, tmp_path):
+    config = dict(encoder="vgg11_bn_micro", tile_size=64, batch_size=4, val_every=20, time_limit_minutes=None,
+                  device="cpu", objective="contrastive")
+    pages = load_unlabelled([stack_files / "raw.tif"], tile=PretrainConfig(**config).crop_size)
+    result = pretrain(pages, PretrainConfig(steps=40, **config), tmp_path / "run")
+    first, last = (h["val_loss"] for h in result.history)
+    reference = result.history[0]["copy_loss"]  # the untrained network's
+    assert last < first < reference and np.isfinite(last), result.history
+    for name in ("features.png", "curves.png", "model.safetensors"):
+        assert (tmp_path / "run" / name).is_file(), name
+    card = load_model(result.model_path).card
+    assert card.pretrained["objective"] == "contrastive" and card.pretrained["contrast"]["shift"] == 32
+    # its projection heads are in the checkpoint, not the model file: resuming goes on from them
+    more = pretrain(pages, PretrainConfig(steps=42, **dict(config, val_every=2)), tmp_path / "run", resume=True)
+    assert [h["step"] for h in more.history][-2:] == [40, 42] and more.history[-1]["copy_loss"] == reference
+    assert not any(k.startswith("heads.") for k in more.model.net.state_dict())
+    # the decoder never learnt: training from it keeps the encoder alone unless asked otherwise
+    base = load_model(more.model_path)
+    net, _ = _prepare_network(TrainConfig(encoder="vgg11_bn_micro", classes=CLASSES, device="cpu"), CLASSES, base)
+    mine, theirs = net.state_dict(), base.net.state_dict()
+    assert all(torch.equal(mine[k], v) for k, v in theirs.items() if k.startswith("encoder."))
+    decoder = [k for k in theirs if k.startswith("decoder.") and theirs[k].ndim == 4]  # its convolutions
+    assert decoder and not any(torch.equal(mine[k], theirs[k]) for k in decoder)
+    kept, _ = _prepare_network(TrainConfig(encoder="vgg11_bn_micro", classes=CLASSES, device="cpu",
+                                           fresh_decoder=False), CLASSES, base)
+    assert all(torch.equal(kept.state_dict()[k], theirs[k]) for k in decoder)
+
+
+def test_cli_contrastive_pretraining_needs_room_for_its_two_views(stack_files, tmp_path, capsys):
+    args = ["-q", "pretrain", "--images", str(stack_files / "raw.tif"), "--encoder", "vgg11_bn_micro", "--steps", "2",
+            "--val-every", "2", "--batch-size", "2", "--device", "cpu", "--objective", "contrastive"]
+    assert main([*args, "--tile-size", "128", "-o", str(tmp_path / "a")]) == 1  # pages of 128 x 160
+    err = capsys.readouterr().err
+    assert "raw.tif" in err and "smaller than the 160-pixel crops" in err
+    assert main([*args, "--tile-size", "64", "-o", str(tmp_path / "b")]) == 0
+    assert (tmp_path / "b" / "features.png").is_file()

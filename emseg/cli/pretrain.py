@@ -25,14 +25,17 @@ def add_parser(sub) -> argparse.ArgumentParser:
                     "third of the gap to 24 slices, on EPFL and NASA nothing, and pretraining longer than the "
                     "default did worse (docs/training.md, \"Pretraining\"). Writes OUTDIR/model.safetensors (a "
                     "pretrained model: no classes, it cannot segment by itself), curves.png, restorations.png "
-                    "(inputs and restorations), log.json and a resumable checkpoint.")
+                    "(inputs and restorations; features.png, the encoder's features as colours, for the "
+                    "contrastive objective), log.json and a resumable checkpoint.")
     p.add_argument("--images", nargs="+", required=True, metavar="PATH",
                    help="unlabelled images: stacks, folders or files in any format emseg reads")
     p.add_argument("-o", "--output", required=True, type=Path, metavar="OUTDIR", help="run folder")
     p.add_argument("--encoder", type=_encoder, help="encoder from `emseg models` (default vgg11_bn_slim)")
-    p.add_argument("--objective", choices=["restoration", "masked"],
+    p.add_argument("--objective", choices=["restoration", "masked", "contrastive"],
                    help="restoration (default): undo intensity curves, shuffled pixels, painted-over boxes and noise; "
-                        "masked: fill in 60%% of 16-pixel patches hidden under the mean grey, scored on them alone")
+                        "masked: fill in 60%% of 16-pixel patches hidden under the mean grey, scored on them alone; "
+                        "contrastive: the encoder alone learns to give two differently corrupted, turned views of "
+                        "the same place the same features (dense VICReg; writes features.png)")
     p.add_argument("--time-limit", type=_option_type("time_limit_minutes"), dest="time_limit_minutes", metavar="MIN",
                    help="minutes to pretrain (default 20; as many steps as fit). The best length measured was 20 "
                         "CPU-minutes, about 4000 steps: on a GPU, --steps 4000 repeats it")
@@ -76,7 +79,7 @@ def cmd_pretrain(args) -> int:
 
     config = pretrain_config(args)
     _prepare_run_folder(args.output, args.resume)
-    pages = load_unlabelled(args.images, tile=config.tile_size, pixel_size_nm=args.pixel_size,
+    pages = load_unlabelled(args.images, tile=config.crop_size, pixel_size_nm=args.pixel_size,
                             max_pixels=config.max_pixels)
     config = dataclasses.replace(config, pixel_size_nm=pages[0].pixel_size_nm)  # load_unlabelled's common size
     planned = (f"as many steps as fit in {config.time_limit_minutes:g} min" if config.fills_time
@@ -92,8 +95,9 @@ def cmd_pretrain(args) -> int:
     finally:
         bar.close()
     last = result.history[-1] if result.history else {}
-    log.info("pretrained model written to %s (restoration loss %s; the corrupted input scores %s); train from it "
-             "with: emseg train --init %s --images ... --masks ...", result.model_path,
-             f"{last['val_loss']:.4f}" if last else "-", f"{last['copy_loss']:.4f}" if last else "-",
-             result.model_path)
+    from emseg.train.pretrain import REFERENCE
+    log.info("pretrained model written to %s (validation %s loss %s; %s: %s); train from it with: emseg train "
+             "--init %s --images ... --masks ...", result.model_path, config.objective,
+             f"{last['val_loss']:.4f}" if last else "-", REFERENCE[config.objective],
+             f"{last['copy_loss']:.4f}" if last else "-", result.model_path)
     return 0

@@ -333,8 +333,10 @@ def finetune_base_share(base: Model | None, classes: Sequence[str], head: str = 
 def _decoder_afresh(config: TrainConfig, base: Model, classes: tuple[str, ...]) -> bool:
     """Whether fine-tuning ``base`` keeps its encoder only: ``config.fresh_decoder``, by default for a new task
     (a decoder that drew membranes is a worse start for mitochondria than a fresh one; docs/training.md,
-    "Fine-tuning that pays")."""
-    return config.fresh_decoder if config.fresh_decoder is not None else is_new_task(base, classes, config.head)
+    "Fine-tuning that pays") and for a base pretrained by the contrastive objective (its decoder never learnt)."""
+    if config.fresh_decoder is not None:
+        return config.fresh_decoder
+    return is_new_task(base, classes, config.head) or base.card.pretrained.get("objective") == "contrastive"
 
 
 def _fresh_head(head: str, base: Model, classes: tuple[str, ...]) -> bool:

@@ -16,13 +16,16 @@ corrupted on the device, batch-wise:
 The network (one output channel) is trained to give back the clean crop (mean squared error). The other
 objective (``PretrainConfig.objective = "masked"``, SimMIM, Xie et al. 2022, with a U-Net) hides 60 % of the
 crop's 16-pixel patches under its mean grey and scores the filled-in patches alone (:class:`Masker`). The
-result is a normal emseg model file whose card has no classes and says what it was pretrained on
-(``card.pretrained``); ``emseg train --init FILE`` and ``emseg finetune FILE`` start from its encoder
-and decoder (or its encoder alone: ``TrainConfig.fresh_decoder``) with a fresh head for the classes.
-Predicting with it is refused.
+third (``"contrastive"``, :class:`Contrast`) teaches the encoder alone: two differently corrupted views of
+overlapping windows of a crop must give the same features at the same places, while the features keep varying
+across places (dense VICReg: Bardes et al. 2022, VICRegL). The result is a normal emseg model file whose card
+has no classes and says what it was pretrained on (``card.pretrained``); ``emseg train --init FILE`` and
+``emseg finetune FILE`` start from its encoder and decoder (or its encoder alone: ``TrainConfig.fresh_decoder``,
+the default after the contrastive objective) with a fresh head for the classes. Predicting with it is refused.
 
 Progress, the time limit, the checkpoint (``--resume``), curves.png and a preview of inputs and
-restorations (restorations.png) work as in :mod:`emseg.train.loop`.
+restorations (restorations.png; features.png, the encoder's features as colours, for the contrastive
+objective) work as in :mod:`emseg.train.loop`.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from emseg.analysis.metrics import IGNORE
 from emseg.errors import InputError
@@ -61,9 +65,10 @@ from emseg.train.loop import (
 
 log = logging.getLogger(__name__)
 
-#: the self-supervised objectives: restore crops of several corruptions (Models Genesis), or fill in masked
-#: patches, scored on the masked pixels alone (SimMIM, Xie et al. 2022, with a U-Net)
-OBJECTIVES = ("restoration", "masked")
+#: the self-supervised objectives: restore crops of several corruptions (Models Genesis), fill in masked
+#: patches, scored on the masked pixels alone (SimMIM, Xie et al. 2022, with a U-Net), or match the encoder's
+#: features of two views of the same place (dense VICReg; the encoder alone learns)
+OBJECTIVES = ("restoration", "masked", "contrastive")
 #: the most pixels of unlabelled pages held for pretraining (pages are taken evenly from the inputs)
 MAX_PIXELS = 64 * 2**20
 #: a page with at most this many distinct values is taken for a mask, not an image
@@ -107,6 +112,32 @@ class Masking:
 
 
 @dataclass(frozen=True)
+class Contrast:
+    """The contrastive objective: two views of each crop (windows at other offsets, each corrupted and turned its
+    own way), whose encoder features at the same place of the crop must agree (invariance), while every feature
+    channel keeps varying across places (variance) and the channels stay uncorrelated (covariance): VICReg's three
+    terms (Bardes et al. 2022), on the encoder's feature maps at strides 4, 8 and 16 (VICRegL's dense form)."""
+
+    shift: int = 32             # the views' windows lie up to this far apart (pixels; a multiple of 16)
+    stages: tuple[int, ...] = (2, 3, 4)  # encoder stages whose features are compared (strides 4, 8, 16)
+    dim: int = 128              # channels of the projection the terms are computed on
+    invariance: float = 25.0    # VICReg's weights of the three terms
+    variance: float = 25.0
+    covariance: float = 1.0
+    # each view's corruption (the restoration objective's, milder and without out-painting)
+    corruptions: Corruptions = field(default_factory=lambda: Corruptions(intensity=0.8, shuffle=0.2, paint=0.3,
+                                                                         inpaint=1.0, noise=0.5))
+
+    def __post_init__(self):
+        if not (isinstance(self.shift, int) and self.shift >= 0 and self.shift % 16 == 0):
+            raise ValueError(f"contrast shift must be a multiple of 16 pixels, got {self.shift!r}")
+        if not self.stages or any(s not in (1, 2, 3, 4, 5) for s in self.stages):
+            raise ValueError(f"contrast stages must be encoder stages 1-5, got {self.stages!r}")
+        if self.dim < 2:
+            raise ValueError(f"contrast dim must be at least 2, got {self.dim!r}")
+
+
+@dataclass(frozen=True)
 class PretrainConfig(RunLength):
     """Everything that defines a pretraining run (summarised in the model card)."""
 
@@ -129,7 +160,14 @@ class PretrainConfig(RunLength):
     objective: str = "restoration"
     corruptions: Corruptions = field(default_factory=Corruptions)
     masking: Masking = field(default_factory=Masking)
+    contrast: Contrast = field(default_factory=Contrast)
     name: str = "emseg pretrained encoder"
+
+    @property
+    def crop_size(self) -> int:
+        """The side of the crops cut from the pages: the tile, and for the contrastive objective the room for its
+        two views' windows to lie apart (pages must be at least this large)."""
+        return self.tile_size + (self.contrast.shift if self.objective == "contrastive" else 0)
 
     def __post_init__(self):
         self._default_steps()
@@ -146,6 +184,16 @@ class PretrainConfig(RunLength):
                              f"{self.corruptions.shuffle_block}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size!r}")
+        if self.objective == "contrastive":
+            stride = 2 ** max(self.contrast.stages)
+            if self.contrast.shift % stride:
+                raise ValueError(f"contrast shift {self.contrast.shift} must be a multiple of the deepest compared "
+                                 f"stage's stride ({stride})")
+            if self.tile_size - self.contrast.shift < stride:
+                smallest = -(-(self.contrast.shift + stride) // 32) * 32
+                raise ValueError(f"crops of {self.tile_size} px are too small for the contrastive objective, whose "
+                                 f"two views lie up to {self.contrast.shift} px apart and must overlap: use a crop "
+                                 f"size of at least {smallest} px")
 
 
 @dataclass
@@ -373,7 +421,7 @@ class Masker:
 
 
 def corruptor(config: PretrainConfig, device: torch.device, seed: int) -> Callable:
-    """The corruption of the configured objective: a callable from clean crops to (input, loss weights or None)."""
+    """The corruption of a restoring objective: a callable from clean crops to (input, loss weights or None)."""
     if config.objective == "masked":
         return Masker(config.masking, config.tile_size, device, seed)
     corrupt = Corruptor(config.corruptions, config.tile_size, device, seed)
@@ -385,6 +433,159 @@ def restoration_loss(restored: torch.Tensor, clean: torch.Tensor, weights: torch
     if weights is None:
         return F.mse_loss(restored, clean)
     return ((restored - clean) ** 2 * weights).sum() / weights.sum().clamp_min(1.0)
+
+
+def vicreg_loss(a: torch.Tensor, b: torch.Tensor, config: Contrast) -> torch.Tensor:
+    """VICReg's loss of two embeddings ``(N, d)`` of the same N things: their mean squared difference, a hinge on
+    every channel's standard deviation below 1, and the squared off-diagonal covariances (Bardes et al. 2022)."""
+    def variance(z):
+        return F.relu(1 - torch.sqrt(z.var(dim=0) + 1e-4)).mean()
+
+    def covariance(z):
+        z = z - z.mean(dim=0)
+        c = (z.T @ z) / max(len(z) - 1, 1)
+        return (c.pow(2).sum() - c.diagonal().pow(2).sum()) / z.shape[1]
+    return (config.invariance * F.mse_loss(a, b) + config.variance * (variance(a) + variance(b)) / 2
+            + config.covariance * (covariance(a) + covariance(b)))
+
+
+class Contraster(nn.Module):
+    """The contrastive objective (:class:`Contrast`): makes the two views of a batch of crops and scores the
+    encoder's features of them; its projection heads (one per compared stage) are trained with the network and
+    left out of the model file."""
+
+    def __init__(self, config: Contrast, channels: Sequence[int], tile: int, device: torch.device, seed: int = 0):
+        super().__init__()
+        self.config, self.tile, self.device = config, tile, device
+        self.heads = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(channels[s], 2 * config.dim, 1), nn.BatchNorm2d(2 * config.dim),
+                          nn.ReLU(inplace=True), nn.Conv2d(2 * config.dim, config.dim, 1))
+            for s in config.stages)
+        self.corrupt = Corruptor(config.corruptions, tile, device, seed)
+        self.generator = torch.Generator()  # the views' offsets, turns and flips: drawn on the host, no device sync
+        self.generator.manual_seed(seed + 1)
+        self.step = 2 ** max(config.stages)
+
+    def _draw(self, high: int) -> int:
+        return int(torch.randint(high, (1,), generator=self.generator))
+
+    def views(self, clean: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        """Both views of crops ``(n, 1, tile + shift, tile + shift)`` as one batch ``(2n, 1, tile, tile)``, and how
+        they were made (window offsets, quarter turns, flips) for :meth:`loss`."""
+        t, places = self.tile, self.config.shift // self.step + 1
+        plan, views = [], []
+        for _ in range(2):
+            top, left = self.step * self._draw(places), self.step * self._draw(places)
+            turns, flip = self._draw(4), bool(self._draw(2))
+            x = self.corrupt(clean[..., top:top + t, left:left + t].contiguous())
+            x = torch.rot90(x, turns, (2, 3))
+            views.append(x.flip(3) if flip else x)
+            plan.append((top, left, turns, flip))
+        return torch.cat(views), tuple(plan)
+
+    def loss(self, features: Sequence[torch.Tensor], plan: tuple) -> torch.Tensor:
+        """The mean over the compared stages of VICReg's loss between the views' features at the same places of
+        their crops (features: the encoder's, of the batch :meth:`views` made)."""
+        (top1, left1, *_), (top2, left2, *_) = plan
+        top, left = max(top1, top2), max(left1, left2)
+        bottom, right = min(top1, top2) + self.tile, min(left1, left2) + self.tile
+        total = 0.0
+        for stage, head in zip(self.config.stages, self.heads):
+            stride = 2 ** stage
+            z = head(features[stage]).float()
+            halves = []
+            for view, (t0, l0, turns, flip) in zip(z.chunk(2), plan):
+                view = view.flip(3) if flip else view
+                view = torch.rot90(view, -turns, (2, 3))  # back to the crop's orientation
+                view = view[..., (top - t0) // stride:(bottom - t0) // stride, (left - l0) // stride:(right - l0) // stride]
+                halves.append(view.permute(0, 2, 3, 1).reshape(-1, view.shape[1]))
+            total = total + vicreg_loss(*halves, self.config)
+        return total / len(self.heads)
+
+
+class _Objective:
+    """What the pretraining loop asks of an objective: a training loss of a batch of clean crops, a validation loss
+    on fixed crops, a reference for that (what copying the input, or the untrained network, scores) and pictures."""
+
+    module: nn.Module | None = None  # trained beside the network (not part of the model file)
+
+    def train_loss(self, net: nn.Module, clean: torch.Tensor, amp) -> torch.Tensor:
+        raise NotImplementedError
+
+    def val_loss(self, net: nn.Module, amp) -> float:
+        raise NotImplementedError
+
+    def reference(self, net: nn.Module, amp) -> float:
+        raise NotImplementedError
+
+    def pictures(self, model: Model, out: Path) -> None:
+        raise NotImplementedError
+
+
+class _Restoring(_Objective):
+    """Restoration and masked patches: the U-Net gives back the clean crop of a corrupted or masked one."""
+
+    def __init__(self, images: Sequence[Annotated], config: PretrainConfig, device: torch.device, seed: int,
+                 norm: Normalization):
+        self.corrupt, self.norm = corruptor(config, device, seed), norm
+        self.val_clean = _validation_crops(images, config, device)
+        self.val_input, self.val_weights = corruptor(config, device, seed=config.seed + 2)(self.val_clean)
+
+    def train_loss(self, net, clean, amp):
+        corrupted, weights = self.corrupt(clean)
+        with amp():
+            restored = net(((corrupted - self.norm.mean) / self.norm.std).contiguous(memory_format=torch.channels_last))
+        return restoration_loss(restored.float(), clean, weights)
+
+    @torch.no_grad()
+    def val_loss(self, net, amp):
+        net.eval()
+        with amp():
+            restored = net((self.val_input - self.norm.mean) / self.norm.std)
+        return float(restoration_loss(restored.float(), self.val_clean, self.val_weights))
+
+    def reference(self, net, amp):
+        return float(restoration_loss(self.val_input, self.val_clean, self.val_weights))
+
+    def pictures(self, model, out):
+        plot_restorations(model, self.val_input.cpu(), self.val_clean.cpu(), out / "restorations.png",
+                          weights=None if self.val_weights is None else self.val_weights.cpu())
+
+
+class _Contrasting(_Objective):
+    """The contrastive objective: the encoder alone learns (:class:`Contraster`)."""
+
+    def __init__(self, images: Sequence[Annotated], config: PretrainConfig, net: nn.Module, device: torch.device,
+                 seed: int, norm: Normalization):
+        self.module = Contraster(config.contrast, net.encoder.out_channels, config.tile_size, device, seed).to(device)
+        self.norm, self.tile = norm, config.tile_size
+        self.val_clean = _validation_crops(images, config, device)
+        fixed = Contraster(config.contrast, net.encoder.out_channels, config.tile_size, device, config.seed + 2)
+        self.val_views, self.val_plan = fixed.views(self.val_clean)
+
+    def _loss(self, net, views, plan, amp):
+        with amp():
+            features = net.encoder(((views - self.norm.mean) / self.norm.std).contiguous(
+                memory_format=torch.channels_last))
+            return self.module.loss(features, plan)
+
+    def train_loss(self, net, clean, amp):
+        self.module.train()
+        views, plan = self.module.views(clean)
+        return self._loss(net, views, plan, amp)
+
+    @torch.no_grad()
+    def val_loss(self, net, amp):
+        net.eval()
+        self.module.eval()
+        return float(self._loss(net, self.val_views, self.val_plan, amp))
+
+    def reference(self, net, amp):
+        return self.val_loss(net, amp)  # the untrained network's
+
+    def pictures(self, model, out):
+        t = self.tile
+        plot_features(model, self.val_clean[..., :t, :t].cpu(), out / "features.png")
 
 
 # ---------------------------------------------------------------- the run
@@ -409,27 +610,28 @@ def pretrain(images: Sequence[Annotated], config: PretrainConfig, out_dir: str |
                      decoder_upsampling=config.decoder_upsampling, normalization=norm,
                      tile_size=max(512, config.tile_size), pixel_size_nm=config.pixel_size_nm, name=config.name,
                      pretrained={"objective": config.objective})
-    optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     planned = DEFAULT_STEPS if config.fills_time else config.steps
     schedule = _Schedule(planned, config.warmup)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     use_amp = device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
     state = {"step": 0, "history": [], "best_metric": None, "bad_validations": 0}
+    if resuming:  # the sampler's and the corruptions' draws go on from where the run stopped
+        rng = np.random.default_rng([config.seed, _checkpoint_step(out / "checkpoint")])
+
+    sampler = DeviceCropSampler(images, config.crop_size, config=config.augment, device=device,
+                                seed=int(rng.integers(2**31)), bias=0.0)
+    objective = _objective(images, config, net, device, int(rng.integers(2**62)), norm)
+    # what is trained and checkpointed: the network, and the contrastive objective's projection heads beside it
+    trained = net if objective.module is None else nn.ModuleDict({"unet": net, "heads": objective.module})
+    optimizer = torch.optim.AdamW(trained.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     if resuming:
-        state = load_checkpoint(out / "checkpoint", net, optimizer, scheduler, config)
+        state = load_checkpoint(out / "checkpoint", trained, optimizer, scheduler, config)
         state.pop("best_weights", None)
         schedule.total = planned
-        rng = np.random.default_rng([config.seed, state["step"]])
         log.info("resumed from %s at step %d", out / "checkpoint", state["step"])
-
-    sampler = DeviceCropSampler(images, config.tile_size, config=config.augment, device=device,
-                                seed=int(rng.integers(2**31)), bias=0.0)
-    corrupt = corruptor(config, device, seed=int(rng.integers(2**62)))
-    val_clean, val_input, val_weights = _validation_batch(images, config, device)
-    copy_loss = float(restoration_loss(val_input, val_clean, val_weights))  # giving back the input would score this
-    writer = _CheckpointWriter(out / "checkpoint", _weights_bytes(net)) if out is not None else None
+    writer = _CheckpointWriter(out / "checkpoint", _weights_bytes(trained)) if out is not None else None
     meter = _LossMeter(device)
     clock = _Clock(config)
     stopped = False
@@ -437,17 +639,16 @@ def pretrain(images: Sequence[Annotated], config: PretrainConfig, out_dir: str |
     def amp():
         return torch.autocast(device.type, dtype=amp_dtype) if use_amp else torch.autocast("cpu", enabled=False)
 
+    # what giving back the input (a restoring objective) or the untrained network (contrastive) scores
+    reference = (state["history"][0]["copy_loss"] if state["history"] and "copy_loss" in state["history"][0]
+                 else objective.reference(net, amp))
     try:
         while state["step"] < schedule.total:
             if stop is not None and stop.is_set():
                 stopped = True
                 break
-            net.train()
-            clean = sampler.batch(config.batch_size)[0]
-            corrupted, weights = corrupt(clean)
-            with amp():
-                restored = net(((corrupted - norm.mean) / norm.std).contiguous(memory_format=torch.channels_last))
-            loss = restoration_loss(restored.float(), clean, weights)
+            trained.train()
+            loss = objective.train_loss(net, sampler.batch(config.batch_size)[0], amp)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -460,16 +661,17 @@ def pretrain(images: Sequence[Annotated], config: PretrainConfig, out_dir: str |
             event = TrainEvent(state["step"], schedule.total, meter.value, scheduler.get_last_lr()[0])
             if validating:
                 running = meter.take_running()
-                val_loss = _val_loss(net, val_input, val_clean, val_weights, norm, amp)
+                val_loss = objective.val_loss(net, amp)
                 record = {"step": state["step"], "loss": float(np.mean(running)) if running else None,
-                          "val_loss": val_loss, "copy_loss": copy_loss, "lr": event.lr,
+                          "val_loss": val_loss, "copy_loss": reference, "lr": event.lr,
                           "seconds": round(time.perf_counter() - clock.start, 1)}
                 state["history"].append(record)
-                event.metrics = {"val_loss": val_loss, "copy_loss": copy_loss}
-                log.info("step %d: loss %.4f, validation restoration loss %.4f (the corrupted input: %.4f)",
-                         state["step"], record["loss"] or float("nan"), val_loss, copy_loss)
+                event.metrics = {"val_loss": val_loss, "copy_loss": reference}
+                log.info("step %d: loss %.4f, validation %s loss %.4f (%s: %.4f)", state["step"],
+                         record["loss"] or float("nan"), config.objective, val_loss,
+                         REFERENCE[config.objective], reference)
                 if writer is not None:
-                    writer.save(net, None, optimizer, scheduler, config, state, {}, card,
+                    writer.save(trained, None, optimizer, scheduler, config, state, {}, card,
                                 last=state["step"] >= schedule.total)
             if progress:
                 progress(event)
@@ -481,39 +683,48 @@ def pretrain(images: Sequence[Annotated], config: PretrainConfig, out_dir: str |
     summary = {
         "objective": config.objective,
         **({"masking": asdict(config.masking)} if config.objective == "masked"
+           else {"contrast": asdict(config.contrast)} if config.objective == "contrastive"
            else {"corruptions": asdict(config.corruptions)}),
         "config": config.to_dict(),
         "pages": len(images), "megapixels": round(sum(it.image.size for it in images) / 1e6, 2),
         "sources": list(sources or sorted({it.name.split("[")[0] for it in images}))[:20],
         "steps": state["step"], "seconds": round(time.perf_counter() - clock.start, 1),
-        "validation_loss": last.get("val_loss"), "copy_loss": copy_loss}
+        "validation_loss": last.get("val_loss"), "copy_loss": reference}
     model = Model(net.cpu(), card.updated(pretrained=summary))
     model_path = None
     if out is not None:
         model_path = model.save(out / "model.safetensors")
         if state["history"]:
             plot_pretrain_curves(state["history"], out / "curves.png", config.objective)
-        plot_restorations(model, val_input.cpu(), val_clean.cpu(), out / "restorations.png",
-                          weights=None if val_weights is None else val_weights.cpu())
+        objective.pictures(model, out)
     return PretrainResult(model, model_path, state["history"], stopped)
 
 
-def _validation_batch(images: Sequence[Annotated], config: PretrainConfig,
-                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """A fixed batch of clean crops (flips only), their corruptions and loss weights, the same at every validation."""
-    sampler = DeviceCropSampler(images, config.tile_size, config=PRESETS["none"], device=device,
+#: what the reference line of the validation loss is, by objective
+REFERENCE = {"restoration": "the corrupted input", "masked": "the masked input (mean grey)",
+             "contrastive": "the untrained network"}
+
+
+def _objective(images: Sequence[Annotated], config: PretrainConfig, net: nn.Module, device: torch.device, seed: int,
+               norm: Normalization) -> _Objective:
+    if config.objective == "contrastive":
+        return _Contrasting(images, config, net, device, seed, norm)
+    return _Restoring(images, config, device, seed, norm)
+
+
+def _checkpoint_step(folder: Path) -> int:
+    from emseg.train.checkpoint import _read_state
+    try:
+        return int(_read_state(folder)["state"]["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def _validation_crops(images: Sequence[Annotated], config: PretrainConfig, device: torch.device) -> torch.Tensor:
+    """A fixed batch of clean crops (flips only), the same at every validation."""
+    sampler = DeviceCropSampler(images, config.crop_size, config=PRESETS["none"], device=device,
                                 seed=config.seed + 1, bias=0.0)
-    clean = sampler.batch(VAL_CROPS)[0]
-    return (clean, *corruptor(config, device, seed=config.seed + 2)(clean))
-
-
-@torch.no_grad()
-def _val_loss(net, val_input: torch.Tensor, val_clean: torch.Tensor, val_weights: torch.Tensor | None,
-              norm: Normalization, amp) -> float:
-    net.eval()
-    with amp():
-        restored = net((val_input - norm.mean) / norm.std)
-    return float(restoration_loss(restored.float(), val_clean, val_weights))
+    return sampler.batch(VAL_CROPS)[0]
 
 
 @torch.no_grad()
@@ -528,17 +739,19 @@ def restore(model: Model, corrupted: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- pictures
 
 def plot_pretrain_curves(history: Sequence[dict], path: Path, objective: str = "restoration") -> Path:
-    """Training and validation restoration loss against the step, with what copying the input scores."""
+    """Training and validation loss against the step, with the reference (:data:`REFERENCE`) as a line."""
     from emseg.analysis.reports import _figure, save_png
     plt, (fig, ax) = _figure(1, 1, figsize=(6, 3.8))
     steps = [h["step"] for h in history]
     ax.plot(steps, [h["loss"] for h in history], "o-", color="#444444", ms=3, label="training")
     ax.plot(steps, [h["val_loss"] for h in history], "o-", color="#1f77b4", ms=3, label="validation (fixed crops)")
-    masked = objective == "masked"
-    ax.axhline(history[-1]["copy_loss"], color="#d62728", ls="--", lw=1.2,
-               label="the masked input itself (mean grey)" if masked else "the corrupted input itself")
-    ax.set(xlabel="step", ylabel="mean squared error" + (" (masked pixels)" if masked else ""),
-           title="Masked-patch loss" if masked else "Restoration loss", yscale="log")
+    ax.axhline(history[-1]["copy_loss"], color="#d62728", ls="--", lw=1.2, label=REFERENCE[objective])
+    if objective == "contrastive":
+        ax.set(xlabel="step", ylabel="VICReg loss (invariance, variance, covariance)",
+               title="Contrastive loss of the encoder's features")
+    else:
+        ax.set(xlabel="step", ylabel="mean squared error" + (" (masked pixels)" if objective == "masked" else ""),
+               title="Masked-patch loss" if objective == "masked" else "Restoration loss", yscale="log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -568,3 +781,46 @@ def plot_restorations(model: Model, corrupted: torch.Tensor, clean: torch.Tensor
     fig.tight_layout()
     return save_png(plt, fig, path, dpi=100)
 
+
+
+@torch.no_grad()
+def feature_colours(model: Model, crops: torch.Tensor, stage: int) -> np.ndarray:
+    """The encoder's features of crops ``(n, 1, t, t)`` in [0, 1] at ``stage`` as colours ``(n, h, w, 3)`` in [0, 1]:
+    their first three principal components over all the crops' places, each stretched between its 2nd and 98th
+    percentile. Places that look alike to the encoder get alike colours."""
+    norm = model.card.normalization
+    net = model.net.eval()
+    device = next(net.parameters()).device
+    features = net.encoder(((crops.to(device) - norm.mean) / norm.std))[stage].float().cpu()
+    n, c, h, w = features.shape
+    flat = features.permute(0, 2, 3, 1).reshape(-1, c)
+    flat = flat - flat.mean(dim=0)
+    _, _, v = torch.linalg.svd(flat, full_matrices=False)
+    comps = (flat @ v[:3].T).numpy()
+    low, high = np.percentile(comps, 2, axis=0), np.percentile(comps, 98, axis=0)
+    colours = np.clip((comps - low) / np.maximum(high - low, 1e-6), 0, 1)
+    if colours.shape[1] < 3:
+        colours = np.pad(colours, ((0, 0), (0, 3 - colours.shape[1])))
+    return colours.reshape(n, h, w, 3)
+
+
+def plot_features(model: Model, crops: torch.Tensor, path: Path, rows: int = 4, stages: Sequence[int] = (2, 3)) -> Path:
+    """A grid: crops and their encoder's features at ``stages`` as colours (:func:`feature_colours`), one crop a
+    row: what a user looks at to see that contrastive pretraining learnt to tell structures apart."""
+    from emseg.analysis.reports import _figure, save_png
+    rows = min(rows, len(crops))
+    colours = [feature_colours(model, crops, stage) for stage in stages]
+    plt, (fig, axes) = _figure(rows, 1 + len(stages), figsize=(2.5 * (1 + len(stages)), 2.5 * rows), squeeze=False)
+    t = crops.shape[-1]
+    for r in range(rows):
+        axes[r][0].imshow(crops[r, 0].numpy(), cmap="gray", vmin=0, vmax=1)
+        for c, (stage, colour) in enumerate(zip(stages, colours), start=1):
+            axes[r][c].imshow(colour[r], interpolation="nearest", extent=(0, t, t, 0))
+        for c, ax in enumerate(axes[r]):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title("crop" if c == 0 else f"features, stride {2 ** stages[c - 1]}", fontsize=10)
+    fig.suptitle("Encoder features (first 3 principal components as colours)", fontsize=10)
+    fig.tight_layout()
+    return save_png(plt, fig, path, dpi=100)

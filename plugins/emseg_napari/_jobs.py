@@ -403,7 +403,7 @@ class PretrainRequest:
     minutes: float | None  # None: no time limit (then steps)
     steps: int | None = None  # with minutes: at most this many; alone: exactly this many
     encoder: str | None = None  # None here and below: PretrainConfig's default
-    objective: str | None = None  # restoration or masked (emseg.train.pretrain.OBJECTIVES)
+    objective: str | None = None  # restoration, masked or contrastive (emseg.train.pretrain.OBJECTIVES)
     tile_size: int | None = None
     batch_size: int | None = None
     val_every: int | None = None
@@ -421,7 +421,7 @@ class PretrainJobResult:
     seconds: float
     validation_loss: float | None
     copy_loss: float | None
-    restorations: Path | None
+    restorations: Path | None  # restorations.png, or features.png of the contrastive objective
     objective: str = "restoration"
 
 
@@ -437,7 +437,7 @@ def pretrain_layer(request: PretrainRequest, *, progress: Callable[[Any], None] 
               if value is not None}
     config = PretrainConfig(time_limit_minutes=request.minutes, steps=request.steps, device=request.device,
                             pixel_size_nm=request.pixel_size_nm, name=request.name, **chosen)
-    pages = unlabelled_from_arrays(request.image, tile=config.tile_size, pixel_size_nm=request.pixel_size_nm,
+    pages = unlabelled_from_arrays(request.image, tile=config.crop_size, pixel_size_nm=request.pixel_size_nm,
                                    name=request.layer_name)
     steps_done = 0
 
@@ -449,7 +449,7 @@ def pretrain_layer(request: PretrainRequest, *, progress: Callable[[Any], None] 
 
     result = pretrain(pages, config, request.out_dir, progress=on_event, stop=stop, sources=[request.layer_name])
     last = result.history[-1] if result.history else {}
-    restorations = request.out_dir / "restorations.png"
+    restorations = request.out_dir / ("features.png" if config.objective == "contrastive" else "restorations.png")
     return PretrainJobResult(result.model_path if steps_done else None, steps_done, result.stopped,
                              time.perf_counter() - start, last.get("val_loss"), last.get("copy_loss"),
                              restorations if restorations.exists() else None, config.objective)

@@ -44,7 +44,11 @@ from ._widgets import (  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-PICTURE_WIDTH = 360  # px of the restorations picture in the dock
+PICTURE_WIDTH = 360  # px of the restorations (or features) picture in the dock
+#: what the validation loss of each objective measures, and what its reference line is
+READOUT = {"restoration": ("restoring held-out crops", "the corrupted input itself"),
+           "masked": ("filling in the hidden patches of held-out crops", "the masked input itself"),
+           "contrastive": ("matching the features of held-out crops' two views", "the untrained network")}
 
 
 class PretrainWidget(TrainingWidget):
@@ -74,7 +78,9 @@ class PretrainWidget(TrainingWidget):
         self.objective.setCurrentText(defaults.objective)
         self.objective.setToolTip("restoration: restore crops spoilt by an intensity curve, shuffled pixels, "
                                   "noise-filled boxes and noise; masked: fill in hidden patches (60 % of 16-px "
-                                  "squares). Neither beat the other clearly on ISBI, EPFL and NASA (docs/training.md)")
+                                  "squares); contrastive: the encoder alone learns to give two differently spoilt, "
+                                  "turned views of the same place the same features. None beat the others clearly "
+                                  "on ISBI, EPFL and NASA (docs/training.md)")
         self.minutes = QDoubleSpinBox()
         self.minutes.setRange(0.1, 10_000)
         self.minutes.setDecimals(1)
@@ -144,9 +150,9 @@ class PretrainWidget(TrainingWidget):
             self._message(f"'{image.name}' is an RGB image; pretraining takes grey-level EM images", error=True)
             return False
         try:  # the checks of the run itself (shape, crop size, masks), on the first page, before the thread
-            unlabelled_from_arrays(data[:1] if data.ndim == 3 else data, tile=self.tile.value(),
-                                   name=f"'{image.name}'")
-        except InputError as exc:
+            crop = PretrainConfig(objective=self.objective.currentText(), tile_size=self.tile.value()).crop_size
+            unlabelled_from_arrays(data[:1] if data.ndim == 3 else data, tile=crop, name=f"'{image.name}'")
+        except (InputError, ValueError) as exc:  # ValueError: settings that do not fit (a crop too small to shift)
             self._message(str(exc), error=True)
             return False
         folder = Path(self.folder.text()).expanduser()
@@ -180,10 +186,9 @@ class PretrainWidget(TrainingWidget):
             self.last_metrics = event.metrics
         line = f"{text} · loss {event.loss:.4f}"
         if self.last_metrics:
-            what = ("filling in the hidden patches of held-out crops" if self.objective.currentText() == "masked"
-                    else "restoring held-out crops")
-            line += (f" · {what}: {self.last_metrics['val_loss']:.4f} (the corrupted input "
-                     f"itself: {self.last_metrics['copy_loss']:.4f}; lower is better)")
+            what, reference = READOUT[self.objective.currentText()]
+            line += (f" · {what}: {self.last_metrics['val_loss']:.4f} ({reference}: "
+                     f"{self.last_metrics['copy_loss']:.4f}; lower is better)")
         self.readout.setText(line)
 
     def _finished(self, outcome: Outcome) -> None:
@@ -205,10 +210,8 @@ class PretrainWidget(TrainingWidget):
                 self.picture.setPixmap(picture.scaledToWidth(PICTURE_WIDTH, Qt.TransformationMode.SmoothTransformation))
         learnt = ""
         if result.validation_loss is not None and result.copy_loss:
-            what = ("fills in held-out crops' hidden patches" if result.objective == "masked"
-                    else "restores held-out crops")
-            learnt = (f"; it {what} to a loss of {result.validation_loss:.4f}, against "
-                      f"{result.copy_loss:.4f} for the corrupted input")
+            what, reference = READOUT[result.objective]
+            learnt = f"; {what}: a loss of {result.validation_loss:.4f}, against {result.copy_loss:.4f} for {reference}"
         self._message(f"{'Stopped' if result.stopped else 'Finished'} after {result.steps_done} steps "
                       f"({result.seconds / 60:.1f} min{learnt}). Saved {result.path.parent}; choose "
                       f"'{result.path.parent.name}' as the Base model in Fine-tune to train your classes from it")
