@@ -23,7 +23,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                     "for a model trained on few annotated images (`emseg train --init OUTDIR/model.safetensors`). "
                     "An option to try, not a recommended step: on two annotated ISBI slices restoration closed at "
                     "best a third of the gap to 24 slices and the contrastive objective did worse than random "
-                    "weights; on two EPFL slices the contrastive objective gained about 0.09 mitochondrion IoU "
+                    "weights; on two EPFL slices the contrastive objective gained about 0.1 mitochondrion IoU "
                     "(restoration lost); on NASA neither helped; pretraining longer than the default did worse "
                     "(docs/training.md, \"Pretraining\"). Writes OUTDIR/model.safetensors (a "
                     "pretrained model: no classes, it cannot segment by itself), curves.png, restorations.png "
