@@ -499,7 +499,8 @@ class Contraster(nn.Module):
                 view = torch.rot90(view, -turns, (2, 3))  # back to the crop's orientation
                 view = view[..., (top - t0) // stride:(bottom - t0) // stride, (left - l0) // stride:(right - l0) // stride]
                 halves.append(view.permute(0, 2, 3, 1).reshape(-1, view.shape[1]))
-            total = total + vicreg_loss(*halves, self.config)
+            with torch.autocast(z.device.type, enabled=False):  # the covariances in float32, not a GPU's bf16
+                total = total + vicreg_loss(*halves, self.config)
         return total / len(self.heads)
 
 
