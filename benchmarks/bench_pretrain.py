@@ -1,6 +1,6 @@
 """Does `emseg pretrain` make two annotated slices enough? Pretraining on unlabelled images, then fine-tuning.
 
-    python benchmarks/bench_pretrain.py pretrain membranes [--minutes 20] [--objective masked|contrastive|masked+contrastive]
+    python benchmarks/bench_pretrain.py pretrain membranes [--minutes 20] [--objective masked|contrastive]
     python benchmarks/bench_pretrain.py finetune membranes [--minutes 6] [--seeds 0 1] [--sparse] [--arms ...]
     python benchmarks/bench_pretrain.py scaling membranes --series LABEL 0=random 20=masked ... [--ceiling TAG]
 
@@ -261,8 +261,7 @@ def main() -> int:
     p.add_argument("--minutes", type=float, default=20.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true")
-    p.add_argument("--objective", default="restoration",
-                   choices=["restoration", "masked", "contrastive", "masked+contrastive"],
+    p.add_argument("--objective", default="restoration", choices=["restoration", "masked", "contrastive"],
                    help="the self-supervised objective (results in SET_MINUTESmin_OBJECTIVE/ unless restoration)")
     p.set_defaults(func=cmd_pretrain)
     p = sub.add_parser("finetune")

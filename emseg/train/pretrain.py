@@ -68,9 +68,7 @@ log = logging.getLogger(__name__)
 #: the self-supervised objectives: restore crops of several corruptions (Models Genesis), fill in masked
 #: patches, scored on the masked pixels alone (SimMIM, Xie et al. 2022, with a U-Net), or match the encoder's
 #: features of two views of the same place (dense VICReg; the encoder alone learns)
-OBJECTIVES = ("restoration", "masked", "contrastive", "masked+contrastive")
-#: the share of the contrastive term in the "masked+contrastive" objective (each term scaled by its start value)
-CONTRAST_SHARE = 0.5
+OBJECTIVES = ("restoration", "masked", "contrastive")
 #: the most pixels of unlabelled pages held for pretraining (pages are taken evenly from the inputs)
 MAX_PIXELS = 64 * 2**20
 #: a page with at most this many distinct values is taken for a mask, not an image
@@ -169,12 +167,7 @@ class PretrainConfig(RunLength):
     def crop_size(self) -> int:
         """The side of the crops cut from the pages: the tile, and for the contrastive objective the room for its
         two views' windows to lie apart (pages must be at least this large)."""
-        return self.tile_size + (self.contrast.shift if self.contrasting else 0)
-
-    @property
-    def contrasting(self) -> bool:
-        """Whether the objective has the contrastive term (its two views need room in the crop)."""
-        return self.objective in ("contrastive", "masked+contrastive")
+        return self.tile_size + (self.contrast.shift if self.objective == "contrastive" else 0)
 
     def __post_init__(self):
         self._default_steps()
@@ -191,7 +184,7 @@ class PretrainConfig(RunLength):
                              f"{self.corruptions.shuffle_block}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size!r}")
-        if self.contrasting:
+        if self.objective == "contrastive":
             stride = 2 ** max(self.contrast.stages)
             if self.contrast.shift % stride:
                 raise ValueError(f"contrast shift {self.contrast.shift} must be a multiple of the deepest compared "
@@ -429,7 +422,7 @@ class Masker:
 
 def corruptor(config: PretrainConfig, device: torch.device, seed: int) -> Callable:
     """The corruption of a restoring objective: a callable from clean crops to (input, loss weights or None)."""
-    if config.objective in ("masked", "masked+contrastive"):
+    if config.objective == "masked":
         return Masker(config.masking, config.tile_size, device, seed)
     corrupt = Corruptor(config.corruptions, config.tile_size, device, seed)
     return lambda clean: (corrupt(clean), None)  # every pixel is scored
@@ -535,8 +528,8 @@ class _Restoring(_Objective):
 
     def __init__(self, images: Sequence[Annotated], config: PretrainConfig, device: torch.device, seed: int,
                  norm: Normalization):
-        self.corrupt, self.norm, t = corruptor(config, device, seed), norm, config.tile_size
-        self.val_clean = _validation_crops(images, config, device)[..., :t, :t].contiguous()
+        self.corrupt, self.norm = corruptor(config, device, seed), norm
+        self.val_clean = _validation_crops(images, config, device)
         self.val_input, self.val_weights = corruptor(config, device, seed=config.seed + 2)(self.val_clean)
 
     def train_loss(self, net, clean, amp):
@@ -594,46 +587,6 @@ class _Contrasting(_Objective):
     def pictures(self, model, out):
         t = self.tile
         plot_features(model, self.val_clean[..., :t, :t].cpu(), out / "features.png")
-
-
-class _Combined(_Objective):
-    """Masked patches for the whole U-Net and the contrastive terms for its encoder, on the same crops: each loss is
-    divided by its value at the start (the masked input's, the untrained network's) and the two are mixed
-    ``1 - CONTRAST_SHARE`` to ``CONTRAST_SHARE``, so that neither term's units decide the balance."""
-
-    def __init__(self, images: Sequence[Annotated], config: PretrainConfig, net: nn.Module, device: torch.device,
-                 seed: int, norm: Normalization):
-        self.tile = config.tile_size
-        self.masked = _Restoring(images, config, device, seed, norm)
-        self.contrast = _Contrasting(images, config, net, device, seed + 1, norm)
-        self.module = self.contrast.module
-        with torch.no_grad():  # the scales: what each term scores before any training (the network as built)
-            self.scales = (self.masked.reference(net, _no_amp), self.contrast.reference(net, _no_amp))
-        self.parts: dict = {}
-
-    def _mix(self, masked, contrast):
-        return (1 - CONTRAST_SHARE) * masked / self.scales[0] + CONTRAST_SHARE * contrast / self.scales[1]
-
-    def train_loss(self, net, clean, amp):
-        t = self.tile
-        return self._mix(self.masked.train_loss(net, clean[..., :t, :t].contiguous(), amp),
-                         self.contrast.train_loss(net, clean, amp))
-
-    def val_loss(self, net, amp):
-        masked, contrast = self.masked.val_loss(net, amp), self.contrast.val_loss(net, amp)
-        self.parts = {"masked_val_loss": masked, "contrastive_val_loss": contrast}
-        return float(self._mix(masked, contrast))
-
-    def reference(self, net, amp):
-        return 1.0  # both terms at their start values
-
-    def pictures(self, model, out):
-        self.masked.pictures(model, out)
-        self.contrast.pictures(model, out)
-
-
-def _no_amp():
-    return torch.autocast("cpu", enabled=False)
 
 
 # ---------------------------------------------------------------- the run
@@ -713,7 +666,6 @@ def pretrain(images: Sequence[Annotated], config: PretrainConfig, out_dir: str |
                 record = {"step": state["step"], "loss": float(np.mean(running)) if running else None,
                           "val_loss": val_loss, "copy_loss": reference, "lr": event.lr,
                           "seconds": round(time.perf_counter() - clock.start, 1)}
-                record.update(getattr(objective, "parts", {}))
                 state["history"].append(record)
                 event.metrics = {"val_loss": val_loss, "copy_loss": reference}
                 log.info("step %d: loss %.4f, validation %s loss %.4f (%s: %.4f)", state["step"],
@@ -733,9 +685,6 @@ def pretrain(images: Sequence[Annotated], config: PretrainConfig, out_dir: str |
         "objective": config.objective,
         **({"masking": asdict(config.masking)} if config.objective == "masked"
            else {"contrast": asdict(config.contrast)} if config.objective == "contrastive"
-           else {"masking": asdict(config.masking), "contrast": asdict(config.contrast),
-                 "contrast_share": CONTRAST_SHARE, "scales": list(objective.scales)}
-           if config.objective == "masked+contrastive"
            else {"corruptions": asdict(config.corruptions)}),
         "config": config.to_dict(),
         "pages": len(images), "megapixels": round(sum(it.image.size for it in images) / 1e6, 2),
@@ -747,24 +696,20 @@ def pretrain(images: Sequence[Annotated], config: PretrainConfig, out_dir: str |
     if out is not None:
         model_path = model.save(out / "model.safetensors")
         if state["history"]:
-            plot_pretrain_curves(state["history"], out / "curves.png", config.objective,
-                                 getattr(objective, "scales", (1.0, 1.0)))
+            plot_pretrain_curves(state["history"], out / "curves.png", config.objective)
         objective.pictures(model, out)
     return PretrainResult(model, model_path, state["history"], stopped)
 
 
 #: what the reference line of the validation loss is, by objective
 REFERENCE = {"restoration": "the corrupted input", "masked": "the masked input (mean grey)",
-             "contrastive": "the untrained network",
-             "masked+contrastive": "the masked input and the untrained network (1)"}
+             "contrastive": "the untrained network"}
 
 
 def _objective(images: Sequence[Annotated], config: PretrainConfig, net: nn.Module, device: torch.device, seed: int,
                norm: Normalization) -> _Objective:
     if config.objective == "contrastive":
         return _Contrasting(images, config, net, device, seed, norm)
-    if config.objective == "masked+contrastive":
-        return _Combined(images, config, net, device, seed, norm)
     return _Restoring(images, config, device, seed, norm)
 
 
@@ -794,23 +739,15 @@ def restore(model: Model, corrupted: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------- pictures
 
-def plot_pretrain_curves(history: Sequence[dict], path: Path, objective: str = "restoration",
-                         scales: Sequence[float] = (1.0, 1.0)) -> Path:
-    """Training and validation loss against the step, with the reference (:data:`REFERENCE`) as a line (and each
-    term of the "masked+contrastive" objective divided by its start value, ``scales``)."""
+def plot_pretrain_curves(history: Sequence[dict], path: Path, objective: str = "restoration") -> Path:
+    """Training and validation loss against the step, with the reference (:data:`REFERENCE`) as a line."""
     from emseg.analysis.reports import _figure, save_png
     plt, (fig, ax) = _figure(1, 1, figsize=(6, 3.8))
     steps = [h["step"] for h in history]
     ax.plot(steps, [h["loss"] for h in history], "o-", color="#444444", ms=3, label="training")
     ax.plot(steps, [h["val_loss"] for h in history], "o-", color="#1f77b4", ms=3, label="validation (fixed crops)")
     ax.axhline(history[-1]["copy_loss"], color="#d62728", ls="--", lw=1.2, label=REFERENCE[objective])
-    if objective == "masked+contrastive":  # each term against its start value (the dashed line)
-        for key, scale, colour, label in (("masked_val_loss", scales[0], "#2ca02c", "validation: masked patches"),
-                                          ("contrastive_val_loss", scales[1], "#9467bd", "validation: contrastive")):
-            ax.plot(steps, [h[key] / scale for h in history], "--", color=colour, lw=1, label=label)
-        ax.set(xlabel="step", ylabel="loss / its start value", title="Masked-patch and contrastive loss",
-               yscale="log")
-    elif objective == "contrastive":
+    if objective == "contrastive":
         ax.set(xlabel="step", ylabel="VICReg loss (invariance, variance, covariance)",
                title="Contrastive loss of the encoder's features")
     else:
