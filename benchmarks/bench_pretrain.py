@@ -52,7 +52,12 @@ def machine() -> str:
     import torch
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} thread(s), torch {torch.__version__}"
+    import albumentations
+    import cv2
+    # the augmentation's libraries too: OpenCV 4 and 5 make crops that differ in the fifth digit, and a 2-slice
+    # ISBI run moved by 0.027 IoU between them (docs/training.md, sixth attempt)
+    return (f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} thread(s), torch {torch.__version__}, "
+            f"albumentations {albumentations.__version__}, OpenCV {cv2.__version__}")
 
 
 def unlabelled(name: str):

@@ -637,10 +637,14 @@ def test_pages_at_another_pixel_size_than_the_model_are_warned_about(em, base_fi
 
 
 def test_finetune_defaults_from_a_base_of_other_classes_learn_the_new_ones(tmp_path, caplog):
-    """`emseg finetune` with its defaults (FINETUNE_DEFAULTS; fewer steps) from a base that segments membranes
-    at 6 nm/px, on pages at 5 nm/px annotated with mitochondria only: a new task, so the head starts afresh (same
+    """`emseg finetune` with its defaults (FINETUNE_DEFAULTS; fewer steps) from a base that segments mitochondria
+    at 6 nm/px, on pages at 5 nm/px annotated with membranes only: a new task, so the head starts afresh (same
     number of classes, other names), the pages keep their own pixel size, the rate is the new-task one, and the
-    run improves on where it started, on a page it did not see."""
+    run improves on where it started, on a page it did not see.
+
+    Membranes are the class learnt here because this tiny run learns them in every seed (held-out IoU 0.64-0.74 over
+    seeds 0-7 under OpenCV 4.14 and 5.1); the 5-8 % mitochondria were learnt in some seeds only (from scratch too),
+    which made an earlier version of this test pass by its seed's luck."""
     from emseg.train import FINETUNE_DEFAULTS
     from emseg.train.loop import _prepare_network
     image, mask = make_em_stack(pages=3, height=128, width=128, seed=11)
@@ -652,14 +656,14 @@ def test_finetune_defaults_from_a_base_of_other_classes_learn_the_new_ones(tmp_p
         tifffile.imwrite(tmp_path / f"img{nm}.tif", image[:2], photometric="minisblack",
                          resolution=(1e7 / nm, 1e7 / nm), resolutionunit="CENTIMETER")
     common = ["--tile-size", "64", "--batch-size", "4", "--device", "cpu"]
-    assert main(["-q", "train", *common, "--images", str(tmp_path / "img6.tif"), "--masks", str(paths["membranes"]),
-                 "--encoder", "vgg11_bn_micro", "--classes", "background,membrane", "--steps", "30",
+    assert main(["-q", "train", *common, "--images", str(tmp_path / "img6.tif"), "--masks", str(paths["mito"]),
+                 "--encoder", "vgg11_bn_micro", "--classes", "background,mitochondrion", "--steps", "30",
                  "-o", str(tmp_path / "base")]) == 0
     base = load_model(tmp_path / "base")
     assert base.card.pixel_size_nm == pytest.approx(6.0)
     with caplog.at_level("INFO", logger="emseg"):
         assert main(["finetune", str(tmp_path / "base"), *common, "--images", str(tmp_path / "img5.tif"),
-                     "--masks", str(paths["mito"]), "--classes", "background,mitochondrion", "--steps", "200",
+                     "--masks", str(paths["membranes"]), "--classes", "background,membrane", "--steps", "200",
                      "-o", str(tmp_path / "ft")]) == 0
     assert "rescaled by" not in caplog.text and "decoder and output head start afresh" in caplog.text
     tuned = load_model(tmp_path / "ft" / "model.safetensors")
@@ -667,13 +671,13 @@ def test_finetune_defaults_from_a_base_of_other_classes_learn_the_new_ones(tmp_p
     assert tuned.card.training["config"]["base_share"] == 0  # a fresh head: nothing to average with the base
     assert tuned.card.training["config"]["fresh_decoder"] is True  # the base's encoder only
     assert tuned.card.pixel_size_nm == pytest.approx(5.0)
-    assert tuned.classes == ("background", "mitochondrion")
+    assert tuned.classes == ("background", "membrane")
     torch.manual_seed(0)
     start, _ = _prepare_network(TrainConfig(classes=tuned.classes), tuned.classes, base)
 
-    def mito_iou(net) -> float:
+    def membrane_iou(net) -> float:
         pred = Model(net.eval(), tuned.card).predictor(device="cpu").predict_page(image[2]).argmax(0)
-        truth = mask[2] == 2
+        truth = mask[2] == 1
         return float(np.logical_and(pred == 1, truth).sum() / max(np.logical_or(pred == 1, truth).sum(), 1))
 
-    assert mito_iou(tuned.net) > max(0.3, mito_iou(start) + 0.2)
+    assert membrane_iou(tuned.net) > max(0.5, membrane_iou(start) + 0.2)
