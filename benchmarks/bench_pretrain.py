@@ -49,11 +49,11 @@ SETS = {  # data set -> (bench_train_real name, the 2 fine-tuning slices, model 
 
 
 def machine() -> str:
+    import albumentations
+    import cv2
     import torch
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    import albumentations
-    import cv2
     # the augmentation's libraries too: OpenCV 4 and 5 make crops that differ in the fifth digit, and a 2-slice
     # ISBI run moved by 0.027 IoU between them (docs/training.md, sixth attempt)
     return (f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} thread(s), torch {torch.__version__}, "

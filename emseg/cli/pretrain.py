@@ -23,9 +23,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                     "for a model trained on few annotated images (`emseg train --init OUTDIR/model.safetensors`). "
                     "An option to try, not a recommended step: on two EPFL slices the contrastive objective gained "
                     "about 0.1 mitochondrion IoU (restoration and masked patches nothing); on two annotated ISBI "
-                    "slices the best start gained 0.007 IoU over random weights (five seeds, far from the goal); on "
-                    "NASA none helped; pretraining longer than the default did worse "
-                    "(docs/training.md, \"Pretraining\"). Writes OUTDIR/model.safetensors (a "
+                    "slices the best start tried (masked patches and contrastive terms at once) gained 0.007 "
+                    "IoU over random weights (five seeds); on NASA none helped; pretraining longer than the "
+                    "default did worse (docs/training.md, \"Pretraining\"). Writes OUTDIR/model.safetensors (a "
                     "pretrained model: no classes, it cannot segment by itself), curves.png, restorations.png "
                     "(inputs and restorations; features.png, the encoder's features as colours, for the "
                     "contrastive objective), log.json and a resumable checkpoint.")

@@ -80,8 +80,8 @@ class PretrainWidget(TrainingWidget):
                                   "noise-filled boxes and noise; masked: fill in hidden patches (60 % of 16-px "
                                   "squares); contrastive: the encoder alone learns to give two differently spoilt, "
                                   "turned views of the same place the same features. Contrastive gained about 0.1 IoU "
-                                  "on EPFL mitochondria; on ISBI membranes the best start gained 0.007 IoU (five "
-                                  "seeds); none helped on NASA (docs/training.md)")
+                                  "on EPFL mitochondria; on ISBI membranes the best start tried gained 0.007 IoU "
+                                  "(five seeds); none helped on NASA (docs/training.md)")
         self.minutes = QDoubleSpinBox()
         self.minutes.setRange(0.1, 10_000)
         self.minutes.setDecimals(1)
