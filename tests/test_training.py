@@ -419,6 +419,31 @@ def test_encoder_keep_mixes_the_base_encoder_with_fresh_weights(base_file, caplo
         tiny_config(encoder_keep=0)
 
 
+def test_encoder_keep_levels_keeps_the_base_encoder_at_the_finest_strides_only(base_file, caplog):
+    """``encoder_keep_levels``: the base's encoder layers at the N finest strides are kept, the deeper ones start from a
+    fresh draw; the strides are found by running the encoder (VGG: a block a stride; DenseNet starts at stride 2)."""
+    from emseg.model.networks import build_unet
+    from emseg.train.loop import _prepare_network, encoder_strides
+    base = load_model(base_file)
+    old = base.net.encoder.state_dict()
+    strides = encoder_strides(base.net.encoder)
+    assert strides["features.0.weight"] == 1 and sorted(set(strides.values())) == [1, 2, 4, 8, 16]
+    assert min(encoder_strides(build_unet("densenet_slim", 2).encoder).values()) == 2
+    with caplog.at_level("INFO", logger="emseg"):
+        net, _ = _prepare_network(tiny_config(classes=None, encoder_keep_levels=2), base.classes, base)
+    assert "stride 1, 2 from the base model" in caplog.text
+    new = net.encoder.state_dict()
+    kept = [k for k in old if strides[k] <= 2]
+    fresh = [k for k in old if strides[k] > 2 and old[k].ndim == 4]  # convolutions (batch norm may start at 1 in both)
+    assert kept and fresh
+    assert all(torch.equal(new[k], old[k]) for k in kept)
+    assert all(not torch.equal(new[k], old[k]) for k in fresh)
+    everything, _ = _prepare_network(tiny_config(classes=None, encoder_keep_levels=5), base.classes, base)
+    assert all(torch.equal(everything.encoder.state_dict()[k], old[k]) for k in old)
+    with pytest.raises(ValueError, match="encoder_keep_levels"):
+        tiny_config(encoder_keep_levels=-1)
+
+
 def test_base_share_averages_the_result_with_the_base(em, base_file, caplog):
     base = load_model(base_file)
     old = base.net.state_dict()

@@ -96,6 +96,7 @@ OPTIONS = {
     "fresh_decoder": _flag,
     "encoder_lr_scale": number(0.0),
     "encoder_keep": number(0.0, 1.0, above=True),
+    "encoder_keep_levels": integer(0, high=8),
     "freeze_bn": _flag,
     "base_share": _base_share,
     "head": _choice("auto", "keep", "fresh"),

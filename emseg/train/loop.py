@@ -135,6 +135,10 @@ class TrainConfig(RunLength):
     # Adams 2020); a half helped dense new tasks on two pairs of three and lost on every pair of scribbles, so all by
     # default (docs/training.md, "A sixth look")
     encoder_keep: float = 1.0
+    # starting from a model: its encoder's layers at this many of the finest resolutions only, the deeper ones a fresh
+    # draw's (the early layers' edges and textures carry over between tasks, the deep ones less: Yosinski et al. 2014,
+    # Raghu et al. 2019); None: all of them
+    encoder_keep_levels: int | None = None
     freeze_bn: bool | None = None
     # fine-tuning the same classes: this share of the base's weights in the result (WiSE-FT); "auto": the share of
     # BASE_SHARES that scores best on the validation pages
@@ -156,6 +160,9 @@ class TrainConfig(RunLength):
             raise ValueError(f"base_share must be 'auto', or at least 0 and below 1, got {self.base_share!r}")
         if not (isinstance(self.encoder_keep, (int, float)) and 0 < self.encoder_keep <= 1):
             raise ValueError(f"encoder_keep must be above 0 and at most 1, got {self.encoder_keep!r}")
+        if self.encoder_keep_levels is not None and not (isinstance(self.encoder_keep_levels, int)
+                                                         and self.encoder_keep_levels >= 0):
+            raise ValueError(f"encoder_keep_levels must be a whole number, 0 or more, got {self.encoder_keep_levels!r}")
 
 
 @dataclass
@@ -236,7 +243,8 @@ def _prepare_network(config: TrainConfig, classes: tuple[str, ...], base: Model 
     """A fresh network, or a copy of the base model's with its head re-made if the classes changed."""
     if base is None:
         unused = [k for k in ("fresh_decoder", "freeze_encoder", "freeze_encoder_steps", "base_share")
-                  if getattr(config, k)] + [k for k in ("encoder_lr_scale", "encoder_keep") if getattr(config, k) != 1]
+                  if getattr(config, k)] + [k for k in ("encoder_lr_scale", "encoder_keep") if getattr(config, k) != 1] \
+            + ["encoder_keep_levels"] * (config.encoder_keep_levels is not None)
         if unused:
             log.warning("%s: no effect without a model to start from (a new network is all fresh)", ", ".join(unused))
         net = build_unet(config.encoder, len(classes), full_resolution_skip=config.full_resolution_skip,
@@ -280,14 +288,23 @@ def _prepare_network(config: TrainConfig, classes: tuple[str, ...], base: Model 
                      ", ".join(base.card.pretrained.get("sources", [])[:3]) or "unlabelled images", ", ".join(classes))
         else:
             log.info("%s: the output head starts afresh", why)
-    if config.encoder_keep < 1:
+    if config.encoder_keep < 1 or config.encoder_keep_levels is not None:
         with torch.random.fork_rng(devices=[]):  # a draw of its own: with the base's seed it would be its first weights
             torch.manual_seed(config.seed + SHRINK_SEED)
             drawn = build_unet(base.card.encoder, len(classes), decoder_channels=base.card.decoder_channels,
                                full_resolution_skip=base.card.full_resolution_skip).encoder.state_dict()
-        net.encoder.load_state_dict(weights_with_base(net.encoder.state_dict(), drawn, 1 - config.encoder_keep))
-        log.info("the encoder starts %g %% from the base model and %g %% from a fresh initialisation (shrink and "
-                 "perturb)", 100 * config.encoder_keep, 100 * (1 - config.encoder_keep))
+        state = net.encoder.state_dict()
+        if config.encoder_keep < 1:
+            state = weights_with_base(state, drawn, 1 - config.encoder_keep)
+            log.info("the encoder starts %g %% from the base model and %g %% from a fresh initialisation (shrink and "
+                     "perturb)", 100 * config.encoder_keep, 100 * (1 - config.encoder_keep))
+        if config.encoder_keep_levels is not None:
+            strides = encoder_strides(net.encoder)
+            kept = sorted(set(strides.values()))[:config.encoder_keep_levels]
+            state = {k: v if strides[k] in kept else drawn[k] for k, v in state.items()}
+            log.info("the encoder's layers at %s from the base model, the deeper ones afresh",
+                     "stride " + ", ".join(map(str, kept)) if kept else "no stride (none)")
+        net.encoder.load_state_dict(state)
     card = card.updated(classes=classes, name=config.name, pretrained={})
     return net, card
 
@@ -933,6 +950,31 @@ def _averaged_with_base(net: nn.Module, base: Model | None, config: TrainConfig,
         net.load_state_dict(weights_with_base(tuned, base_state, share))
         val = _validate(net, val_set, card, amp) if val_set is not None else None
     return ({"step": step, "val": val} if val is not None else best_val), {"chosen": share, **summary}
+
+
+def encoder_strides(encoder: nn.Module, size: int = 64) -> dict[str, int]:
+    """The stride (input pixels per output pixel) at which each entry of ``encoder``'s state dict works: that of the
+    output of the layer holding it, found by running ``encoder`` once on a blank ``size`` x ``size`` image."""
+    found: dict[str, int] = {}
+
+    def record(name):
+        def hook(module, inputs, output):
+            found.setdefault(name, size // output.shape[-1])
+        return hook
+
+    hooks = [m.register_forward_hook(record(name)) for name, m in encoder.named_modules()
+             if any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False))]
+    was_training = encoder.training
+    try:
+        encoder.eval()
+        with torch.no_grad():
+            channels = next(m for m in encoder.modules() if isinstance(m, nn.Conv2d)).in_channels
+            encoder(torch.zeros(1, channels, size, size, device=next(encoder.parameters()).device))
+    finally:
+        encoder.train(was_training)
+        for h in hooks:
+            h.remove()
+    return {k: found[k.rpartition(".")[0]] for k in encoder.state_dict()}
 
 
 def weights_with_base(tuned: dict, base: dict, base_share: float) -> dict:
