@@ -136,8 +136,8 @@ class TrainConfig(RunLength):
     # default (docs/training.md, "A sixth look")
     encoder_keep: float = 1.0
     # starting from a model: its encoder's layers at this many of the finest resolutions only, the deeper ones a fresh
-    # draw's (the early layers' edges and textures carry over between tasks, the deep ones less: Yosinski et al. 2014,
-    # Raghu et al. 2019); None: all of them
+    # draw's (early layers carry over between tasks better than deep ones: Yosinski et al. 2014, Raghu et al. 2019);
+    # None: all of them. 3 was no better than all on EPFL -> ISBI (docs/training.md, "An eighth look")
     encoder_keep_levels: int | None = None
     freeze_bn: bool | None = None
     # fine-tuning the same classes: this share of the base's weights in the result (WiSE-FT); "auto": the share of
@@ -302,8 +302,11 @@ def _prepare_network(config: TrainConfig, classes: tuple[str, ...], base: Model 
             strides = encoder_strides(net.encoder)
             kept = sorted(set(strides.values()))[:config.encoder_keep_levels]
             state = {k: v if strides[k] in kept else drawn[k] for k, v in state.items()}
-            log.info("the encoder's layers at %s from the base model, the deeper ones afresh",
-                     "stride " + ", ".join(map(str, kept)) if kept else "no stride (none)")
+            if kept:
+                log.info("the encoder's layers at stride %s from the base model, the deeper ones afresh",
+                         ", ".join(map(str, kept)))
+            else:
+                log.info("encoder_keep_levels 0: the encoder starts afresh")
         net.encoder.load_state_dict(state)
     card = card.updated(classes=classes, name=config.name, pretrained={})
     return net, card
