@@ -17,10 +17,10 @@
 #      isbi, epfl, nasa with seeds 0 and 1, isbi-late seed 0; BASE_MIN minutes each: goal 4's GPU row and the
 #      bases of the pairs)
 #   2. a queue of runs, N at a time: every pair's zero-shot, then for seed 0..4 every pair's training from scratch
-#      and fine-tuning, dense and with scribbles (500 steps; odd seeds of the new-task pairs from the bases of seed 1), then the pretraining arms (600 steps, random /
-#      restoration-pretrained / masked-pretrained, seeds 0-2, and the 24-slice ceiling), then every new-task pair's dense
-#      fine-tuning from the base's encoder layers at its three finest strides only (encoder_keep_levels 3) for
-#      seed 0..4
+#      and fine-tuning, dense and with scribbles (500 steps; odd seeds of the new-task pairs from the bases of
+#      seed 1), then the pretraining arms (600 steps, random / restoration-pretrained / masked-pretrained, seeds 0-2,
+#      and the 24-slice ceiling), then every new-task pair's dense fine-tuning from the base's encoder layers at its
+#      three finest strides only (encoder_keep_levels 3) for seed 0..4
 #   3. $OUT/summary.txt: bench_finetune.py's table, fine-tuned against from scratch seed by seed (`compare`; the
 #      picture in $OUT/finetune_vs_scratch.png) and the pretraining rows; $OUT/gpu_transfer.tar.gz: every JSON and log
 set -uo pipefail

@@ -242,9 +242,10 @@ def _set_train_mode(net: nn.Module, freeze_bn: bool) -> None:
 def _prepare_network(config: TrainConfig, classes: tuple[str, ...], base: Model | None) -> tuple[nn.Module, ModelCard]:
     """A fresh network, or a copy of the base model's with its head re-made if the classes changed."""
     if base is None:
-        unused = [k for k in ("fresh_decoder", "freeze_encoder", "freeze_encoder_steps", "base_share")
-                  if getattr(config, k)] + [k for k in ("encoder_lr_scale", "encoder_keep") if getattr(config, k) != 1] \
-            + ["encoder_keep_levels"] * (config.encoder_keep_levels is not None)
+        unused = ([k for k in ("fresh_decoder", "freeze_encoder", "freeze_encoder_steps", "base_share")
+                   if getattr(config, k)]
+                  + [k for k in ("encoder_lr_scale", "encoder_keep") if getattr(config, k) != 1]
+                  + ["encoder_keep_levels"] * (config.encoder_keep_levels is not None))
         if unused:
             log.warning("%s: no effect without a model to start from (a new network is all fresh)", ", ".join(unused))
         net = build_unet(config.encoder, len(classes), full_resolution_skip=config.full_resolution_skip,
@@ -966,7 +967,7 @@ def encoder_strides(encoder: nn.Module, size: int = 64) -> dict[str, int]:
         return hook
 
     hooks = [m.register_forward_hook(record(name)) for name, m in encoder.named_modules()
-             if any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False))]
+             if next(m.parameters(recurse=False), None) is not None or next(m.buffers(recurse=False), None) is not None]
     was_training = encoder.training
     try:
         encoder.eval()
