@@ -298,15 +298,16 @@ def cmd_compare(args) -> None:
 
 def plot_comparisons(panels, path: Path) -> Path:
     """One panel a comparison: per pair, each seed's difference in IoU (dots) and their mean with its 95 % interval
-    (an interval wider than the panel, as two seeds give, ends in an arrow at its edge)."""
+    (an interval wider than the panel, as two seeds give, ends in an arrow at its edge). The panels share one scale,
+    set by the largest difference of any seed, so that they can be compared at a glance."""
     from emseg.analysis.reports import _figure, save_png
 
     plt, (fig, axes) = _figure(1, len(panels), figsize=(5 * len(panels), 0.9 + 0.45 * max(
         len(rows) for _, rows in panels)), squeeze=False)
+    lim = 1.35 * max([0.02] + [abs(d) for _, rows in panels for c in rows.values()
+                               for d in np.subtract(c["a"], c["b"])])
     for ax, (title, rows) in zip(axes[0], panels):
         items = list(reversed(rows.items()))
-        reach = max([0.02] + [abs(d) for _, c in items for d in np.subtract(c["a"], c["b"])])
-        lim = 1.35 * reach
         for y, (pair, c) in enumerate(items):
             diffs = np.subtract(c["a"], c["b"])
             ax.scatter(diffs, np.full(len(diffs), y), s=22, facecolors="none", edgecolors="0.4", zorder=2)
