@@ -3,6 +3,7 @@
     python benchmarks/bench_pretrain.py pretrain membranes [--minutes 20] [--objective masked|contrastive]
     python benchmarks/bench_pretrain.py finetune membranes [--minutes 6] [--seeds 0 1] [--sparse] [--arms ...]
     python benchmarks/bench_pretrain.py scaling membranes --series LABEL 0=random 20=masked ... [--ceiling TAG]
+    python benchmarks/bench_pretrain.py arms --panel membranes LABEL=TAG ... [--panel mito ...] [--plot PNG]
 
 Data sets (../shared/data; nothing else is ever used):
 
@@ -19,7 +20,8 @@ model, as `emseg train --init`), ``full`` (all training slices from random weigh
 dense masks of the 2 slices. One compute thread (``--threads``). Results: runs/bench/pretrain/*.json and a
 Markdown table on stdout. ``scaling`` tables (and plots) the fine-tuned IoU against the pretraining length, from the
 results of ``finetune --tag`` runs (one tag a length, 0 minutes for random weights; ``--series`` again for another
-line), and the share of the gap to ``--ceiling`` (a ``full`` arm's tag) that each closes.
+line), and the share of the gap to ``--ceiling`` (a ``full`` arm's tag) that each closes. ``arms`` sets arms side by side
+(one ``--panel`` a data set, its first arm the reference): each seed's IoU, the mean and the difference to the first.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ SETS = {  # data set -> (bench_train_real name, the 2 fine-tuning slices, model 
     "mito": ("epfl", (0, 11), 5.0),
     "materials": ("nasa", (0, 1), None),
 }
+TITLES = {"membranes": "ISBI membranes", "mito": "EPFL mitochondria", "materials": "NASA superalloy"}
 
 
 def machine() -> str:
@@ -244,6 +247,69 @@ def plot_scaling(series: list[tuple[str, list[dict]]], data: str, path: Path) ->
     return save_png(plt, fig, path)
 
 
+def arms(data: str, specs: list[str]) -> list[dict]:
+    """The fine-tuning results of each ``LABEL=TAG`` of a data set: each seed's IoU, their mean, and the difference of
+    the means to the first arm's (the reference, e.g. random weights)."""
+    if data not in SETS:
+        raise SystemExit(f"arms: {data!r} is not a data set ({', '.join(SETS)}): a --panel starts with one")
+    rows = []
+    for spec in specs:
+        label, _, tag = spec.rpartition("=")
+        if not label or not tag:
+            raise SystemExit(f"arms: {spec!r} is not LABEL=TAG (e.g. 'random weights=random_amd')")
+        iou = _ious(data, tag)
+        if not iou:
+            raise SystemExit(f"arms: no results for tag {tag!r} (runs/bench/pretrain/finetune_{data}_{tag}[_sN].json)")
+        rows.append({"label": label, "tag": tag, "iou": iou, "mean": float(np.mean(list(iou.values())))})
+    for row in rows:
+        row["diff"] = row["mean"] - rows[0]["mean"]
+    return rows
+
+
+def cmd_arms(args) -> int:
+    panels = [(data, arms(data, specs)) for data, *specs in args.panel]
+    print("| set | arm | results | seeds | IoU per seed | mean | difference to the first |\n"
+          "|---|---|---|---|---|---|---|")
+    for data, rows in panels:
+        for r in rows:
+            print(f"| {data} | {r['label']} | {r['tag']} | {', '.join(map(str, r['iou']))} | "
+                  f"{' / '.join(f'{v:.3f}' for v in r['iou'].values())} | {r['mean']:.3f} | {r['diff']:+.3f} |")
+    if args.plot:
+        print(f"wrote {plot_arms(panels, Path(args.plot))}")
+    return 0
+
+
+def plot_arms(panels: list[tuple[str, list[dict]]], path: Path) -> Path:
+    """One panel a data set, one row an arm from the top: each seed's IoU (circles) and the mean (a dot, blue when
+    above the first arm's, red when below; its value beside it), with the first arm's mean as a dashed line. Panels
+    whose arms have the same labels share them, written once at the left."""
+    from emseg.analysis.reports import _figure, save_png
+
+    labels = [[r["label"] for r in rows] for _, rows in panels]
+    shared = all(ls == labels[0] for ls in labels)
+    plt, (fig, axes) = _figure(1, len(panels), figsize=(3.4 * len(panels) + 2.6, 1.1 + 0.45 * max(map(len, labels))),
+                               squeeze=False, sharey=shared)
+    for i, (ax, (data, rows)) in enumerate(zip(axes[0], panels)):
+        ys = range(len(rows) - 1, -1, -1)
+        for y, r in zip(ys, rows):
+            ax.scatter(list(r["iou"].values()), [y] * len(r["iou"]), s=24, facecolors="none", edgecolors="0.4",
+                       zorder=2)
+            colour = "0.2" if r is rows[0] else "tab:blue" if r["diff"] > 0 else "tab:red"
+            ax.plot(r["mean"], y, "o", color=colour, ms=7, zorder=3)
+            ax.annotate(f"{r['mean']:.3f}", (r["mean"], y), xytext=(0, 6), textcoords="offset points",
+                        ha="center", fontsize=7, color=colour)
+        ax.axvline(rows[0]["mean"], color="0.2", ls="--", lw=0.9, zorder=1)
+        if i == 0 or not shared:
+            ax.set_yticks(list(ys), [r["label"] for r in rows])
+        ax.set_ylim(-0.6, len(rows) - 0.3)
+        ax.margins(x=0.12)
+        ax.set_title(TITLES[data], fontsize=10)
+        ax.set_xlabel("foreground IoU (circles: seeds)", fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return save_png(plt, fig, path)
+
+
 def table(rows: list[dict]) -> str:
     out = ["| arm | settings | seed | steps | pixel error | mean IoU (no bg) | adapted Rand |",
            "|---|---|---:|---:|---:|---:|---:|"]
@@ -296,9 +362,15 @@ def main() -> int:
     p.add_argument("--ceiling", metavar="TAG", help="the results of all training slices (the gap's top)")
     p.add_argument("--plot", metavar="PNG")
     p.set_defaults(func=cmd_scaling)
+    p = sub.add_parser("arms", help="fine-tuned IoU of arms side by side, a panel a data set: a table (and --plot PNG)")
+    p.add_argument("--panel", nargs="+", action="append", required=True, metavar="SET LABEL=TAG",
+                   help="a data set, then its arms' fine-tuning results, the reference first (e.g. --panel mito "
+                        "'random weights=random_amd' contrastive=contrastive); repeat for another panel")
+    p.add_argument("--plot", metavar="PNG")
+    p.set_defaults(func=cmd_arms)
     args = parser.parse_args()
-    if args.func is cmd_scaling:  # reads earlier results only: no data, no torch
-        return cmd_scaling(args)
+    if args.func in (cmd_scaling, cmd_arms):  # read earlier results only: no data, no torch
+        return args.func(args)
     import torch
     torch.set_num_threads(args.threads)
     if not DATA.exists():

@@ -200,3 +200,39 @@ def test_pretraining_lengths_are_tabled_against_the_gap(monkeypatch, tmp_path, c
     with pytest.raises(SystemExit, match="MINUTES=TAG"):
         bench_pretrain.cmd_scaling(argparse.Namespace(data="membranes", series=[["a", "random"]], ceiling=None,
                                                       plot=None))
+
+
+def test_pretraining_arms_are_set_side_by_side(monkeypatch, tmp_path, capsys):
+    """`bench_pretrain.py arms` reads each arm's results per data set, takes the first arm as the reference, and draws
+    a panel a data set; a tag without results, a spec without a label and an unknown data set are refused."""
+    import argparse
+    import json
+
+    from PIL import Image
+
+    def write(data, name, rows):
+        rows = [{"arm": "pretrained", "seed": seed, "metrics": {"mean_iou": iou}} for seed, iou in rows]
+        (tmp_path / f"finetune_{data}_{name}.json").write_text(json.dumps({"rows": rows}))
+    write("membranes", "random_s0", [(0, 0.60)])
+    write("membranes", "random_s1", [(1, 0.62)])
+    write("membranes", "frozen", [(0, 0.55), (1, 0.53)])
+    write("mito", "random", [(0, 0.70)])
+    write("mito", "frozen", [(0, 0.80)])
+    monkeypatch.setattr(bench_pretrain, "OUT", tmp_path)
+    rows = bench_pretrain.arms("membranes", ["random weights=random", "encoder frozen=frozen"])
+    assert rows[0]["iou"] == {0: 0.60, 1: 0.62} and rows[0]["diff"] == 0
+    assert rows[1]["mean"] == pytest.approx(0.54) and rows[1]["diff"] == pytest.approx(-0.07)
+    png = tmp_path / "arms.png"
+    panels = [["membranes", "random weights=random", "encoder frozen=frozen"], ["mito", "random=random", "f=frozen"]]
+    bench_pretrain.cmd_arms(argparse.Namespace(panel=panels, plot=str(png)))
+    out = capsys.readouterr().out
+    assert "| membranes | encoder frozen | frozen | 0, 1 | 0.550 / 0.530 | 0.540 | -0.070 |" in out
+    assert "| mito | f | frozen | 0 | 0.800 | 0.800 | +0.100 |" in out
+    with Image.open(png) as image:
+        assert image.size[0] > image.size[1]  # two panels side by side
+    with pytest.raises(SystemExit, match="no results for tag 'short'"):
+        bench_pretrain.arms("membranes", ["random=random", "short=short"])
+    with pytest.raises(SystemExit, match="LABEL=TAG"):
+        bench_pretrain.arms("membranes", ["random"])
+    with pytest.raises(SystemExit, match="'isbi' is not a data set"):
+        bench_pretrain.arms("isbi", ["random=random"])
