@@ -279,10 +279,13 @@ def cmd_arms(args) -> int:
     return 0
 
 
+MIN_SPAN = 0.08  # the narrowest IoU axis of an `arms` panel
+
+
 def plot_arms(panels: list[tuple[str, list[dict]]], path: Path) -> Path:
     """One panel a data set, one row an arm from the top: each seed's IoU (circles) and the mean (a dot, blue when
     above the first arm's, red when below; its value beside it), with the first arm's mean as a dashed line. Panels
-    whose arms have the same labels share them, written once at the left."""
+    whose arms have the same labels share them, written once at the left; no axis spans less than MIN_SPAN."""
     from emseg.analysis.reports import _figure, save_png
 
     labels = [[r["label"] for r in rows] for _, rows in panels]
@@ -302,7 +305,11 @@ def plot_arms(panels: list[tuple[str, list[dict]]], path: Path) -> Path:
         if i == 0 or not shared:
             ax.set_yticks(list(ys), [r["label"] for r in rows])
         ax.set_ylim(-0.6, len(rows) - 0.3)
-        ax.margins(x=0.12)
+        ax.margins(x=0.1)
+        low, high = ax.get_xlim()
+        if high - low < MIN_SPAN:  # differences of a few thousandths are not drawn as wide as real ones
+            middle = (low + high) / 2
+            ax.set_xlim(middle - MIN_SPAN / 2, middle + MIN_SPAN / 2)
         ax.set_title(TITLES[data], fontsize=10)
         ax.set_xlabel("foreground IoU (circles: seeds)", fontsize=9)
         ax.grid(axis="x", alpha=0.3)
