@@ -252,6 +252,8 @@ def arms(data: str, specs: list[str]) -> list[dict]:
     the means to the first arm's (the reference, e.g. random weights)."""
     if data not in SETS:
         raise SystemExit(f"arms: {data!r} is not a data set ({', '.join(SETS)}): a --panel starts with one")
+    if not specs:
+        raise SystemExit(f"arms: the panel of {data} names no arms (LABEL=TAG after the data set)")
     rows = []
     for spec in specs:
         label, _, tag = spec.rpartition("=")

@@ -236,3 +236,5 @@ def test_pretraining_arms_are_set_side_by_side(monkeypatch, tmp_path, capsys):
         bench_pretrain.arms("membranes", ["random"])
     with pytest.raises(SystemExit, match="'isbi' is not a data set"):
         bench_pretrain.arms("isbi", ["random=random"])
+    with pytest.raises(SystemExit, match="names no arms"):
+        bench_pretrain.arms("mito", [])
