@@ -174,15 +174,19 @@ def _ious(data: str, tag: str) -> dict[int, float]:
     return found
 
 
+def _results(data: str, tag: str, command: str) -> dict:
+    """A tag's fine-tuning results: ``tag``, each seed's IoU (``iou``) and their ``mean``; none is an error of
+    ``command``."""
+    iou = _ious(data, tag)
+    if not iou:
+        raise SystemExit(f"{command}: no results for tag {tag!r} (runs/bench/pretrain/finetune_{data}_{tag}[_sN].json)")
+    return {"tag": tag, "iou": iou, "mean": float(np.mean(list(iou.values())))}
+
+
 def scaling(data: str, points: list[tuple[float, str]], ceiling: str | None) -> list[dict]:
     """Per pretraining length (0: random weights), each seed's fine-tuned IoU, their mean and the share of the gap
     between random weights and the ceiling (all training slices) that it closes."""
-    rows = [{"minutes": minutes, "tag": tag, "iou": _ious(data, tag)} for minutes, tag in points]
-    for row in rows:
-        if not row["iou"]:
-            raise SystemExit(f"scaling: no results for tag {row['tag']!r} (runs/bench/pretrain/finetune_{data}_"
-                             f"{row['tag']}[_sN].json)")
-        row["mean"] = float(np.mean(list(row["iou"].values())))
+    rows = [{"minutes": minutes, **_results(data, tag, "scaling")} for minutes, tag in points]
     top = _ious(data, ceiling) if ceiling else {}
     start = next((r["mean"] for r in rows if r["minutes"] == 0), None)
     for row in rows:
@@ -259,10 +263,7 @@ def arms(data: str, specs: list[str]) -> list[dict]:
         label, _, tag = spec.rpartition("=")
         if not label or not tag:
             raise SystemExit(f"arms: {spec!r} is not LABEL=TAG (e.g. 'random weights=random_amd')")
-        iou = _ious(data, tag)
-        if not iou:
-            raise SystemExit(f"arms: no results for tag {tag!r} (runs/bench/pretrain/finetune_{data}_{tag}[_sN].json)")
-        rows.append({"label": label, "tag": tag, "iou": iou, "mean": float(np.mean(list(iou.values())))})
+        rows.append({"label": label, **_results(data, tag, "arms")})
     for row in rows:
         row["diff"] = row["mean"] - rows[0]["mean"]
     return rows
