@@ -17,7 +17,6 @@ from emseg.train.pretrain import (
     Contraster,
     Corruptions,
     Corruptor,
-    FeatureBank,
     Masker,
     Masking,
     PretrainConfig,
@@ -159,7 +158,7 @@ def test_cli_train_init_refuses_another_encoder(pretrained, stack_files, tmp_pat
     assert "--encoder vgg11_bn_slim differs" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("objective", ["restoration", "masked", "features"])
+@pytest.mark.parametrize("objective", ["restoration", "masked"])
 def test_cli_pretrain_end_to_end_and_its_bad_inputs(stack_files, tmp_path, capsys, objective):
     assert main(["-q", "pretrain", "--images", str(stack_files / "raw.tif"), "-o", str(tmp_path / "run"),
                  "--encoder", "vgg11_bn_micro", "--steps", "4", "--val-every", "2", "--tile-size", "64",
@@ -167,8 +166,8 @@ def test_cli_pretrain_end_to_end_and_its_bad_inputs(stack_files, tmp_path, capsy
     card = load_model(tmp_path / "run" / "model.safetensors").card
     assert card.is_pretrained and card.pixel_size_nm == pytest.approx(6.0)
     assert card.pretrained["objective"] == objective
-    assert ("masking" in card.pretrained) == (objective != "restoration")
-    if objective != "restoration":
+    assert ("masking" in card.pretrained) == (objective == "masked")
+    if objective == "masked":
         return
     capsys.readouterr()
     # no images
@@ -280,47 +279,6 @@ def test_a_short_masked_pretraining_lowers_its_own_loss(stack_files, tmp_path):
     first, last = (h["val_loss"] for h in result.history)
     assert last < 0.8 * first and np.isfinite(last), result.history
     assert result.model.card.pretrained["masking"] == {"ratio": 0.6, "patch": 16}
-
-
-def test_the_feature_bank_finds_valleys_ridges_and_slopes():
-    t = 64
-    cols = torch.arange(t, dtype=torch.float32).view(1, 1, 1, t).expand(1, 1, t, t)
-    valley = 0.8 - 0.6 * torch.exp(-((cols - 32) ** 2) / (2 * 2.0 ** 2))  # a dark membrane, 2 px across
-    ridge = 1.0 - valley
-    ramp = cols / t
-    crops = torch.cat([valley, ridge, ramp])
-    bank = FeatureBank(crops)
-    assert bank.channels == 10
-    f = bank(crops) / bank.scale.view(1, -1, 1, 1)  # unscaled: 0 smoothed, then per sigma |grad|, larger, smaller
-    assert 0.2 < f[0, 0, 32, 32] < 0.3 and torch.allclose(f[0, 0, :, :20], valley[0, 0, :, :20], atol=1e-3)  # smoothed
-    for k, sigma in enumerate(FeatureBank.SIGMAS):
-        grad, larger, smaller = f[:, 1 + 3 * k], f[:, 2 + 3 * k], f[:, 3 + 3 * k]
-        assert larger[0, 32, 32] > 0.02 and abs(float(smaller[0, 32, 32])) < 1e-4  # a valley curves up across it
-        assert smaller[1, 32, 32] < -0.02 and abs(float(larger[1, 32, 32])) < 1e-4  # a ridge down
-        assert grad[0, 32, 32] < 0.01 and grad[0, 32, 30] > 0.02  # flat at the bottom, steep on the walls
-        inner = (slice(16, 48), slice(16, 48))
-        assert torch.allclose(grad[2][inner], torch.full((32, 32), sigma / t), rtol=1e-3)  # |grad| times sigma
-        assert float(larger[2][inner].abs().max()) < 1e-4 and float(smaller[2][inner].abs().max()) < 1e-4
-    # every channel after the smoothed crop is scaled to its spread over the reference crops
-    spread = bank(crops).transpose(0, 1).reshape(10, -1).std(dim=1)
-    assert torch.allclose(spread, spread[0].expand(10), rtol=1e-3)
-
-
-def test_a_short_features_pretraining_lowers_its_loss_and_keeps_one_output(stack_files, tmp_path):
-    pages = load_unlabelled([stack_files / "raw.tif"], tile=64)
-    config = PretrainConfig(encoder="vgg11_bn_micro", tile_size=64, batch_size=4, steps=60, val_every=20,
-                            time_limit_minutes=None, device="cpu", objective="features")
-    result = pretrain(pages, config, tmp_path / "run")
-    first, last = result.history[0]["val_loss"], result.history[-1]["val_loss"]
-    assert last < 0.8 * first and np.isfinite(last), result.history
-    model = load_model(result.model_path)  # the file holds the smoothed crop's channel alone
-    assert model.card.pretrained["objective"] == "features" and model.card.out_channels == 1
-    assert model.net(torch.zeros(1, 1, 64, 64)).shape == (1, 1, 64, 64)
-    assert (tmp_path / "run" / "restorations.png").is_file()
-    net, _ = _prepare_network(TrainConfig(encoder="vgg11_bn_micro", classes=CLASSES, device="cpu"), CLASSES, model)
-    assert net.segmentation_head[0].out_channels == len(CLASSES)  # a fresh head; the decoder kept, as after masked
-    mine = net.state_dict()
-    assert all(torch.equal(mine[k], v) for k, v in model.net.state_dict().items() if k.startswith("decoder."))
 
 
 def _pooled(views: torch.Tensor, stages) -> list:

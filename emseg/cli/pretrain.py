@@ -33,13 +33,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="unlabelled images: stacks, folders or files in any format emseg reads")
     p.add_argument("-o", "--output", required=True, type=Path, metavar="OUTDIR", help="run folder")
     p.add_argument("--encoder", type=_encoder, help="encoder from `emseg models` (default vgg11_bn_slim)")
-    p.add_argument("--objective", choices=["restoration", "masked", "contrastive", "features"],
+    p.add_argument("--objective", choices=["restoration", "masked", "contrastive"],
                    help="restoration (default): undo intensity curves, shuffled pixels, painted-over boxes and noise; "
                         "masked: fill in 60%% of 16-pixel patches hidden under the mean grey, scored on them alone; "
                         "contrastive: the encoder alone learns to give two differently corrupted, turned views of "
-                        "the same place the same features (dense VICReg; writes features.png); features: give, at "
-                        "every pixel of a crop with 60%% of its patches hidden, the clean crop's edges, ridges and "
-                        "valleys at 1, 2 and 4 px (gradient and Hessian; MaskFeat)")
+                        "the same place the same features (dense VICReg; writes features.png)")
     p.add_argument("--time-limit", type=_option_type("time_limit_minutes"), dest="time_limit_minutes", metavar="MIN",
                    help="minutes to pretrain (default 20; as many steps as fit). The best length measured was 20 "
                         "CPU-minutes, about 4000 steps: on a GPU, --steps 4000 repeats it")

@@ -18,11 +18,7 @@ objective (``PretrainConfig.objective = "masked"``, SimMIM, Xie et al. 2022, wit
 crop's 16-pixel patches under its mean grey and scores the filled-in patches alone (:class:`Masker`). The
 third (``"contrastive"``, :class:`Contrast`) teaches the encoder alone: two differently corrupted views of
 overlapping windows of a crop must give the same features at the same places, while the features keep varying
-across places (dense VICReg: Bardes et al. 2022, VICRegL). The fourth (``"features"``, :class:`FeatureBank`)
-masks patches as SimMIM does and asks, at every pixel, for the clean crop's differential structure (gradient
-magnitude and Hessian eigenvalues at 1, 2 and 4 px: edges, ridges, valleys) instead of its grey values (MaskFeat,
-Wei et al. 2022, predicts HOG features the same way); the model file keeps the output's first channel, the crop
-smoothed at 1 px. The result is a normal emseg model file whose card
+across places (dense VICReg: Bardes et al. 2022, VICRegL). The result is a normal emseg model file whose card
 has no classes and says what it was pretrained on (``card.pretrained``); ``emseg train --init FILE`` and
 ``emseg finetune FILE`` start from its encoder and decoder (or its encoder alone: ``TrainConfig.fresh_decoder``,
 the default after the contrastive objective) with a fresh head for the classes. Predicting with it is refused.
@@ -71,9 +67,8 @@ log = logging.getLogger(__name__)
 
 #: the self-supervised objectives: restore crops of several corruptions (Models Genesis), fill in masked
 #: patches, scored on the masked pixels alone (SimMIM, Xie et al. 2022, with a U-Net), or match the encoder's
-#: features of two views of the same place (dense VICReg; the encoder alone learns), or give, at every pixel of
-#: a masked crop, the clean crop's differential features (MaskFeat, Wei et al. 2022, with a filter bank for HOG)
-OBJECTIVES = ("restoration", "masked", "contrastive", "features")
+#: features of two views of the same place (dense VICReg; the encoder alone learns)
+OBJECTIVES = ("restoration", "masked", "contrastive")
 #: the most pixels of unlabelled pages held for pretraining (pages are taken evenly from the inputs)
 MAX_PIXELS = 64 * 2**20
 #: a page with at most this many distinct values is taken for a mask, not an image
@@ -425,65 +420,8 @@ class Masker:
         return torch.where(weights > 0, grey, clean), weights
 
 
-class FeatureBank:
-    """The targets of the features objective: at every pixel of crops ``(n, 1, t, t)`` in [0, 1], the crop
-    smoothed at 1 px (kept in [0, 1]: channel 0, the restored image) and, at each of ``SIGMAS`` px, the gradient's
-    magnitude and the Hessian's two eigenvalues (scale-normalised: times sigma and sigma squared), the structure
-    that thin membranes (ridges and valleys), organelle outlines (edges) and blobs are made of. Channels after the
-    first are scaled to the first's standard deviation over ``reference`` crops, so that each counts alike."""
-
-    SIGMAS = (1.0, 2.0, 4.0)
-
-    def __init__(self, reference: torch.Tensor):
-        self.kernels = {s: self._kernels(s, reference.device) for s in self.SIGMAS}
-        self.scale = torch.ones(self.channels, device=reference.device)
-        raw = self(reference)
-        spread = raw.transpose(0, 1).reshape(self.channels, -1).std(dim=1).clamp_min(1e-6)
-        self.scale = spread[0] / spread
-
-    @property
-    def channels(self) -> int:
-        return 1 + 3 * len(self.SIGMAS)
-
-    @staticmethod
-    def _kernels(sigma: float, device: torch.device) -> tuple[torch.Tensor, ...]:
-        r = int(np.ceil(3 * sigma))
-        x = torch.arange(-r, r + 1, dtype=torch.float32, device=device)
-        g = torch.exp(-x ** 2 / (2 * sigma ** 2))
-        g = g / g.sum()
-        # the truncated derivatives made exact: the first gives a ramp's slope, the second nothing on a constant
-        # and a parabola's curvature (conv2d correlates: the kernels are mirrored, the sign of d1 does not matter)
-        d1 = x * g
-        d1 = d1 / (x * d1).sum()
-        d2 = (x ** 2 / sigma ** 4 - 1 / sigma ** 2) * g
-        d2 = d2 - d2.sum() * g
-        return g, d1, d2 / (d2 * x ** 2 / 2).sum()
-
-    @staticmethod
-    def _separable(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        r = rows.numel() // 2
-        x = F.pad(x, (r, r, r, r), mode="reflect")
-        x = F.conv2d(x, rows.view(1, 1, -1, 1))
-        return F.conv2d(x, cols.view(1, 1, 1, -1))
-
-    def __call__(self, clean: torch.Tensor) -> torch.Tensor:
-        out = []
-        for sigma, (g, d1, d2) in self.kernels.items():
-            if not out:
-                out.append(self._separable(clean, g, g))
-            dy, dx = self._separable(clean, d1, g), self._separable(clean, g, d1)
-            dyy, dxx, dxy = self._separable(clean, d2, g), self._separable(clean, g, d2), self._separable(clean, d1, d1)
-            half_trace, root = (dxx + dyy) / 2, torch.sqrt(((dxx - dyy) / 2) ** 2 + dxy ** 2 + 1e-12)
-            out += [sigma * torch.sqrt(dx ** 2 + dy ** 2 + 1e-12),
-                    sigma ** 2 * (half_trace + root), sigma ** 2 * (half_trace - root)]
-        return torch.cat(out, dim=1) * self.scale.view(1, -1, 1, 1)
-
-
 def corruptor(config: PretrainConfig, device: torch.device, seed: int) -> Callable:
     """The corruption of a restoring objective: a callable from clean crops to (input, loss weights or None)."""
-    if config.objective == "features":  # masked as SimMIM, every pixel scored
-        masker = Masker(config.masking, config.tile_size, device, seed)
-        return lambda clean: (masker(clean)[0], None)
     if config.objective == "masked":
         return Masker(config.masking, config.tile_size, device, seed)
     corrupt = Corruptor(config.corruptions, config.tile_size, device, seed)
@@ -593,25 +531,22 @@ class _Restoring(_Objective):
         self.corrupt, self.norm = corruptor(config, device, seed), norm
         self.val_clean = _validation_crops(images, config, device)
         self.val_input, self.val_weights = corruptor(config, device, seed=config.seed + 2)(self.val_clean)
-        # what the output must give: the clean crop, or its differential features (the features objective)
-        self.target = FeatureBank(self.val_clean) if config.objective == "features" else (lambda clean: clean)
-        self.val_target = self.target(self.val_clean)
 
     def train_loss(self, net, clean, amp):
         corrupted, weights = self.corrupt(clean)
         with amp():
             restored = net(((corrupted - self.norm.mean) / self.norm.std).contiguous(memory_format=torch.channels_last))
-        return restoration_loss(restored.float(), self.target(clean), weights)
+        return restoration_loss(restored.float(), clean, weights)
 
     @torch.no_grad()
     def val_loss(self, net, amp):
         net.eval()
         with amp():
             restored = net((self.val_input - self.norm.mean) / self.norm.std)
-        return float(restoration_loss(restored.float(), self.val_target, self.val_weights))
+        return float(restoration_loss(restored.float(), self.val_clean, self.val_weights))
 
     def reference(self, net, amp):
-        return float(restoration_loss(self.target(self.val_input), self.val_target, self.val_weights))
+        return float(restoration_loss(self.val_input, self.val_clean, self.val_weights))
 
     def pictures(self, model, out):
         plot_restorations(model, self.val_input.cpu(), self.val_clean.cpu(), out / "restorations.png",
@@ -669,8 +604,7 @@ def pretrain(images: Sequence[Annotated], config: PretrainConfig, out_dir: str |
         raise InputError("no unlabelled pages to pretrain on")
     out, device, rng, resuming = start_run(config, out_dir, resume)
 
-    outputs = 1 + 3 * len(FeatureBank.SIGMAS) if config.objective == "features" else 1
-    net = build_unet(config.encoder, outputs, full_resolution_skip=config.full_resolution_skip,
+    net = build_unet(config.encoder, 1, full_resolution_skip=config.full_resolution_skip,
                      upsampling=config.decoder_upsampling, regression=True).to(device, memory_format=torch.channels_last)
     norm = Normalization()
     card = ModelCard(encoder=config.encoder, classes=(), full_resolution_skip=config.full_resolution_skip,
@@ -746,17 +680,10 @@ def pretrain(images: Sequence[Annotated], config: PretrainConfig, out_dir: str |
         if writer is not None:
             writer.close()
     net.eval().to(memory_format=torch.contiguous_format)
-    if outputs > 1:  # the model file keeps the restored image's channel (0); fine-tuning gives a fresh head anyway
-        conv = net.segmentation_head[0]
-        head = nn.Conv2d(conv.in_channels, 1, conv.kernel_size, padding=conv.padding).to(conv.weight.device)
-        with torch.no_grad():
-            head.weight.copy_(conv.weight[:1])
-            head.bias.copy_(conv.bias[:1])
-        net.segmentation_head[0] = head
     last = state["history"][-1] if state["history"] else {}
     summary = {
         "objective": config.objective,
-        **({"masking": asdict(config.masking)} if config.objective in ("masked", "features")
+        **({"masking": asdict(config.masking)} if config.objective == "masked"
            else {"contrast": asdict(config.contrast)} if config.objective == "contrastive"
            else {"corruptions": asdict(config.corruptions)}),
         "config": config.to_dict(),
@@ -776,7 +703,7 @@ def pretrain(images: Sequence[Annotated], config: PretrainConfig, out_dir: str |
 
 #: what the reference line of the validation loss is, by objective
 REFERENCE = {"restoration": "the corrupted input", "masked": "the masked input (mean grey)",
-             "contrastive": "the untrained network", "features": "the masked input's features"}
+             "contrastive": "the untrained network"}
 
 
 def _objective(images: Sequence[Annotated], config: PretrainConfig, net: nn.Module, device: torch.device, seed: int,

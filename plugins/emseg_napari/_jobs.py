@@ -403,7 +403,7 @@ class PretrainRequest:
     minutes: float | None  # None: no time limit (then steps)
     steps: int | None = None  # with minutes: at most this many; alone: exactly this many
     encoder: str | None = None  # None here and below: PretrainConfig's default
-    objective: str | None = None  # restoration, masked, contrastive or features (emseg.train.pretrain.OBJECTIVES)
+    objective: str | None = None  # restoration, masked or contrastive (emseg.train.pretrain.OBJECTIVES)
     tile_size: int | None = None
     batch_size: int | None = None
     val_every: int | None = None

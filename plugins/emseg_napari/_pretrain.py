@@ -48,8 +48,7 @@ PICTURE_WIDTH = 360  # px of the restorations (or features) picture in the dock
 #: what the validation loss of each objective measures, and what its reference line is
 READOUT = {"restoration": ("restoring held-out crops", "the corrupted input itself"),
            "masked": ("filling in the hidden patches of held-out crops", "the masked input itself"),
-           "contrastive": ("matching the features of held-out crops' two views", "the untrained network"),
-           "features": ("giving held-out crops' edges and ridges under hidden patches", "the masked input's own")}
+           "contrastive": ("matching the features of held-out crops' two views", "the untrained network")}
 
 
 class PretrainWidget(TrainingWidget):
@@ -80,8 +79,7 @@ class PretrainWidget(TrainingWidget):
         self.objective.setToolTip("restoration: restore crops spoilt by an intensity curve, shuffled pixels, "
                                   "noise-filled boxes and noise; masked: fill in hidden patches (60 % of 16-px "
                                   "squares); contrastive: the encoder alone learns to give two differently spoilt, "
-                                  "turned views of the same place the same features; features: give the clean crop's edges and ridges (gradient, "
-                                  "Hessian) under 60 % hidden patches. Contrastive gained about 0.1 IoU "
+                                  "turned views of the same place the same features. Contrastive gained about 0.1 IoU "
                                   "on EPFL mitochondria; on ISBI membranes the best start tried gained 0.007 IoU "
                                   "(five seeds); none helped on NASA (docs/training.md)")
         self.minutes = QDoubleSpinBox()
