@@ -16,6 +16,8 @@ Data sets (../shared/data; nothing else is ever used):
 Arms of `finetune`, each with the same budget (``--steps``, or ``--minutes`` of training; the defaults of `emseg train`
 otherwise): ``random`` (the 2 slices from random weights), ``pretrained`` (the same from the pretrained
 model, as `emseg train --init`), ``full`` (all training slices from random weights: the ceiling).
+``selftrain`` (self-training: half the steps on the 2 slices, then the model's own labels of the set's unlabelled pages,
+where it is at least ``--confidence`` sure, beside the 2 slices for the other half).
 ``--sparse`` fine-tunes on scribbles (horizontal strokes, as bench_train_real.py draws them) instead of the
 dense masks of the 2 slices. One compute thread (``--threads``). Results: runs/bench/pretrain/*.json and a
 Markdown table on stdout. ``scaling`` tables (and plots) the fine-tuned IoU against the pretraining length, from the
@@ -33,6 +35,7 @@ import platform
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -122,16 +125,69 @@ def finetune_arm(arm: str, args, pretrained_path: Path | None) -> dict:
     items = annotations_from_arrays(images, masks, sparse=sparse, pixel_size_nm=nm, name=data,
                                     norm=base.card.normalization if base else None)
     budget = dict(steps=args.steps, time_limit_minutes=None) if args.steps else dict(time_limit_minutes=args.minutes)
-    config = TrainConfig(classes=classes, pixel_size_nm=nm, sparse=sparse, seed=args.seed_now, device=args.device,
-                         name=f"bench pretrain {arm}", **{**budget, **args.settings})
-    start = time.perf_counter()
-    result = train(items, config, None, base=base)
+    start, extra = time.perf_counter(), {}
+    if arm == "selftrain":
+        if sparse:
+            raise SystemExit("selftrain: dense masks only")
+        result, extra = selftrain_arm(args, classes, items, nm, budget)
+    else:
+        config = TrainConfig(classes=classes, pixel_size_nm=nm, sparse=sparse, seed=args.seed_now, device=args.device,
+                             name=f"bench pretrain {arm}", **{**budget, **args.settings})
+        result = train(items, config, None, base=base)
     seconds = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as tmp:
         summary = evaluate_arrays(result.model, val_img, val_msk, Path(tmp), nm)
     return {"arm": arm, "objective": base.card.pretrained.get("objective") if base else None,
             "seed": args.seed_now, "sparse": sparse and arm != "full", "steps": result.history[-1]["step"],
-            "settings": args.changes, "seconds": round(seconds, 1), "metrics": summary}
+            "settings": args.changes, "seconds": round(seconds, 1), "metrics": summary, **extra}
+
+
+def selftrain_pool(name: str) -> np.ndarray:
+    """The raw pages a ``selftrain`` arm labels with its own predictions: the set's unlabelled pages, never the
+    held-out ones (ISBI's test volume; EPFL's and NASA's other training pages, their masks unused)."""
+    data, slices, _ = SETS[name]
+    if name == "membranes":
+        return tifffile.imread(DATA / "isbi2012" / "test-volume.tif")
+    return [page for i, page in enumerate(load(data)[0]) if i not in slices]
+
+
+def pseudo_items(model, pages, nm: float | None, confidence: float, tta: bool = False) -> tuple[list, float]:
+    """The model's own labels of raw pages (pixels below ``confidence`` left unannotated; ``tta``: the mean of the
+    8 flips and rotations) as training pages, and the share of pixels labelled."""
+    from emseg.analysis.metrics import IGNORE
+    from emseg.train.data import Annotated, normalise01
+    predictor = model.predictor(device="auto", tta=tta)
+    items, labelled, total = [], 0, 0
+    for i, page in enumerate(pages):
+        probs = predictor.predict_page(page, pixel_size_nm=nm)
+        target = probs.argmax(0).astype(np.uint8)
+        target[probs.max(0) < confidence] = IGNORE
+        labelled, total = labelled + int((target != IGNORE).sum()), total + target.size
+        items.append(Annotated(normalise01(page, model.card.normalization), target, f"pseudo[{i}]", nm))
+    return items, labelled / total
+
+
+def selftrain_arm(args, classes, items, nm, budget) -> tuple:
+    """Self-training: half the steps on the 2 slices (the teacher), then its labels of the set's unlabelled pages
+    with the 2 slices (as many of their pixels as of the pseudo-labelled ones) for the other half, from the
+    teacher's weights; validation on the 2 slices' held-out strips throughout."""
+    from emseg.train.data import split_regions
+    from emseg.train.loop import TrainConfig, train
+    half = dict(steps=round(args.steps * args.teacher_share), time_limit_minutes=None)
+    config = TrainConfig(classes=classes, pixel_size_nm=nm, seed=args.seed_now, device=args.device,
+                         name="bench selftrain teacher", **{**budget, **args.settings, **half})
+    train_items, val_items = split_regions(items, config.val_fraction)
+    teacher = train(train_items, config, None, val_data=val_items).model
+    if args.confidence > 1:  # the control: the same two runs, the second on the 2 slices alone
+        pseudo, share = [], 0.0
+    else:
+        pseudo, share = pseudo_items(teacher, selftrain_pool(args.data), nm, args.confidence, args.pseudo_tta)
+    repeat = max(1, round(sum(p.annotated for p in pseudo) / sum(it.annotated for it in train_items)))
+    config = replace(config, name="bench selftrain student", seed=args.seed_now + 1000,
+                     steps=args.steps - half["steps"])
+    result = train(list(train_items) * repeat + pseudo, config, None, base=teacher, val_data=val_items)
+    return result, {"teacher_steps": half["steps"], "pseudo_pages": len(pseudo), "pseudo_labelled": round(share, 4), "real_repeat": repeat,
+                    "confidence": args.confidence, "pseudo_tta": args.pseudo_tta}
 
 
 def cmd_finetune(args) -> int:
@@ -352,9 +408,14 @@ def main() -> int:
                    "(the same budget whatever else runs on the machine)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--arms", nargs="+", default=["random", "pretrained", "full"],
-                   choices=["random", "pretrained", "full"])
+                   choices=["random", "pretrained", "full", "selftrain"])
     p.add_argument("--full-seeds", action="store_true", help="run the full arm with every seed (default: seed 0)")
     p.add_argument("--sparse", action="store_true")
+    p.add_argument("--confidence", type=float, default=0.0,
+                   help="selftrain: pixels whose top probability is below this stay unannotated (above 1: none "
+                        "labelled, the second run on the 2 slices alone: the control)")
+    p.add_argument("--teacher-share", type=float, default=0.5, help="selftrain: the teacher's share of the steps")
+    p.add_argument("--pseudo-tta", action="store_true", help="selftrain: label with the mean of 8 flips/rotations")
     p.add_argument("--pretrained", help="the pretrained model (default: runs/bench/pretrain/SET_20min)")
     p.add_argument("--set", dest="changes", action="append", default=[], metavar="KEY=VALUE",
                    help="a TrainConfig field of every arm (e.g. lr=3e-4, freeze_encoder=true); rows keep them")
