@@ -16,8 +16,8 @@ Data sets (../shared/data; nothing else is ever used):
 Arms of `finetune`, each with the same budget (``--steps``, or ``--minutes`` of training; the defaults of `emseg train`
 otherwise): ``random`` (the 2 slices from random weights), ``pretrained`` (the same from the pretrained
 model, as `emseg train --init`), ``full`` (all training slices from random weights: the ceiling).
-``selftrain`` (self-training: half the steps on the 2 slices, then the model's own labels of the set's unlabelled pages,
-where it is at least ``--confidence`` sure, beside the 2 slices for the other half).
+``selftrain`` (self-training, emseg.train.selftrain: half the steps on the 2 slices, then the model's own labels of the
+set's unlabelled pages, where it is at least ``--confidence`` sure, beside the 2 slices for the other half).
 ``--sparse`` fine-tunes on scribbles (horizontal strokes, as bench_train_real.py draws them) instead of the
 dense masks of the 2 slices. One compute thread (``--threads``). Results: runs/bench/pretrain/*.json and a
 Markdown table on stdout. ``scaling`` tables (and plots) the fine-tuned IoU against the pretraining length, from the
@@ -35,7 +35,6 @@ import platform
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -137,57 +136,36 @@ def finetune_arm(arm: str, args, pretrained_path: Path | None) -> dict:
     seconds = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as tmp:
         summary = evaluate_arrays(result.model, val_img, val_msk, Path(tmp), nm)
+    if args.keep_models:
+        result.model.save(OUT / "models" / f"{args.data}_{args.tag or 'untagged'}_{arm}_s{args.seed_now}.safetensors")
     return {"arm": arm, "objective": base.card.pretrained.get("objective") if base else None,
             "seed": args.seed_now, "sparse": sparse and arm != "full", "steps": result.history[-1]["step"],
             "settings": args.changes, "seconds": round(seconds, 1), "metrics": summary, **extra}
 
 
-def selftrain_pool(name: str) -> np.ndarray:
+def selftrain_pool(name: str) -> list:
     """The raw pages a ``selftrain`` arm labels with its own predictions: the set's unlabelled pages, never the
     held-out ones (ISBI's test volume; EPFL's and NASA's other training pages, their masks unused)."""
-    data, slices, _ = SETS[name]
+    from emseg.train.selftrain import RawPage
+    data, slices, nm = SETS[name]
     if name == "membranes":
-        return tifffile.imread(DATA / "isbi2012" / "test-volume.tif")
-    return [page for i, page in enumerate(load(data)[0]) if i not in slices]
-
-
-def pseudo_items(model, pages, nm: float | None, confidence: float, tta: bool = False) -> tuple[list, float]:
-    """The model's own labels of raw pages (pixels below ``confidence`` left unannotated; ``tta``: the mean of the
-    8 flips and rotations) as training pages, and the share of pixels labelled."""
-    from emseg.analysis.metrics import IGNORE
-    from emseg.train.data import Annotated, normalise01
-    predictor = model.predictor(device="auto", tta=tta)
-    items, labelled, total = [], 0, 0
-    for i, page in enumerate(pages):
-        probs = predictor.predict_page(page, pixel_size_nm=nm)
-        target = probs.argmax(0).astype(np.uint8)
-        target[probs.max(0) < confidence] = IGNORE
-        labelled, total = labelled + int((target != IGNORE).sum()), total + target.size
-        items.append(Annotated(normalise01(page, model.card.normalization), target, f"pseudo[{i}]", nm))
-    return items, labelled / total
+        pages = tifffile.imread(DATA / "isbi2012" / "test-volume.tif")
+        return [RawPage(page, nm, f"isbi test-volume[{i}]") for i, page in enumerate(pages)]
+    return [RawPage(page, nm, f"{data}[{i}]") for i, page in enumerate(load(data)[0]) if i not in slices]
 
 
 def selftrain_arm(args, classes, items, nm, budget) -> tuple:
-    """Self-training: half the steps on the 2 slices (the teacher), then its labels of the set's unlabelled pages
-    with the 2 slices (as many of their pixels as of the pseudo-labelled ones) for the other half, from the
-    teacher's weights; validation on the 2 slices' held-out strips throughout."""
-    from emseg.train.data import split_regions
-    from emseg.train.loop import TrainConfig, train
-    half = dict(steps=round(args.steps * args.teacher_share), time_limit_minutes=None)
+    """Self-training (emseg.train.selftrain): the teacher's share of the steps on the 2 slices, then its labels of
+    the set's unlabelled pages beside the 2 slices for the rest, from the teacher's weights. (The control of the
+    docs, the same two runs without pseudo-labels, and the runs of its table: commit 3373b39, where the slices were
+    repeated rather than weighted.)"""
+    from emseg.train.loop import TrainConfig
+    from emseg.train.selftrain import self_train
     config = TrainConfig(classes=classes, pixel_size_nm=nm, seed=args.seed_now, device=args.device,
-                         name="bench selftrain teacher", **{**budget, **args.settings, **half})
-    train_items, val_items = split_regions(items, config.val_fraction)
-    teacher = train(train_items, config, None, val_data=val_items).model
-    if args.confidence > 1:  # the control: the same two runs, the second on the 2 slices alone
-        pseudo, share = [], 0.0
-    else:
-        pseudo, share = pseudo_items(teacher, selftrain_pool(args.data), nm, args.confidence, args.pseudo_tta)
-    repeat = max(1, round(sum(p.annotated for p in pseudo) / sum(it.annotated for it in train_items)))
-    config = replace(config, name="bench selftrain student", seed=args.seed_now + 1000,
-                     steps=args.steps - half["steps"])
-    result = train(list(train_items) * repeat + pseudo, config, None, base=teacher, val_data=val_items)
-    return result, {"teacher_steps": half["steps"], "pseudo_pages": len(pseudo), "pseudo_labelled": round(share, 4), "real_repeat": repeat,
-                    "confidence": args.confidence, "pseudo_tta": args.pseudo_tta}
+                         name="bench selftrain", **{**budget, **args.settings})
+    result = self_train(items, selftrain_pool(args.data), config, confidence=args.confidence,
+                        teacher_share=args.teacher_share)
+    return result, result.model.card.training["self_training"]
 
 
 def cmd_finetune(args) -> int:
@@ -411,16 +389,15 @@ def main() -> int:
                    choices=["random", "pretrained", "full", "selftrain"])
     p.add_argument("--full-seeds", action="store_true", help="run the full arm with every seed (default: seed 0)")
     p.add_argument("--sparse", action="store_true")
-    p.add_argument("--confidence", type=float, default=0.0,
-                   help="selftrain: pixels whose top probability is below this stay unannotated (above 1: none "
-                        "labelled, the second run on the 2 slices alone: the control)")
+    p.add_argument("--confidence", type=float, default=0.9,
+                   help="selftrain: pixels whose top probability is below this stay unannotated")
     p.add_argument("--teacher-share", type=float, default=0.5, help="selftrain: the teacher's share of the steps")
-    p.add_argument("--pseudo-tta", action="store_true", help="selftrain: label with the mean of 8 flips/rotations")
     p.add_argument("--pretrained", help="the pretrained model (default: runs/bench/pretrain/SET_20min)")
     p.add_argument("--set", dest="changes", action="append", default=[], metavar="KEY=VALUE",
                    help="a TrainConfig field of every arm (e.g. lr=3e-4, freeze_encoder=true); rows keep them")
     p.add_argument("--tag", help="results in finetune_SET_TAG.json (runs that go side by side need their own file)")
     p.add_argument("--fresh", action="store_true", help="ignore earlier rows of the results file")
+    p.add_argument("--keep-models", action="store_true", help="save each arm's model in runs/bench/pretrain/models/")
     p.set_defaults(func=cmd_finetune)
     for q in sub.choices.values():
         q.add_argument("--threads", type=int, default=1)

@@ -117,23 +117,6 @@ def test_an_average_with_the_base_is_undone_by_its_inverse_share(tiny_model):
     assert all(torch.allclose(back[k], want[k], atol=1e-5) for k in want if want[k].is_floating_point())
 
 
-def test_self_training_labels_only_the_pixels_its_teacher_is_sure_of(tiny_model, rng):
-    """bench_pretrain's selftrain arm: the teacher's argmax where its top probability reaches the confidence, the rest
-    left unannotated; the pages normalised as the teacher's card says."""
-    from emseg.analysis.metrics import IGNORE
-    pages = [rng.integers(0, 255, (96, 80)).astype(np.uint8) for _ in range(2)]
-    everything, share = bench_pretrain.pseudo_items(tiny_model, pages, None, 0.0)
-    assert share == 1.0 and [it.target.shape for it in everything] == [(96, 80)] * 2
-    probs = tiny_model.predictor(device="cpu").predict_page(pages[0])
-    assert np.array_equal(everything[0].target, probs.argmax(0))
-    assert everything[0].image.dtype == np.float32 and 0 <= everything[0].image.min() <= everything[0].image.max() <= 1
-    cut = float(np.median(probs.max(0)))
-    sure, share = bench_pretrain.pseudo_items(tiny_model, pages, None, cut)
-    unsure = probs.max(0) < cut
-    assert 0 < share < 1 and np.all(sure[0].target[unsure] == IGNORE)
-    assert np.array_equal(sure[0].target[~unsure], probs.argmax(0)[~unsure])
-
-
 def test_arms_are_compared_seed_by_seed(monkeypatch, tmp_path):
     """`bench_finetune.py compare` pairs two arms' runs by seed (a tag that merely starts alike is another arm),
     and its interval is Student's over the per-seed differences."""

@@ -321,6 +321,29 @@ def test_finetune_job_learns_from_the_three_planes_of_a_volume(tmp_path):
     assert training["validation_pages"] > 0
 
 
+def test_finetune_job_self_trains_on_the_slices_not_painted(tmp_path):
+    from emseg_napari._jobs import FinetuneRequest, finetune
+
+    from emseg.errors import InputError
+    from emseg.model.modelfile import load_model
+    from emseg.synthetic import make_em_stack
+    image, mask = make_em_stack(pages=4, height=96, width=96, seed=2)[:2]
+    labels = np.zeros_like(mask, dtype=np.uint8)
+    labels[1] = mask[1] + 1  # one slice painted completely; the three others are for the model to label
+    request = FinetuneRequest(image=image, labels=labels, classes=("background", "membrane", "mitochondrion"),
+                              out_path=tmp_path / "m.safetensors", encoder="vgg11_bn_micro", steps=4, batch_size=2,
+                              tile_size=64, val_every=2, device="cpu", layer_name="scribbles", self_train=True)
+    events = []
+    result = finetune(request, progress=events.append)
+    assert result.path is not None and result.steps_done == 4 and [e.step for e in events] == [1, 2, 3, 4]
+    record = load_model(result.path).card.training["self_training"]
+    assert record["unlabelled_pages"] == 3 and record["teacher_steps"] == 2
+    with pytest.raises(InputError, match="'one page'.*no annotation"):
+        finetune(FinetuneRequest(image=image[1], labels=labels[1], classes=request.classes,
+                                 out_path=tmp_path / "n.safetensors", encoder="vgg11_bn_micro", steps=2,
+                                 device="cpu", layer_name="'one page'", self_train=True))
+
+
 @pytest.mark.parametrize("layer_nm, saved_nm, rescaled", [(5.0, 6.0, True), (0.0127, 0.0127, False)])
 def test_finetune_job_trains_at_the_base_pixel_size_or_relabels_an_absurd_one(tmp_path, tiny_model, caplog,
                                                                                layer_nm, saved_nm, rescaled):

@@ -288,6 +288,29 @@ def test_finetune_new_model_stop_keeps_a_checkpoint(viewer, sample, qtbot):
     assert card.training["steps"] < 100_000
 
 
+def test_finetune_self_trains_on_the_slices_not_painted(viewer, sample, qtbot):
+    image, truth = sample
+    ft = dock(viewer, "Fine-tune")
+    ft.encoder.setCurrentText("vgg11_bn_micro")
+    ft.set_classes(CLASSES)
+    ft.image.set_layer(image)
+    scribbles = ft.make_scribble_layer()
+    painted = scribbles.data.copy()
+    painted[0] = truth.data[0] + 1  # the first slice painted whole, the second left for the model to label
+    scribbles.data = painted
+    for box, value in ((ft.steps, 10), (ft.val_every, 5), (ft.batch, 2), (ft.tile, 64)):
+        box.setValue(value)
+    assert not ft.self_train.isChecked()  # an option: it helped membranes only (docs/training.md)
+    ft.self_train.setChecked(True)
+    assert ft.start()
+    wait(qtbot, ft)
+    assert ft.last_model_path is not None, ft.last_message
+    from emseg.model.modelfile import load_card
+    record = load_card(ft.last_model_path).training["self_training"]
+    assert record["unlabelled_pages"] == 1 and record["teacher_steps"] == 5
+    assert "step 10/10" in ft.readout.text()  # one count over the teacher's and the student's steps
+
+
 def test_finetune_errors_are_notifications(viewer, tiny_path, qtbot):
     ft = dock(viewer, "Fine-tune")
     ft.base.add(tiny_path)

@@ -142,6 +142,18 @@ def _add_data(p: argparse.ArgumentParser, *, required: bool = True) -> None:
                    help="pixel size of the images in nm/px, overriding the files' own")
 
 
+def _add_unlabelled(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("unlabelled data (self-training)")
+    g.add_argument("--unlabelled", nargs="+", metavar="PATH",
+                   help="raw images without masks (stacks, folders, any format emseg reads): the model trains on the "
+                        "annotated images for half the run, labels these itself where it is sure, and trains on both "
+                        "for the other half. Helped membranes (2 ISBI slices: about half of the gap to 24 slices), "
+                        "not mitochondria or a superalloy (docs/training.md)")
+    g.add_argument("--confidence", type=number(0.0, 0.999), default=None, metavar="P",
+                   help="with --unlabelled: label a pixel only where the model gives its class at least this "
+                        "probability (default 0.9)")
+
+
 def _add_planes(p: argparse.ArgumentParser) -> None:
     from emseg.io.read import voxel_size_arg
     g = p.add_argument_group("volume annotations")
@@ -238,6 +250,7 @@ def add_parsers(sub) -> None:
                         "encoder and decoder, a fresh head for your classes) or any emseg model; its encoder and "
                         "normalisation are kept, and its pixel size unless it was trained for other classes; the "
                         "training defaults are train's")
+    _add_unlabelled(p)
     _add_training(p, steps=2000, lr="1e-3")
     p.set_defaults(func=cmd_train, finetune=False)
 
@@ -260,6 +273,7 @@ def add_parsers(sub) -> None:
                         "the base's classes are kept; auto (the default): the share of 0, 0.25, 0.5 and 0.75 that "
                         "scores best on the validation pages, or 0 where the base alone scores far below the "
                         "fine-tuned weights there; 0: the fine-tuned weights alone")
+    _add_unlabelled(p)
     _add_training(p, steps=FINETUNE_DEFAULTS["steps"],
                   lr=f"{FINETUNE_DEFAULTS['lr']:g} for the base's own classes, {FINETUNE_DEFAULTS['new_task_lr']:g} "
                      "for other classes (also trained at the pages' own pixel size) and from a pretrained model")
@@ -486,16 +500,37 @@ def cmd_train(args) -> int:
     log.info("%s %s on %d page(s), %d annotated pixels; %s of %d crops of %d px",
              "fine-tuning" if base else "training", base.card.encoder if base else config.encoder, len(items),
              sum(it.annotated for it in items), planned, config.batch_size, config.tile_size)
+    pages = _unlabelled_pages(args, ortho)
     bar, update = _progress_bar(DEFAULT_STEPS if config.fills_time else config.steps, args.quiet)
     try:
-        result = train(items, config, args.output, base=base, val_data=val_items, progress=update,
-                       stop=threading.Event(), resume=args.resume)
+        if pages:
+            from emseg.train.selftrain import CONFIDENCE, self_train
+            result = self_train(items, pages, config, args.output, base=base, val_data=val_items,
+                                confidence=CONFIDENCE if args.confidence is None else args.confidence,
+                                progress=update, stop=threading.Event(), resume=args.resume)
+        else:
+            result = train(items, config, args.output, base=base, val_data=val_items, progress=update,
+                           stop=threading.Event(), resume=args.resume)
     finally:
         bar.close()
     val = (result.model.card.training.get("validation") or {}).get("mean_iou")  # of the weights saved
     log.info("model written to %s (validation mean IoU %s); curves in %s", result.model_path,
              f"{val:.4f}" if val is not None else "-", args.output / "curves.png")
     return 0
+
+
+def _unlabelled_pages(args, ortho: bool) -> list:
+    """The raw pages of --unlabelled (self-training), or [] without it."""
+    if not args.unlabelled:
+        if args.confidence is not None:
+            raise InputError("--confidence is for self-training; give the unlabelled images with --unlabelled")
+        return []
+    if ortho:
+        raise InputError("--unlabelled takes pages (xy); leave out --planes ortho to self-train")
+    from emseg.train.selftrain import load_raw_pages
+    pages = load_raw_pages(args.unlabelled, pixel_size_nm=args.pixel_size)
+    log.info("self-training: %d unlabelled page(s) from %s", len(pages), ", ".join(map(str, args.unlabelled)))
+    return pages
 
 
 def cmd_evaluate(args) -> int:

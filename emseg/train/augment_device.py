@@ -109,7 +109,7 @@ class DeviceCropSampler:
         self.rng = np.random.default_rng(seed)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(int(self.rng.integers(2**62)))
-        counts = np.array([it.annotated for it in self.items], np.float64)
+        counts = np.array([it.annotated * it.sampling_weight for it in self.items], np.float64)
         self.weights = counts / counts.sum()
         self._annotated = [np.flatnonzero(it.target.ravel() != IGNORE) for it in self.items]
         # room for the affine's corners (rotation and zoom) and the elastic displacement, then reflection

@@ -38,12 +38,14 @@ _MASK_SUFFIXES = re.compile(r"([_-](mask|masks|label|labels|labeled|gt|annotatio
 
 @dataclass
 class Annotated:
-    """One annotated page: normalised image, target, where it came from, its pixel size."""
+    """One annotated page: normalised image, target, where it came from, its pixel size, and how often the crops
+    come from it per annotated pixel (``sampling_weight``: 1 for every page unless a run says otherwise)."""
 
     image: np.ndarray
     target: np.ndarray
     name: str
     pixel_size_nm: float | None = None
+    sampling_weight: float = 1.0
 
     @property
     def annotated(self) -> int:
@@ -181,7 +183,7 @@ def rescale_items(items: list[Annotated], target_nm: float | None) -> list[Annot
         target = F.interpolate(torch.from_numpy(item.target)[None, None].float(), size=shape,
                                mode="nearest-exact")[0, 0].numpy().astype(np.uint8)
         log.info("%s: rescaled by %.3f to %.3g nm/px", item.name, factor, target_nm)
-        out.append(Annotated(image, target, item.name, target_nm))
+        out.append(Annotated(image, target, item.name, target_nm, item.sampling_weight))
     return out
 
 
@@ -207,7 +209,8 @@ def split_regions(items: Sequence[Annotated], fraction: float) -> tuple[list[Ann
         if cut < 1 or cut >= width:
             train.append(item)
             continue
-        train.append(Annotated(item.image[:, :cut], item.target[:, :cut], item.name, item.pixel_size_nm))
+        train.append(Annotated(item.image[:, :cut], item.target[:, :cut], item.name, item.pixel_size_nm,
+                               item.sampling_weight))
         val.append(Annotated(item.image[:, cut:], item.target[:, cut:], f"{item.name} (val)", item.pixel_size_nm))
     return train, [v for v in val if v.annotated]
 
@@ -252,7 +255,7 @@ class CropSampler:
         if not self.items:
             raise InputError("the training data has no annotated pixel; nothing to learn from")
         self.tile, self.rng, self.transform, self.bias = tile, rng, transform, bias
-        counts = np.array([it.annotated for it in self.items], np.float64)
+        counts = np.array([it.annotated * it.sampling_weight for it in self.items], np.float64)
         self.weights = counts / counts.sum()
         self._annotated = [None] * len(self.items)  # flat indices, computed when first needed
         self._border = ([border_weights(it.target, *border) for it in self.items] if border else None)

@@ -291,8 +291,9 @@ def _crop_grid(shape: tuple[int, int]) -> np.ndarray:
     return target
 
 
-def _refuse_mask(page: np.ndarray, path: Path | str, index: int, pages: int) -> None:
-    """A page with only a few distinct integer values is a label image given by mistake."""
+def _refuse_mask(page: np.ndarray, path: Path | str, index: int, pages: int, *,
+                 what: str = "pretraining learns") -> None:
+    """A page with only a few distinct integer values is a label image given by mistake (``what``: who says so)."""
     if page.dtype.kind == "f" and not np.all(page == np.round(page)):
         return
     sample = page[:: max(1, page.shape[0] // 256), :: max(1, page.shape[1] // 256)]
@@ -300,7 +301,7 @@ def _refuse_mask(page: np.ndarray, path: Path | str, index: int, pages: int) -> 
     if len(values) <= MASK_VALUES and len(np.unique(page)) <= MASK_VALUES:
         where = f" page {index + 1} of {pages}" if pages > 1 else ""
         raise InputError(f"{path}{where}: holds only {len(np.unique(page))} distinct values, so it looks like a "
-                         "mask or label image; pretraining learns from raw, unlabelled EM images (masks go to "
+                         f"mask or label image; {what} from raw, unlabelled EM images (masks go to "
                          "`emseg train --masks`)")
 
 

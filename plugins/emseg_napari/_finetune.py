@@ -149,6 +149,11 @@ class FinetuneWidget(TrainingWidget):
                               "the fine-tuned model there); it keeps what the base knew where your images are like "
                               "its own (docs/training.md, \"Fine-tuning that pays\"). Other classes start a fresh "
                               "output: nothing to blend")
+        self.self_train = QCheckBox("learn from the unannotated slices too")
+        self.self_train.setToolTip("Self-training, for a stack with a few slices annotated: halfway through, the "
+                                   "model labels the other slices itself where it is at least 90 % sure and learns "
+                                   "from them too. It helped membranes (two ISBI slices), not mitochondria or a "
+                                   "superalloy (docs/training.md)")
         self.folder = FolderChooser(user_model_dir(), title="Save fine-tuned models in",
                                     tip="Where the fine-tuned model file is saved")
         self.name = QLineEdit()
@@ -171,6 +176,7 @@ class FinetuneWidget(TrainingWidget):
         form.addRow("", self.freeze)
         form.addRow("", self.blend)
         form.addRow("", self.ortho)
+        form.addRow("", self.self_train)
         form.addRow("Save to", self.folder)
         form.addRow("Name", self.name)
 
@@ -421,7 +427,8 @@ class FinetuneWidget(TrainingWidget):
             freeze_encoder=self.freeze.isChecked(), base_share=None if self.blend.isChecked() else 0.0,
             pixel_size_nm=pixel_size_of(image),
             preview_page=np.asarray(preview_source), name=self.name.text() or "model",
-            layer_name=annotations.name, planes="ortho" if voxel else "xy", voxel_size_nm=voxel)
+            layer_name=annotations.name, planes="ortho" if voxel else "xy", voxel_size_nm=voxel,
+            self_train=self.self_train.isChecked())
         if request.base_path is None and not self.base.is_new():
             self._message("No base model: choose one, or 'new model'", error=True)
             return False

@@ -256,6 +256,7 @@ class FinetuneRequest:
     extra: dict = field(default_factory=dict)
     planes: str = "xy"  # "ortho": pages from the xy, xz and yz planes of the annotated volume (emseg.train.volume)
     voxel_size_nm: tuple[float, float, float] | None = None  # needed with ortho
+    self_train: bool = False  # also learn from the stack's unannotated slices, labelled by the model (selftrain)
 
 
 @dataclass
@@ -365,8 +366,18 @@ def finetune(request: FinetuneRequest, *, progress: Callable[[Any], None] | None
         if progress is not None:
             progress(event)
 
-    result = train(items, config, None, base=base, val_data=val_items, preview_image=preview, progress=on_event,
-                   stop=stop)
+    if request.self_train:
+        from emseg.train.selftrain import self_train, unannotated_pages
+        if request.planes == "ortho":
+            raise InputError(f"{request.layer_name}: self-training learns from unannotated xy slices; untick "
+                             "'learn from all three planes' to use it")
+        pages = unannotated_pages(request.image, request.labels, pixel_size_nm=request.pixel_size_nm,
+                                  name=request.layer_name)
+        result = self_train(items, pages, config, None, base=base, val_data=val_items, preview_image=preview,
+                            progress=on_event, stop=stop)
+    else:
+        result = train(items, config, None, base=base, val_data=val_items, preview_image=preview,
+                       progress=on_event, stop=stop)
     if steps_done == 0:
         return FinetuneResult(None, result.model.classes, 0, None, True, time.perf_counter() - start)
     if not request.out_path.parent.exists():

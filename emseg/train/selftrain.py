@@ -1,0 +1,182 @@
+"""Self-training: the lab's unlabelled pages, labelled by the model itself, join its few annotated ones.
+
+A run with unlabelled pages is two runs of :func:`emseg.train.loop.train`. The first (the *teacher*, half of the
+steps or of the time limit) learns from the annotated pages alone. The teacher then labels the unlabelled pages
+(pseudo-labels, Lee 2013): the class it gives each pixel where its top probability is at least ``confidence``
+(0.9), the rest left unannotated. The second run (the *student*) starts from the teacher's weights and learns the
+rest of the steps from both, the annotated pages drawn as often as all the pseudo-labelled ones together (per
+annotated pixel), with the same augmentation (Xie et al. 2020's noisy student, the EM augmentation as the noise).
+Both runs validate on the same held-out strips of the annotated pages.
+
+Measured on ISBI, EPFL and NASA with two annotated slices in docs/training.md ("Tenth attempt").
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from emseg.analysis.metrics import IGNORE
+from emseg.errors import InputError
+from emseg.train.data import Annotated, normalise01, rescale_items, split_regions
+from emseg.train.loop import TrainConfig, TrainEvent, TrainResult, train
+
+log = logging.getLogger(__name__)
+
+#: pixels the teacher gives a class with less than this probability stay unannotated (0.9 beat 0 on ISBI)
+CONFIDENCE = 0.9
+#: the teacher's share of the run's steps (or of its time limit)
+TEACHER_SHARE = 0.5
+#: added to the run's seed for the student's crops
+STUDENT_SEED = 1000
+#: at most this many pixels of unlabelled pages are read (taken evenly from every input), as for pretraining
+MAX_PIXELS = 64 * 2**20
+
+
+@dataclass
+class RawPage:
+    """An unlabelled page as read (raw grey values), its pixel size and a name for messages."""
+
+    image: np.ndarray
+    pixel_size_nm: float | None
+    name: str
+
+
+def load_raw_pages(paths: Sequence[str | Path], *, pixel_size_nm: float | None = None,
+                   max_pixels: int = MAX_PIXELS) -> list[RawPage]:
+    """The pages of unlabelled images (files, folders, globs; stacks included) for self-training: at most
+    ``max_pixels`` pixels, pages taken evenly from every input. InputError (naming the file) for no images and a
+    file that looks like a mask."""
+    from emseg.io.read import expand_inputs, open_image
+    from emseg.train.pretrain import _even_pages, _refuse_mask
+    files, errors = expand_inputs([str(p) for p in paths])
+    for error in errors:
+        log.error("%s", error)
+    if not files:
+        raise InputError("no unlabelled images to learn from; give image files, folders or glob patterns "
+                         "(--unlabelled)")
+    shapes = []
+    for path in files:
+        with open_image(path, pixel_size_nm=pixel_size_nm) as src:
+            shapes.append(src.shape)
+    keep = min(1.0, max_pixels / max(sum(p * h * w for p, h, w in shapes), 1))
+    pages = []
+    for path, (n, _, _) in zip(files, shapes):
+        with open_image(path, pixel_size_nm=pixel_size_nm) as src:
+            for i in _even_pages(n, keep):
+                page = np.asarray(src.page(i))
+                _refuse_mask(page, path, i, n, what="self-training learns")
+                pages.append(RawPage(page, src.pixel_size_nm, f"{path.name}[{i}]" if src.is_stack else path.name))
+    if keep < 1:
+        log.info("self-training on %d of the unlabelled pages (at most %.0f megapixels)", len(pages), max_pixels / 1e6)
+    return pages
+
+
+def unannotated_pages(image, labels: np.ndarray, *, pixel_size_nm: float | None = None, name: str = "layer",
+                      max_pixels: int = MAX_PIXELS) -> list[RawPage]:
+    """The pages of a stack (numpy or dask) whose labels hold no annotation (napari: the slices not painted), at most
+    ``max_pixels`` pixels of them, taken evenly. InputError where there are none."""
+    from emseg.train.pretrain import _even_pages
+    free = [i for i in range(labels.shape[0]) if not np.any(labels[i])] if labels.ndim == 3 else []
+    if not free:
+        raise InputError(f"{name}: self-training learns from the slices of a stack that have no annotation, and "
+                         "this one has none; open the whole stack, or train without self-training")
+    h, w = labels.shape[-2:]
+    keep = min(1.0, max_pixels / (len(free) * h * w))
+    return [RawPage(np.asarray(image[free[k]]), pixel_size_nm, f"{name}[{free[k]}]")
+            for k in _even_pages(len(free), keep)]
+
+
+def pseudo_labelled(model, pages: Sequence[RawPage], *, confidence: float = CONFIDENCE, device: str = "auto",
+                    stop: threading.Event | None = None) -> tuple[list[Annotated], float]:
+    """The model's own labels of raw pages as training pages at its pixel size: the most probable class where its
+    probability is at least ``confidence``, IGNORE elsewhere; and the share of pixels labelled."""
+    predictor = model.predictor(device=device)
+    items, labelled, total = [], 0, 0
+    for page in pages:
+        if stop is not None and stop.is_set():
+            break
+        probs = predictor.predict_page(page.image, pixel_size_nm=page.pixel_size_nm)
+        target = probs.argmax(0).astype(np.uint8)
+        target[probs.max(0) < confidence] = IGNORE
+        labelled, total = labelled + int(np.count_nonzero(target != IGNORE)), total + target.size
+        items.append(Annotated(normalise01(page.image, model.card.normalization), target,
+                               f"{page.name} (own labels)", page.pixel_size_nm))
+    return rescale_items(items, model.card.pixel_size_nm), labelled / max(total, 1)
+
+
+def _student_config(config: TrainConfig, length: dict) -> TrainConfig:
+    """The student's settings: the run's, for the rest of its length (``steps``, ``time_limit_minutes``), from the
+    teacher as it is (no fresh parts, nothing frozen, no blending with the teacher)."""
+    return replace(config, **length, seed=config.seed + STUDENT_SEED, head="keep",
+                   fresh_decoder=False, freeze_encoder=False, freeze_encoder_steps=0, encoder_keep=1.0,
+                   encoder_keep_levels=None, encoder_lr_scale=1.0, base_share=0.0)
+
+
+def _split_length(config: TrainConfig, share: float) -> tuple[dict, dict]:
+    """The teacher's and the student's ``steps`` and ``time_limit_minutes``."""
+    minutes = config.time_limit_minutes
+    if config.fills_time:
+        return ({"steps": None, "time_limit_minutes": minutes * share},
+                {"steps": None, "time_limit_minutes": minutes * (1 - share)})
+    first = max(1, round(config.steps * share))
+    return ({"steps": first, "time_limit_minutes": minutes * share if minutes else None},
+            {"steps": max(1, config.steps - first), "time_limit_minutes": minutes * (1 - share) if minutes else None})
+
+
+def self_train(data: Sequence[Annotated], unlabelled: Sequence[RawPage], config: TrainConfig,
+               out_dir: str | Path | None = None, *, base=None, val_data: Sequence[Annotated] | None = None,
+               confidence: float = CONFIDENCE, teacher_share: float = TEACHER_SHARE,
+               preview_image: np.ndarray | None = None, progress: Callable[[TrainEvent], None] | None = None,
+               stop: threading.Event | None = None, resume: bool = False) -> TrainResult:
+    """Train (or fine-tune ``base``) on annotated pages and on unlabelled pages labelled by the model itself (see
+    the module docstring). The teacher's run goes to ``out_dir/teacher``, the student's (the result) to
+    ``out_dir``; ``resume`` continues either. ``progress`` sees both runs, the student's steps after the
+    teacher's (``preview_image``: as for train). Stopped during the teacher's run, the teacher is the result."""
+    if not unlabelled:
+        raise InputError("no unlabelled pages to learn from; give images without masks, or train without them")
+    if not 0 <= confidence < 1:
+        raise ValueError(f"confidence must be at least 0 and below 1, got {confidence}")
+    if not 0 < teacher_share < 1:
+        raise ValueError(f"teacher_share must be between 0 and 1, got {teacher_share}")
+    out = Path(out_dir) if out_dir is not None else None
+    if val_data is None:  # one split for both runs: the student never trains on the teacher's held-out pixels
+        data, val_data = split_regions(data, config.val_fraction)
+    first, rest = _split_length(config, teacher_share)
+    teacher_config = replace(config, name=f"{config.name} (teacher)", **first)
+    offset = {"steps": 0}
+
+    def relay(event: TrainEvent) -> None:
+        if progress is not None:
+            total = event.total_steps + (offset["steps"] or (rest["steps"] or event.total_steps))
+            progress(replace(event, step=event.step + offset["steps"], total_steps=total))
+
+    teacher = train(data, teacher_config, out / "teacher" if out else None, base=base, val_data=val_data,
+                    preview_image=preview_image, progress=relay, stop=stop, resume=resume)
+    if teacher.stopped:
+        if out is not None:
+            teacher = replace(teacher, model_path=teacher.model.save(out / "model.safetensors"))
+        return teacher
+    log.info("labelling %d unlabelled page(s) with the model's own predictions (where at least %g sure)",
+             len(unlabelled), confidence)
+    pseudo, share = pseudo_labelled(teacher.model, unlabelled, confidence=confidence, device=config.device, stop=stop)
+    pseudo = [it for it in pseudo if it.annotated]
+    real = sum(it.annotated for it in data)
+    weight = max(1.0, sum(it.annotated for it in pseudo) / max(real, 1))
+    log.info("%.0f %% of the unlabelled pixels labelled; the annotated pages drawn %.1f times as often per pixel",
+             100 * share, weight)
+    offset["steps"] = teacher.history[-1]["step"] if teacher.history else 0
+    student = train([replace(it, sampling_weight=it.sampling_weight * weight) for it in data] + pseudo,
+                    _student_config(config, rest), out, base=teacher.model, val_data=val_data,
+                    preview_image=preview_image, progress=relay, stop=stop, resume=resume)
+    record = {"unlabelled_pages": len(unlabelled), "confidence": confidence, "labelled_share": round(share, 4),
+              "teacher_steps": offset["steps"], "annotated_weight": round(weight, 2)}
+    model = student.model
+    model.card = model.card.updated(training={**(model.card.training or {}), "self_training": record})
+    path = model.save(out / "model.safetensors") if out is not None else None
+    return replace(student, model=model, model_path=path)
