@@ -119,3 +119,14 @@ def test_cli_train_and_finetune_with_unlabelled_images(stack, tmp_path, capsys):
     assert load_model(tmp_path / "b" / "model.safetensors").card.training["self_training"]["confidence"] == 0.6
     assert main(["-q", "train", *data, "--confidence", "0.6", "-o", str(tmp_path / "c")]) != 0
     assert "--confidence is for self-training" in capsys.readouterr().err
+
+
+def test_the_run_is_shared_between_teacher_and_student_in_steps_or_minutes():
+    from emseg.train.selftrain import _split_length
+    assert _split_length(_config(steps=600), 0.5) == ({"steps": 300, "time_limit_minutes": None},
+                                                       {"steps": 300, "time_limit_minutes": None})
+    assert _split_length(_config(steps=None, time_limit_minutes=20), 0.25) == (
+        {"steps": None, "time_limit_minutes": 5.0}, {"steps": None, "time_limit_minutes": 15.0})
+    first, rest = _split_length(_config(steps=101, time_limit_minutes=10), 0.5)
+    assert first["steps"] + rest["steps"] == 101 and first["time_limit_minutes"] == rest["time_limit_minutes"] == 5
+    assert _config(**rest).steps == rest["steps"] and _config(steps=None, time_limit_minutes=5).fills_time
