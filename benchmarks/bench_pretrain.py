@@ -4,6 +4,7 @@
     python benchmarks/bench_pretrain.py finetune membranes [--minutes 6] [--seeds 0 1] [--sparse] [--arms ...]
     python benchmarks/bench_pretrain.py scaling membranes --series LABEL 0=random 20=masked ... [--ceiling TAG]
     python benchmarks/bench_pretrain.py arms --panel membranes LABEL=TAG ... [--panel mito ...] [--plot PNG]
+    python benchmarks/bench_pretrain.py errors LABEL=MODEL ... --plot PNG [--slice 24]
 
 Data sets (../shared/data; nothing else is ever used):
 
@@ -24,6 +25,7 @@ Markdown table on stdout. ``scaling`` tables (and plots) the fine-tuned IoU agai
 results of ``finetune --tag`` runs (one tag a length, 0 minutes for random weights; ``--series`` again for another
 line), and the share of the gap to ``--ceiling`` (a ``full`` arm's tag) that each closes. ``arms`` sets arms side by side
 (one ``--panel`` a data set, its first arm the reference): each seed's IoU, the mean and the difference to the first.
+``errors`` draws where membrane models (``finetune --keep-models`` saves them) are wrong on a held-out ISBI slice.
 """
 
 from __future__ import annotations
@@ -354,6 +356,36 @@ def plot_arms(panels: list[tuple[str, list[dict]]], path: Path) -> Path:
     return save_png(plt, fig, path)
 
 
+def cmd_errors(args) -> int:
+    """Where a membrane model is wrong on one held-out ISBI slice: the page, its annotation, the prediction, and the
+    errors (membrane missed: blue; membrane drawn where there is none: red), one column a model."""
+    from emseg.analysis.reports import _figure, save_png
+    from emseg.model.modelfile import load_model
+    _, _, val_img, val_msk, _, nm = load("isbi")
+    page, truth = val_img[args.slice - 24], val_msk[args.slice - 24] > 0
+    window = (slice(args.top, args.top + args.size), slice(args.left, args.left + args.size))
+    shown = []
+    for spec in args.models:
+        label, _, path = spec.rpartition("=")
+        probs = load_model(path).predictor(device="cpu").predict_page(page, pixel_size_nm=nm)
+        shown.append((label or Path(path).stem, probs.argmax(0) == 1))
+    plt, (fig, axes) = _figure(len(shown), 3, figsize=(9, 3.4 * len(shown)), squeeze=False)
+    for row, (label, membrane) in zip(axes, shown):
+        errors = np.zeros((*truth.shape, 3), np.float32) + 1
+        errors[truth & ~membrane] = (0.12, 0.47, 0.71)  # missed
+        errors[membrane & ~truth] = (0.84, 0.15, 0.16)  # drawn where there is none
+        iou = (truth & membrane).sum() / (truth | membrane).sum()
+        for ax, picture, title in zip(row, (page, membrane, errors), ("ISBI slice %d" % args.slice,
+                                      f"{label}: membrane (IoU {iou:.3f}, whole slice)",
+                                      "missed (blue), drawn where none (red)")):
+            ax.imshow(picture[window], cmap="gray" if picture.ndim == 2 else None, interpolation="nearest")
+            ax.set_title(title, fontsize=9)
+            ax.axis("off")
+    fig.tight_layout()
+    print(save_png(plt, fig, Path(args.plot)))
+    return 0
+
+
 def table(rows: list[dict]) -> str:
     out = ["| arm | settings | seed | steps | pixel error | mean IoU (no bg) | adapted Rand |",
            "|---|---|---:|---:|---:|---:|---:|"]
@@ -416,6 +448,14 @@ def main() -> int:
                         "'random weights=random_amd' contrastive=contrastive); repeat for another panel")
     p.add_argument("--plot", metavar="PNG")
     p.set_defaults(func=cmd_arms)
+    p = sub.add_parser("errors", help="where membrane models are wrong on a held-out ISBI slice (a picture)")
+    p.add_argument("models", nargs="+", metavar="LABEL=MODEL", help="model files, each with a label")
+    p.add_argument("--plot", required=True, metavar="PNG")
+    p.add_argument("--slice", type=int, default=24, choices=range(24, 30))
+    p.add_argument("--top", type=int, default=128)
+    p.add_argument("--left", type=int, default=128)
+    p.add_argument("--size", type=int, default=256)
+    p.set_defaults(func=cmd_errors, threads=2)
     args = parser.parse_args()
     if args.func in (cmd_scaling, cmd_arms):  # read earlier results only: no data, no torch
         return args.func(args)

@@ -238,3 +238,18 @@ def test_pretraining_arms_are_set_side_by_side(monkeypatch, tmp_path, capsys):
         bench_pretrain.arms("isbi", ["random=random"])
     with pytest.raises(SystemExit, match="names no arms"):
         bench_pretrain.arms("mito", [])
+
+
+def test_the_error_picture_draws_one_row_a_model(monkeypatch, tmp_path, tiny_model, rng):
+    """`bench_pretrain.py errors` predicts a held-out ISBI slice with each model and draws page, membranes, errors."""
+    pages = rng.integers(0, 255, (6, 64, 64)).astype(np.uint8)
+    monkeypatch.setattr(bench_pretrain, "load", lambda name: (None, None, pages, (pages > 128) * 255, None, 4.0))
+    path = tiny_model.save(tmp_path / "m.safetensors")
+    png = tmp_path / "errors.png"
+    import argparse
+    args = argparse.Namespace(models=[f"a={path}", str(path)], plot=str(png), slice=25, top=8, left=8, size=32)
+    assert bench_pretrain.cmd_errors(args) == 0
+    from PIL import Image
+    with Image.open(png) as picture:
+        width, height = picture.size
+    assert height > width / 2  # two rows of three panels
