@@ -375,8 +375,8 @@ def cmd_errors(args) -> int:
         errors[truth & ~membrane] = (0.12, 0.47, 0.71)  # missed
         errors[membrane & ~truth] = (0.84, 0.15, 0.16)  # drawn where there is none
         iou = (truth & membrane).sum() / (truth | membrane).sum()
-        for ax, picture, title in zip(row, (page, membrane, errors), ("ISBI slice %d" % args.slice,
-                                      f"{label}: membrane (IoU {iou:.3f}, whole slice)",
+        for ax, picture, title in zip(row, (page, membrane, errors), (f"{label}: ISBI slice {args.slice}",
+                                      f"membrane drawn (slice IoU {iou:.3f})",
                                       "missed (blue), drawn where none (red)")):
             ax.imshow(picture[window], cmap="gray" if picture.ndim == 2 else None, interpolation="nearest")
             ax.set_title(title, fontsize=9)
