@@ -206,6 +206,17 @@ class PretrainResult:
 
 # ---------------------------------------------------------------- the images
 
+def unlabelled_files(paths: Sequence[str | Path], *, purpose: str, flag: str) -> list[Path]:
+    """The image files of files, folders and glob patterns (the unreadable ones logged); InputError if none."""
+    from emseg.io.read import expand_inputs
+    files, errors = expand_inputs([str(p) for p in paths])
+    for error in errors:
+        log.error("%s", error)
+    if not files:
+        raise InputError(f"no unlabelled images to {purpose}; give image files, folders or glob patterns ({flag})")
+    return files
+
+
 def load_unlabelled(paths: Sequence[str | Path], *, tile: int, pixel_size_nm: float | None = None,
                     target_pixel_size_nm: float | None = None, max_pixels: int = MAX_PIXELS,
                     norm: Normalization | None = None) -> list[Annotated]:
@@ -214,13 +225,8 @@ def load_unlabelled(paths: Sequence[str | Path], *, tile: int, pixel_size_nm: fl
     that has one); at most ``max_pixels`` pixels, pages taken evenly from every input. One file is open at
     a time. InputError (naming the file) for no images, a page smaller than the crop, and a file that looks
     like a mask."""
-    from emseg.io.read import expand_inputs, open_image
-    files, errors = expand_inputs([str(p) for p in paths])
-    for error in errors:
-        log.error("%s", error)
-    if not files:
-        raise InputError("no unlabelled images to pretrain on; give image files, folders or glob patterns "
-                         "(--images)")
+    from emseg.io.read import open_image
+    files = unlabelled_files(paths, purpose="pretrain on", flag="--images")
     norm = norm or Normalization()
     sizes = []
     for path in files:  # shapes and pixel sizes first, for the pixel budget and the common pixel size

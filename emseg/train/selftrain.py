@@ -54,14 +54,9 @@ def load_raw_pages(paths: Sequence[str | Path], *, pixel_size_nm: float | None =
     """The pages of unlabelled images (files, folders, globs; stacks included) for self-training: at most
     ``max_pixels`` pixels, pages taken evenly from every input. InputError (naming the file) for no images and a
     file that looks like a mask."""
-    from emseg.io.read import expand_inputs, open_image
-    from emseg.train.pretrain import _even_pages, _refuse_mask
-    files, errors = expand_inputs([str(p) for p in paths])
-    for error in errors:
-        log.error("%s", error)
-    if not files:
-        raise InputError("no unlabelled images to learn from; give image files, folders or glob patterns "
-                         "(--unlabelled)")
+    from emseg.io.read import open_image
+    from emseg.train.pretrain import _even_pages, _refuse_mask, unlabelled_files
+    files = unlabelled_files(paths, purpose="learn from", flag="--unlabelled")
     shapes = []
     for path in files:
         with open_image(path, pixel_size_nm=pixel_size_nm) as src:
