@@ -51,6 +51,10 @@ def test_pages_are_drawn_by_their_sampling_weight(rng):
     items[1].sampling_weight = 3.0
     sampler = CropSampler(items, 32, rng=np.random.default_rng(0))
     assert np.allclose(sampler.weights, [0.25, 0.75])
+    from emseg.train.augment import AugmentConfig
+    from emseg.train.augment_device import DeviceCropSampler
+    on_device = DeviceCropSampler(items, 32, config=AugmentConfig(), device="cpu", seed=0)  # a GPU's sampler, on the CPU
+    assert np.allclose(on_device.weights, [0.25, 0.75])
 
 
 def test_a_self_trained_run_is_a_teacher_then_a_student_on_both(stack, tmp_path):
