@@ -18,7 +18,8 @@ Arms of `finetune`, each with the same budget (``--steps``, or ``--minutes`` of 
 otherwise): ``random`` (the 2 slices from random weights), ``pretrained`` (the same from the pretrained
 model, as `emseg train --init`), ``full`` (all training slices from random weights: the ceiling).
 ``selftrain`` (self-training, emseg.train.selftrain: half the steps on the 2 slices, then the model's own labels of the
-set's unlabelled pages, where it is at least ``--confidence`` sure, beside the 2 slices for the other half).
+set's unlabelled pages, where it is at least ``--confidence`` sure, beside the 2 slices for the other half;
+``--balanced``: the same share of every class's pixels; with ``--pretrained`` given, from the pretrained model).
 ``--sparse`` fine-tunes on scribbles (horizontal strokes, as bench_train_real.py draws them) instead of the
 dense masks of the 2 slices. One compute thread (``--threads``). Results: runs/bench/pretrain/*.json and a
 Markdown table on stdout. ``scaling`` tables (and plots) the fine-tuned IoU against the pretraining length, from the
@@ -122,7 +123,8 @@ def finetune_arm(arm: str, args, pretrained_path: Path | None) -> dict:
         sparse = args.sparse
         if sparse:
             masks = scribbles_from(np.asarray(masks))  # binary masks: strokes of membrane (2) and not (1)
-    base = load_model(pretrained_path) if arm == "pretrained" else None
+    from_file = arm == "pretrained" or (arm == "selftrain" and args.pretrained)  # self-training from a given start
+    base = load_model(pretrained_path) if from_file else None
     items = annotations_from_arrays(images, masks, sparse=sparse, pixel_size_nm=nm, name=data,
                                     norm=base.card.normalization if base else None)
     budget = dict(steps=args.steps, time_limit_minutes=None) if args.steps else dict(time_limit_minutes=args.minutes)
@@ -130,7 +132,7 @@ def finetune_arm(arm: str, args, pretrained_path: Path | None) -> dict:
     if arm == "selftrain":
         if sparse:
             raise SystemExit("selftrain: dense masks only")
-        result, extra = selftrain_arm(args, classes, items, nm, budget)
+        result, extra = selftrain_arm(args, classes, items, nm, budget, base)
     else:
         config = TrainConfig(classes=classes, pixel_size_nm=nm, sparse=sparse, seed=args.seed_now, device=args.device,
                              name=f"bench pretrain {arm}", **{**budget, **args.settings})
@@ -156,7 +158,7 @@ def selftrain_pool(name: str) -> list:
     return [RawPage(page, nm, f"{data}[{i}]") for i, page in enumerate(load(data)[0]) if i not in slices]
 
 
-def selftrain_arm(args, classes, items, nm, budget) -> tuple:
+def selftrain_arm(args, classes, items, nm, budget, base=None) -> tuple:
     """Self-training (emseg.train.selftrain): the teacher's share of the steps on the 2 slices, then its labels of
     the set's unlabelled pages beside the 2 slices for the rest, from the teacher's weights. (The control of the
     docs, the same two runs without pseudo-labels, and the runs of its table: commit 3373b39, where the slices were
@@ -165,8 +167,8 @@ def selftrain_arm(args, classes, items, nm, budget) -> tuple:
     from emseg.train.selftrain import self_train
     config = TrainConfig(classes=classes, pixel_size_nm=nm, seed=args.seed_now, device=args.device,
                          name="bench selftrain", **{**budget, **args.settings})
-    result = self_train(items, selftrain_pool(args.data), config, confidence=args.confidence,
-                        teacher_share=args.teacher_share)
+    result = self_train(items, selftrain_pool(args.data), config, base=base, confidence=args.confidence,
+                        balanced=args.balanced, teacher_share=args.teacher_share)
     return result, result.model.card.training["self_training"]
 
 
@@ -423,6 +425,8 @@ def main() -> int:
     p.add_argument("--sparse", action="store_true")
     p.add_argument("--confidence", type=float, default=0.9,
                    help="selftrain: pixels whose top probability is below this stay unannotated")
+    p.add_argument("--balanced", action="store_true",
+                   help="selftrain: the same share of every class's pixels labelled (class-balanced)")
     p.add_argument("--teacher-share", type=float, default=0.5, help="selftrain: the teacher's share of the steps")
     p.add_argument("--pretrained", help="the pretrained model (default: runs/bench/pretrain/SET_20min)")
     p.add_argument("--set", dest="changes", action="append", default=[], metavar="KEY=VALUE",

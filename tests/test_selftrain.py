@@ -14,7 +14,7 @@ from emseg.model.modelfile import load_model
 from emseg.synthetic import make_em_stack
 from emseg.train.data import CropSampler, arrays_to_items
 from emseg.train.loop import TrainConfig
-from emseg.train.selftrain import RawPage, load_raw_pages, pseudo_labelled, self_train
+from emseg.train.selftrain import RawPage, _class_thresholds, load_raw_pages, pseudo_labelled, self_train
 
 CLASSES = ("background", "membrane", "mitochondrion")
 
@@ -43,6 +43,35 @@ def test_the_teacher_labels_only_the_pixels_it_is_sure_of(tiny_model, rng):
     unsure = probs.max(0) < cut
     assert 0 < share < 1 and np.all(sure[0].target[unsure] == IGNORE)
     assert np.array_equal(sure[0].target[~unsure], probs.argmax(0)[~unsure])
+
+
+def test_balanced_labels_keep_the_same_share_of_every_class():
+    # class 0 is sure of itself (0.95-1.0), class 1 is not (0.5-0.8): at 0.9 only class 0 would be labelled
+    sure = np.concatenate([np.linspace(0.95, 1.0, 300), np.linspace(0.5, 0.8, 100)]).astype(np.float32)
+    cls = np.concatenate([np.zeros(300, np.uint8), np.ones(100, np.uint8)])
+    guesses = [(cls[:200].copy(), sure[:200].copy()), (cls[200:].copy(), sure[200:].copy())]
+    plain = _class_thresholds(guesses, 0.9, balanced=False)
+    assert plain[0] == plain[1] == np.float32(0.9)
+    fair = _class_thresholds(guesses, 0.9, balanced=True)
+    kept = sure >= fair[cls]
+    assert kept.mean() == pytest.approx(0.75, abs=0.01)  # the share that 0.9 keeps of all pixels ...
+    assert kept[cls == 0].mean() == pytest.approx(0.75, abs=0.01)  # ... kept of each class, the surest first
+    assert kept[cls == 1].mean() == pytest.approx(0.75, abs=0.02) and sure[cls == 1][kept[cls == 1]].min() > 0.57
+
+
+def test_balanced_pseudo_labels_of_a_model(tiny_model, rng):
+    pages = [RawPage(rng.integers(0, 255, (96, 80)).astype(np.uint8), None, f"p{i}") for i in range(2)]
+    probs = [tiny_model.predictor(device="cpu").predict_page(p.image) for p in pages]
+    cut = float(np.median(np.concatenate([p.max(0).ravel() for p in probs])))
+    plain, share = pseudo_labelled(tiny_model, pages, confidence=cut, device="cpu")
+    fair, fair_share = pseudo_labelled(tiny_model, pages, confidence=cut, balanced=True, device="cpu")
+    assert fair_share == pytest.approx(share, abs=0.02)
+    guess = np.concatenate([p.argmax(0).ravel() for p in probs])
+    fair_kept = np.concatenate([it.target.ravel() != IGNORE for it in fair])
+    for c in np.unique(guess):
+        if np.count_nonzero(guess == c) > 50:
+            assert fair_kept[guess == c].mean() == pytest.approx(share, abs=0.05)
+    assert all(np.all((it.target == IGNORE) | (it.target == p.argmax(0))) for it, p in zip(fair, probs))
 
 
 def test_pages_are_drawn_by_their_sampling_weight(rng):

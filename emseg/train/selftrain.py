@@ -87,22 +87,45 @@ def unannotated_pages(image, labels: np.ndarray, *, pixel_size_nm: float | None 
             for k in _even_pages(len(free), keep)]
 
 
-def pseudo_labelled(model, pages: Sequence[RawPage], *, confidence: float = CONFIDENCE, device: str = "auto",
-                    stop: threading.Event | None = None) -> tuple[list[Annotated], float]:
+def pseudo_labelled(model, pages: Sequence[RawPage], *, confidence: float = CONFIDENCE, balanced: bool = False,
+                    device: str = "auto", stop: threading.Event | None = None) -> tuple[list[Annotated], float]:
     """The model's own labels of raw pages as training pages at its pixel size: the most probable class where its
-    probability is at least ``confidence``, IGNORE elsewhere; and the share of pixels labelled."""
+    probability is at least ``confidence``, IGNORE elsewhere; and the share of pixels labelled.
+
+    ``balanced`` (class-balanced self-training, Zou et al. 2018): the same share of pixels labelled, but the same
+    share of every class's pixels (the most sure of each, over all pages), so that a class the model is less sure
+    of (thin membranes beside wide cell interiors) is not left out of its own labels."""
     predictor = model.predictor(device=device)
-    items, labelled, total = [], 0, 0
+    guesses = []
     for page in pages:
         if stop is not None and stop.is_set():
             break
         probs = predictor.predict_page(page.image, pixel_size_nm=page.pixel_size_nm)
-        target = probs.argmax(0).astype(np.uint8)
-        target[probs.max(0) < confidence] = IGNORE
+        guesses.append((probs.argmax(0).astype(np.uint8), probs.max(0).astype(np.float32)))
+    thresholds = _class_thresholds(guesses, confidence, balanced)
+    items, labelled, total = [], 0, 0
+    for page, (target, sure) in zip(pages, guesses):
+        target[sure < thresholds[target]] = IGNORE
         labelled, total = labelled + int(np.count_nonzero(target != IGNORE)), total + target.size
         items.append(Annotated(normalise01(page.image, model.card.normalization), target,
                                f"{page.name} (own labels)", page.pixel_size_nm))
     return rescale_items(items, model.card.pixel_size_nm), labelled / max(total, 1)
+
+
+def _class_thresholds(guesses: Sequence[tuple[np.ndarray, np.ndarray]], confidence: float,
+                      balanced: bool) -> np.ndarray:
+    """The probability each class needs (indexed by class, 256 entries): ``confidence`` for all, or, ``balanced``,
+    for each class the level that keeps the same share of its pixels as ``confidence`` keeps of all pixels."""
+    thresholds = np.full(256, confidence, dtype=np.float32)
+    if not balanced or not guesses:
+        return thresholds
+    sure = np.concatenate([s.ravel() for _, s in guesses])
+    cls = np.concatenate([t.ravel() for t, _ in guesses])
+    share = float(np.mean(sure >= confidence))
+    for c in np.unique(cls):
+        mine = sure[cls == c]
+        thresholds[c] = np.quantile(mine, 1 - share) if share > 0 else np.inf
+    return thresholds
 
 
 def _student_config(config: TrainConfig, length: dict) -> TrainConfig:
@@ -126,7 +149,7 @@ def _split_length(config: TrainConfig, share: float) -> tuple[dict, dict]:
 
 def self_train(data: Sequence[Annotated], unlabelled: Sequence[RawPage], config: TrainConfig,
                out_dir: str | Path | None = None, *, base=None, val_data: Sequence[Annotated] | None = None,
-               confidence: float = CONFIDENCE, teacher_share: float = TEACHER_SHARE,
+               confidence: float = CONFIDENCE, balanced: bool = False, teacher_share: float = TEACHER_SHARE,
                preview_image: np.ndarray | None = None, progress: Callable[[TrainEvent], None] | None = None,
                stop: threading.Event | None = None, resume: bool = False) -> TrainResult:
     """Train (or fine-tune ``base``) on annotated pages and on unlabelled pages labelled by the model itself (see
@@ -159,7 +182,8 @@ def self_train(data: Sequence[Annotated], unlabelled: Sequence[RawPage], config:
         return teacher
     log.info("labelling %d unlabelled page(s) with the model's own predictions (where at least %g sure)",
              len(unlabelled), confidence)
-    pseudo, share = pseudo_labelled(teacher.model, unlabelled, confidence=confidence, device=config.device, stop=stop)
+    pseudo, share = pseudo_labelled(teacher.model, unlabelled, confidence=confidence, balanced=balanced,
+                                   device=config.device, stop=stop)
     pseudo = [it for it in pseudo if it.annotated]
     real = sum(it.annotated for it in data)
     weight = max(1.0, sum(it.annotated for it in pseudo) / max(real, 1))
@@ -169,7 +193,8 @@ def self_train(data: Sequence[Annotated], unlabelled: Sequence[RawPage], config:
     student = train([replace(it, sampling_weight=it.sampling_weight * weight) for it in data] + pseudo,
                     _student_config(config, rest), out, base=teacher.model, val_data=val_data,
                     preview_image=preview_image, progress=relay, stop=stop, resume=resume)
-    record = {"unlabelled_pages": len(unlabelled), "confidence": confidence, "labelled_share": round(share, 4),
+    record = {"unlabelled_pages": len(unlabelled), "confidence": confidence, "balanced": balanced,
+              "labelled_share": round(share, 4),
               "teacher_steps": offset["steps"], "annotated_weight": round(weight, 2)}
     model = student.model
     model.card = model.card.updated(training={**(model.card.training or {}), "self_training": record})
