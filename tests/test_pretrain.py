@@ -127,6 +127,20 @@ def test_cli_train_init_and_finetune_from_a_pretrained_model(pretrained, stack_f
     assert model.predictor(device="cpu").predict_page(np.zeros((64, 64), np.uint8)).shape == (3, 64, 64)
 
 
+def test_cli_train_init_with_unlabelled_pages_pretrains_then_self_trains(pretrained, stack_files, tmp_path):
+    # the lab's unlabelled stack used twice: pretraining, then the model's own labels of it
+    assert main(["-q", "train", "--init", str(pretrained.model_path), "--images", str(stack_files / "raw.tif"),
+                 "--masks", str(stack_files / "raw_mask.tif"), "--classes", ",".join(CLASSES), "--steps", "6",
+                 "--val-every", "3", "--tile-size", "64", "--batch-size", "2", "--device", "cpu",
+                 "--unlabelled", str(stack_files / "raw.tif"), "-o", str(tmp_path / "run")]) == 0
+    model = load_model(tmp_path / "run" / "model.safetensors")
+    assert model.card.classes == CLASSES and not model.card.is_pretrained
+    assert model.card.training["pretrained_from"]["objective"] == "restoration"
+    assert model.card.training["self_training"]["unlabelled_pages"] == 3
+    teacher = load_model(tmp_path / "run" / "teacher" / "model.safetensors")
+    assert teacher.card.training["pretrained_from"]["objective"] == "restoration"
+
+
 def test_finetune_rate_by_whether_the_head_starts_afresh(pretrained, tiny_model):
     from emseg.train import FINETUNE_DEFAULTS
     from emseg.train.loop import finetune_lr

@@ -149,7 +149,9 @@ def test_cli_train_and_finetune_with_unlabelled_images(stack, tmp_path, capsys):
     assert record["unlabelled_pages"] == 3 and record["confidence"] == 0.9
     assert main(["-q", "finetune", str(tmp_path / "a"), *data[:-2], "--unlabelled", str(tmp_path / "raw.tif"),
                  "--confidence", "0.6", "-o", str(tmp_path / "b")]) == 0
-    assert load_model(tmp_path / "b" / "model.safetensors").card.training["self_training"]["confidence"] == 0.6
+    tuned = load_model(tmp_path / "b" / "model.safetensors").card.training
+    assert tuned["self_training"]["confidence"] == 0.6
+    assert tuned["fine_tuned_from"]["path"] == str(tmp_path / "a")  # the base given, not the run's own teacher
     assert main(["-q", "train", *data, "--confidence", "0.6", "-o", str(tmp_path / "c")]) != 0
     assert "--confidence is for self-training" in capsys.readouterr().err
 
