@@ -63,7 +63,7 @@ def test_balanced_pseudo_labels_of_a_model(tiny_model, rng):
     pages = [RawPage(rng.integers(0, 255, (96, 80)).astype(np.uint8), None, f"p{i}") for i in range(2)]
     probs = [tiny_model.predictor(device="cpu").predict_page(p.image) for p in pages]
     cut = float(np.median(np.concatenate([p.max(0).ravel() for p in probs])))
-    plain, share = pseudo_labelled(tiny_model, pages, confidence=cut, device="cpu")
+    _, share = pseudo_labelled(tiny_model, pages, confidence=cut, device="cpu")
     fair, fair_share = pseudo_labelled(tiny_model, pages, confidence=cut, balanced=True, device="cpu")
     assert fair_share == pytest.approx(share, abs=0.02)
     guess = np.concatenate([p.argmax(0).ravel() for p in probs])

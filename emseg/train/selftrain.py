@@ -198,7 +198,8 @@ def self_train(data: Sequence[Annotated], unlabelled: Sequence[RawPage], config:
               "teacher_steps": offset["steps"], "annotated_weight": round(weight, 2)}
     model = student.model
     # the student starts from the teacher, a part of this run: the card says where the teacher started
-    origin = {k: v for k, v in (teacher.model.card.training or {}).items() if k in ("pretrained_from", "fine_tuned_from")}
+    origin = {k: v for k, v in (teacher.model.card.training or {}).items()
+              if k in ("pretrained_from", "fine_tuned_from")}
     kept = {k: v for k, v in (model.card.training or {}).items() if k != "fine_tuned_from"}
     model.card = model.card.updated(training={**kept, **origin, "self_training": record})
     path = model.save(out / "model.safetensors") if out is not None else None
