@@ -148,7 +148,7 @@ def _add_unlabelled(p: argparse.ArgumentParser) -> None:
                    help="raw images without masks (stacks, folders, any format emseg reads): the model trains on the "
                         "annotated images for half the run, labels these itself where it is sure, and trains on both "
                         "for the other half. On 2 ISBI slices +0.023 membrane IoU (about half of the gap to 24 "
-                        "slices) but a worse Rand error; -0.057 on 2 EPFL slices (mitochondria); level on NASA "
+                        "slices) but a worse Rand error; -0.048 on 2 EPFL slices (mitochondria); level on NASA "
                         "(docs/training.md, \"Tenth attempt\")")
     g.add_argument("--confidence", type=number(0.0, 0.999), default=None, metavar="P",
                    help="with --unlabelled: label a pixel only where the model gives its class at least this "

@@ -9,7 +9,7 @@ annotated pixel), with the same augmentation (Xie et al. 2020's noisy student, t
 Both runs validate on the same held-out strips of the annotated pages.
 
 On two annotated ISBI slices it gained +0.023 membrane IoU over training on them alone (five seeds, all ahead; about
-half of the gap to all 24 slices) with a worse adapted Rand error; on two EPFL slices it lost 0.057 (mitochondria), on
+half of the gap to all 24 slices) with a worse adapted Rand error; on two EPFL slices it lost 0.048 (mitochondria), on
 NASA it was level: an option, not a default (docs/training.md, "Tenth attempt").
 """
 
