@@ -8,9 +8,8 @@ rest of the steps from both, the annotated pages drawn as often as all the pseud
 annotated pixel), with the same augmentation (Xie et al. 2020's noisy student, the EM augmentation as the noise).
 Both runs validate on the same held-out strips of the annotated pages.
 
-On two annotated ISBI slices it gained +0.023 membrane IoU over training on them alone (five seeds, all ahead; about
-half of the gap to all 24 slices) with a worse adapted Rand error; on two EPFL slices it lost 0.048 (mitochondria), on
-NASA it was level: an option, not a default (docs/training.md, "Tenth attempt").
+Measured on ISBI, EPFL and NASA with two annotated slices in docs/training.md ("Tenth attempt", "Eleventh attempt"):
+an option, not a default.
 """
 
 from __future__ import annotations
@@ -52,8 +51,8 @@ class RawPage:
 def load_raw_pages(paths: Sequence[str | Path], *, pixel_size_nm: float | None = None,
                    max_pixels: int = MAX_PIXELS) -> list[RawPage]:
     """The pages of unlabelled images (files, folders, globs; stacks included) for self-training: at most
-    ``max_pixels`` pixels (pretraining's budget), pages taken evenly from every input. InputError (naming the file) for no images and a
-    file that looks like a mask."""
+    ``max_pixels`` pixels (pretraining's budget), pages taken evenly from every input. InputError (naming the file)
+    for no images and a file that looks like a mask."""
     from emseg.io.read import open_image
     files = unlabelled_files(paths, purpose="learn from", flag="--unlabelled")
     shapes = []
