@@ -14,7 +14,7 @@ from emseg.model.modelfile import load_model
 from emseg.synthetic import make_em_stack
 from emseg.train.data import CropSampler, arrays_to_items
 from emseg.train.loop import TrainConfig
-from emseg.train.selftrain import RawPage, _class_thresholds, load_raw_pages, pseudo_labelled, self_train
+from emseg.train.selftrain import RawPage, _balanced_thresholds, load_raw_pages, pseudo_labelled, self_train
 
 CLASSES = ("background", "membrane", "mitochondrion")
 
@@ -50,9 +50,7 @@ def test_balanced_labels_keep_the_same_share_of_every_class():
     sure = np.concatenate([np.linspace(0.95, 1.0, 300), np.linspace(0.5, 0.8, 100)]).astype(np.float32)
     cls = np.concatenate([np.zeros(300, np.uint8), np.ones(100, np.uint8)])
     guesses = [(cls[:200].copy(), sure[:200].copy()), (cls[200:].copy(), sure[200:].copy())]
-    plain = _class_thresholds(guesses, 0.9, balanced=False)
-    assert plain[0] == plain[1] == np.float32(0.9)
-    fair = _class_thresholds(guesses, 0.9, balanced=True)
+    fair = _balanced_thresholds(guesses, 0.9)
     kept = sure >= fair[cls]
     assert kept.mean() == pytest.approx(0.75, abs=0.01)  # the share that 0.9 keeps of all pixels ...
     assert kept[cls == 0].mean() == pytest.approx(0.75, abs=0.01)  # ... kept of each class, the surest first

@@ -95,28 +95,32 @@ def pseudo_labelled(model, pages: Sequence[RawPage], *, confidence: float = CONF
     share of every class's pixels (the most sure of each, over all pages), so that a class the model is less sure
     of (thin membranes beside wide cell interiors) is not left out of its own labels."""
     predictor = model.predictor(device=device)
-    guesses = []
+    guesses = []  # (class, top probability) a page; the probability is kept only where ``balanced`` needs all pages
     for page in pages:
         if stop is not None and stop.is_set():
             break
         probs = predictor.predict_page(page.image, pixel_size_nm=page.pixel_size_nm)
-        guesses.append((probs.argmax(0).astype(np.uint8), probs.max(0).astype(np.float32)))
-    thresholds = _class_thresholds(guesses, confidence, balanced)
+        target, sure = probs.argmax(0).astype(np.uint8), probs.max(0).astype(np.float32, copy=False)
+        if not balanced:
+            target[sure < confidence] = IGNORE
+        guesses.append((target, sure if balanced else None))
+    if balanced:
+        thresholds = _balanced_thresholds(guesses, confidence)
+        for target, sure in guesses:
+            target[sure < thresholds[target]] = IGNORE
     items, labelled, total = [], 0, 0
-    for page, (target, sure) in zip(pages, guesses):
-        target[sure < thresholds[target]] = IGNORE
+    for page, (target, _) in zip(pages, guesses):
         labelled, total = labelled + int(np.count_nonzero(target != IGNORE)), total + target.size
         items.append(Annotated(normalise01(page.image, model.card.normalization), target,
                                f"{page.name} (own labels)", page.pixel_size_nm))
     return rescale_items(items, model.card.pixel_size_nm), labelled / max(total, 1)
 
 
-def _class_thresholds(guesses: Sequence[tuple[np.ndarray, np.ndarray]], confidence: float,
-                      balanced: bool) -> np.ndarray:
-    """The probability each class needs (indexed by class, 256 entries): ``confidence`` for all, or, ``balanced``,
-    for each class the level that keeps the same share of its pixels as ``confidence`` keeps of all pixels."""
+def _balanced_thresholds(guesses: Sequence[tuple[np.ndarray, np.ndarray]], confidence: float) -> np.ndarray:
+    """The probability each class needs (indexed by class, 256 entries): for each class the level that keeps the
+    same share of its pixels (the surest of them) as ``confidence`` keeps of all pixels."""
     thresholds = np.full(256, confidence, dtype=np.float32)
-    if not balanced or not guesses:
+    if not guesses:
         return thresholds
     sure = np.concatenate([s.ravel() for _, s in guesses])
     cls = np.concatenate([t.ravel() for t, _ in guesses])
