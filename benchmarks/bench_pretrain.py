@@ -1,6 +1,7 @@
 """Does `emseg pretrain` make two annotated slices enough? Pretraining on unlabelled images, then fine-tuning.
 
     python benchmarks/bench_pretrain.py pretrain membranes [--minutes 20] [--objective masked|contrastive]
+        [--batch-size B]
     python benchmarks/bench_pretrain.py finetune membranes [--minutes 6] [--seeds 0 1] [--sparse] [--arms ...]
     python benchmarks/bench_pretrain.py scaling membranes --series LABEL 0=random 20=masked ... [--ceiling TAG]
     python benchmarks/bench_pretrain.py arms --panel membranes LABEL=TAG ... [--panel mito ...] [--plot PNG]
@@ -93,15 +94,18 @@ def pages_of(name: str, target_nm: float | None, crop: int):
 def cmd_pretrain(args) -> int:
     from emseg.train.pretrain import PretrainConfig, pretrain
     _, _, nm = SETS[args.data]
+    batch = {"batch_size": args.batch_size} if args.batch_size else {}
     config = PretrainConfig(time_limit_minutes=args.minutes, seed=args.seed, device=args.device, pixel_size_nm=nm,
-                            objective=args.objective, name=f"pretrained on {args.data}")
+                            objective=args.objective, name=f"pretrained on {args.data}", **batch)
     pages = pages_of(args.data, nm, config.crop_size)
-    tag = f"{args.data}_{args.minutes:g}min{'_' + args.objective if args.objective != 'restoration' else ''}"
+    tag = (f"{args.data}_{args.minutes:g}min{'_' + args.objective if args.objective != 'restoration' else ''}"
+           f"{f'_b{args.batch_size}' if args.batch_size else ''}")
     out = OUT / tag
     start = time.perf_counter()
     result = pretrain(pages, config, out, resume=args.resume)
     last = result.history[-1]
     report = {"set": args.data, "objective": args.objective, "minutes": args.minutes, "steps": last["step"],
+              "batch_size": config.batch_size,
               "pages": len(pages), "megapixels": round(sum(p.image.size for p in pages) / 1e6, 1),
               "val_loss": last["val_loss"],
               "copy_loss": last["copy_loss"], "seconds": round(time.perf_counter() - start, 1),
@@ -412,6 +416,8 @@ def main() -> int:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--objective", default="restoration", choices=["restoration", "masked", "contrastive"],
                    help="the self-supervised objective (results in SET_MINUTESmin_OBJECTIVE/ unless restoration)")
+    p.add_argument("--batch-size", type=int, help="crops a step (default: PretrainConfig's, 8; the folder's name "
+                   "ends in _bN when given)")
     p.set_defaults(func=cmd_pretrain)
     p = sub.add_parser("finetune")
     p.add_argument("data", metavar="set", choices=SETS)

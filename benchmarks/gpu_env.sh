@@ -1,6 +1,7 @@
-# Sourced by gpu_check.sh and gpu_transfer.sh once they have set name, rehearse, data, work and OUT: the Python to
-# run (the GPU image's, with .gpu/whl installed beside it; this checkout's .venv with --rehearse), the benchmarks'
-# environment, $summary with say(), and the machine's lines at the top of the summary.
+# Sourced by gpu_check.sh, gpu_transfer.sh and gpu_pretrain.sh once they have set name, rehearse, data, work and OUT:
+# the Python to run (the GPU image's, with .gpu/whl installed beside it; this checkout's .venv with --rehearse), the
+# benchmarks' environment, $summary with say(), the machine's lines at the top of the summary, and for queues of runs
+# (with $deadline set) run_one and q.
 PY=${PYTHON:-python3}
 if [ -n "$rehearse" ]; then  # here: this checkout's environment, not the GPU image's Python 3.12 wheels
     PY=${PYTHON:-.venv/bin/python}
@@ -17,3 +18,16 @@ summary=$OUT/summary.txt; : > "$summary"
 say() { echo "$*" | tee -a "$summary"; }
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 || true
   "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" 2>&1; } | tee -a "$summary"
+
+# one queued run: NAME COMMAND...; skipped when the budget is spent, stopped when it runs out (xargs calls it: exported)
+run_one() {
+    local name=$1; shift
+    local left=$((deadline - $(date +%s)))
+    if [ "$left" -lt 15 ]; then echo "skipped $name (budget spent)"; return 0; fi
+    local t0=$(date +%s)
+    timeout "$left" "$@" > "$work/logs/$name.log" 2>&1
+    echo "$name: exit $? in $(($(date +%s) - t0)) s"
+}
+export -f run_one
+# q NAME COMMAND...: a line of the file $queue, without trailing blanks (xargs -L would join the next line to it)
+q() { echo "$*" | sed 's/[[:space:]]*$//' >> "$queue"; }

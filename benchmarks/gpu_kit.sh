@@ -5,7 +5,7 @@
 #               torch, torchvision, timm, numpy, scipy, scikit-image, tifffile, OpenCV, matplotlib, ...),
 #               and MONAI for the inference benchmark
 #   .gpu/data/  ISBI 2012 (training and test volumes), EPFL mitochondria and NASA Super1, as in ../shared/data
-#               (about 35 MB; never committed): gpu_check.sh needs ISBI, gpu_transfer.sh all three
+#               (about 35 MB; never committed): gpu_check.sh needs ISBI, gpu_transfer.sh and gpu_pretrain.sh all three
 #
 #   bash benchmarks/gpu_kit.sh [DATA_DIR]     # DATA_DIR: the shared data folder (default ../shared/data); it
 #                                             # must hold isbi2012/, and may hold epfl_mito/ and nasa_super/
@@ -20,8 +20,9 @@ if exclude="$(git rev-parse --git-path info/exclude 2>/dev/null)"; then  # a pla
 fi
 rm -rf .gpu && mkdir -p .gpu/whl .gpu/data/isbi2012
 cp "$src/isbi2012/"*.tif .gpu/data/isbi2012/
-for set in epfl_mito nasa_super; do  # for gpu_transfer.sh
-    if [ -d "$src/$set" ]; then cp -r "$src/$set" .gpu/data/; else echo "gpu_kit: no $src/$set (gpu_transfer.sh needs it)" >&2; fi
+for set in epfl_mito nasa_super; do  # for gpu_transfer.sh and gpu_pretrain.sh
+    if [ -d "$src/$set" ]; then cp -r "$src/$set" .gpu/data/
+    else echo "gpu_kit: no $src/$set (gpu_transfer.sh and gpu_pretrain.sh need it)" >&2; fi
 done
 PY=${PYTHON:-.venv/bin/python}
 pins=$("$PY" -m pip freeze 2>/dev/null | grep -i -E '^(segmentation.models.pytorch|albumentations|albucore|pydantic|pydantic.core|annotated.types|typing.inspection|simsimd|stringzilla|torchinfo|monai)==')

@@ -253,3 +253,18 @@ def test_the_error_picture_draws_one_row_a_model(monkeypatch, tmp_path, tiny_mod
     with Image.open(png) as picture:
         width, height = picture.size
     assert height > width / 2  # two rows of three panels
+
+
+def test_gpu_queue_lines_stay_one_run_each(tmp_path):
+    """The GPU scripts' queues (gpu_env.sh's ``q``) feed ``xargs -L 1``, which joins a line ending in a blank to the
+    next: a run whose options end empty (no ``--base-tag``) must not swallow the next run."""
+    import shutil
+    import subprocess
+    if shutil.which("bash") is None or shutil.which("xargs") is None:
+        pytest.skip("needs bash and xargs")
+    lines = (REPO / "benchmarks" / "gpu_env.sh").read_text().splitlines()
+    q = next(line for line in lines if line.startswith("q() {"))
+    script = f'{q}\nqueue={tmp_path}/queue\nq first echo a ""\nq second echo b\n' \
+             'xargs -L 1 sh -c \'echo "$#"\' _ < "$queue"'
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["3", "3"]  # two runs of three words each, not one of six
