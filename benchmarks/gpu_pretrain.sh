@@ -37,15 +37,8 @@ while [ $# -gt 0 ]; do
            exit 2 ;;
     esac
 done
-for set in isbi2012 epfl_mito nasa_super; do
-    [ -d "$data/$set" ] || { echo "gpu_pretrain: $data/$set is missing (run benchmarks/gpu_kit.sh here, carry .gpu)"; exit 1; }
-done
-start=$(date +%s); deadline=$((start + budget))
-OUT=${OUT:-/tmp/gpu_pretrain_out}
-work=/tmp/gpu_pretrain; rm -rf "$work"; mkdir -p "$OUT" "$work/logs"
 name=gpu_pretrain
 source benchmarks/gpu_env.sh
-export OMP_NUM_THREADS=1 PY deadline work
 
 PRE="$PY benchmarks/bench_pretrain.py"
 sets="membranes mito materials"

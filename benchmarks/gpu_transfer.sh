@@ -34,15 +34,8 @@ while [ $# -gt 0 ]; do
         *) echo "gpu_transfer: unknown option $1 (--budget S, --jobs N, --data DIR, --rehearse)"; exit 2 ;;
     esac
 done
-for set in isbi2012 epfl_mito nasa_super; do
-    [ -d "$data/$set" ] || { echo "gpu_transfer: $data/$set is missing (run benchmarks/gpu_kit.sh here, carry .gpu)"; exit 1; }
-done
-start=$(date +%s); deadline=$((start + budget))
-OUT=${OUT:-/tmp/gpu_transfer_out}
-work=/tmp/gpu_transfer; rm -rf "$work"; mkdir -p "$OUT" "$work/logs"
 name=gpu_transfer
 source benchmarks/gpu_env.sh
-export OMP_NUM_THREADS=1 PY deadline work
 
 FT="$PY benchmarks/bench_finetune.py"
 queue=$work/queue; : > "$queue"
