@@ -65,9 +65,9 @@ say "== 1. contrastive pretraining, $minutes min, batch $batch, beside $(wc -l <
 three=$((jobs < 3 ? jobs : 3))  # slots for pretraining, then for the runs from its models
 xargs -P "$three" -L 1 bash -c 'run_one "$@"' _ < "$work/pretrain" | tee -a "$summary" &
 pretraining=$!
-xargs -P "$((jobs > 4 ? jobs - 3 : 1))" -L 1 bash -c 'run_one "$@"' _ < "$work/independent" > "$work/independent.out" &
+xargs -P "$((jobs > three ? jobs - three : 1))" -L 1 bash -c 'run_one "$@"' _ < "$work/independent" > "$work/independent.out" &
 wait "$pretraining"
-# -- 2. from the pretrained models (the slots pretraining held, and all once the first queue is through)
+# -- 2. from the pretrained models, in the slots pretraining held (the other queue goes on beside them)
 queue=$work/pretrained; : > "$queue"
 for seed in $seeds; do
     for set in $sets; do
