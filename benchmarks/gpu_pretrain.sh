@@ -4,12 +4,13 @@
 #   command: bash benchmarks/gpu_pretrain.sh     carry: [".gpu"]     timeout_s: 600
 # It takes most of a session's 15 device-minutes, as gpu_check.sh and gpu_transfer.sh (#24) do: a session runs one.
 # On the CPU the contrastive objective met the goal on EPFL alone and self-training came closest on ISBI
-# (docs/training.md, "Where this stands"); what two cores could not try is pretraining many times longer, on larger
-# batches. Needs no .git. Options:
+# (docs/training.md, "Where this stands"); what two cores could not try is pretraining many times longer. Needs no
+# .git. Options:
 #   --budget S    seconds after which no run is started and running ones are stopped (default 470);
 #                 what finished is reported, seed 0 of everything first
 #   --minutes M   pretraining minutes of each data set (default 3; the three run side by side)
-#   --batch B     crops a pretraining step (default 32; the CPU runs had 8)
+#   --batch B     crops a pretraining step (default 8, as on the CPU, where 32 in the same 20 minutes did worse:
+#                 docs/training.md, "Twelfth attempt"; on a GPU a step of 32 may cost little more than one of 8)
 #   --jobs N      runs side by side on the one GPU (default 8)
 #   --data DIR    a folder holding isbi2012/, epfl_mito/, nasa_super/ (default .gpu/data)
 #   --rehearse    on the CPU with tiny runs of seed 0, to check the script end to end on a machine without a GPU
@@ -22,7 +23,7 @@
 #      picture in $OUT/pretrain_arms.png); $OUT/gpu_pretrain.tar.gz: every JSON, log and picture
 set -uo pipefail
 cd "$(dirname "$0")/.."
-data=.gpu/data; budget=470; jobs=8; rehearse=; minutes=3; batch=32; seeds="0 1 2"; device=auto
+data=.gpu/data; budget=470; jobs=8; rehearse=; minutes=3; batch=8; seeds="0 1 2"; device=auto
 declare -A steps=([membranes]=600 [mito]=300 [materials]=300)
 while [ $# -gt 0 ]; do
     case $1 in
