@@ -85,16 +85,15 @@ cat "$work/independent.out" "$work/pretrained.out" | tee -a "$summary"
 # -- 3. tables and the archive
 say "== 3. results after $(($(date +%s) - start)) s"
 for p in "$work"/runs/pretrain/pretrain_*.json; do [ -f "$p" ] && say "$(basename "$p"): $(tr -s ' \n' ' ' < "$p")"; done
+have() { compgen -G "$work/runs/pretrain/finetune_$1_$2_s[0-9]*.json" > /dev/null; }  # have SET TAG: results
 panels=()
 for set in $sets; do
-    have() { compgen -G "$work/runs/pretrain/finetune_${set}_$1_s[0-9]*.json" > /dev/null; }
-    have gpu_random || continue  # the reference of the panel
-    panel=(--panel "$set" "random weights=gpu_random")
-    have gpu_con && panel+=("contrastive start=gpu_con")
-    have gpu_selftrain && panel+=("self-training=gpu_selftrain")
-    have gpu_stcon && panel+=("contrastive, then self-training=gpu_stcon")
-    have gpu_full && panel+=("all slices (ceiling)=gpu_full")
-    panels+=("${panel[@]}")
+    have "$set" gpu_random || continue  # the reference of the panel
+    panels+=(--panel "$set" "random weights=gpu_random")
+    for arm in "contrastive start=gpu_con" "self-training=gpu_selftrain" "contrastive, then self-training=gpu_stcon" \
+               "all slices (ceiling)=gpu_full"; do
+        have "$set" "${arm##*=}" && panels+=("$arm")
+    done
 done
 if [ ${#panels[@]} -gt 0 ]; then
     $PRE arms "${panels[@]}" --plot "$OUT/pretrain_arms.png" 2>&1 | tee -a "$summary"
